@@ -1,0 +1,96 @@
+"""Adapter manifests: what an adapter directory holds and the sha256 of every file in it.
+
+Written by the training worker as the last file of an adapter directory, read by the voices store,
+which refuses to promote a directory whose files do not match. Standard library only, so both the
+daemon and the training subprocesses import it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from beagled.errors import AdapterError
+
+MANIFEST = "manifest.json"
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_hashes(directory: Path) -> dict[str, str]:
+    """sha256 of every regular file under ``directory`` except the manifest, by relative path."""
+    out: dict[str, str] = {}
+    for path in sorted(directory.rglob("*")):
+        if path.is_file() and not path.is_symlink() and path.name != MANIFEST:
+            out[path.relative_to(directory).as_posix()] = sha256_file(path)
+    return out
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(directory: Path, info: dict[str, Any]) -> dict[str, Any]:
+    """Hash every file, write ``manifest.json`` (fsynced) and return the manifest."""
+    for name in PEFT_FILES:
+        if not (directory / name).is_file():
+            raise AdapterError(f"{directory} has no {name}: not a PEFT adapter")
+    for path in directory.rglob("*"):
+        if path.is_file():
+            with path.open("rb") as f:
+                os.fsync(f.fileno())
+    manifest = {**info, "files": file_hashes(directory)}
+    tmp = directory / (MANIFEST + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(directory / MANIFEST)
+    fsync_dir(directory)
+    return manifest
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    path = directory / MANIFEST
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise AdapterError(f"{directory} has no {MANIFEST}: incomplete adapter") from e
+    except (OSError, ValueError) as e:
+        raise AdapterError(f"{path} is unreadable: {e}") from e
+    if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
+        raise AdapterError(f"{path} has no file list")
+    return data
+
+
+def verify(directory: Path) -> dict[str, Any]:
+    """Return the manifest if every file matches it, else raise ``AdapterError`` naming the first mismatch."""
+    manifest = read_manifest(directory)
+    expected: dict[str, str] = manifest["files"]
+    for name in PEFT_FILES:
+        if name not in expected:
+            raise AdapterError(f"{directory}: manifest lists no {name}")
+    actual = file_hashes(directory)
+    for name, digest in expected.items():
+        if name not in actual:
+            raise AdapterError(f"{directory}: {name} is missing")
+        if actual[name] != digest:
+            raise AdapterError(f"{directory}: {name} does not match its manifest (sha256 differs)")
+    extra = sorted(set(actual) - set(expected))
+    if extra:
+        raise AdapterError(f"{directory}: files not in the manifest: {', '.join(extra)}")
+    return manifest
