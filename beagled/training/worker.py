@@ -1,0 +1,69 @@
+"""Entry point of a training subprocess: ``python -m beagled.training.worker probe|train ...``.
+
+Speaks the worker protocol of docs/internals.md: JSON lines on stdout, a final ``result`` or ``error``
+line, exit status 0 on success. Each backend lives in ``backend_<name>.py`` and exposes
+``probe() -> tuple[bool, str]`` and ``train(spec, emit) -> dict``; it is imported only here, inside the
+subprocess, so the daemon never loads an ML library.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+BACKENDS = ("mlx", "unsloth", "peft")
+
+
+def emit(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def _backend(name: str) -> Any:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r} (known: {', '.join(BACKENDS)})")
+    return importlib.import_module(f"beagled.training.backend_{name}")
+
+
+def probe(name: str) -> dict[str, Any]:
+    try:
+        available, reason = _backend(name).probe()
+    except Exception as e:  # a probe that raises means "not available", with the reason
+        return {"available": False, "reason": f"{type(e).__name__}: {e}"}
+    return {"available": bool(available), "reason": str(reason)}
+
+
+def train(spec_path: Path) -> int:
+    started = time.monotonic()
+    try:
+        spec = json.loads(spec_path.read_text(encoding="utf-8"))
+        module = _backend(spec["backend"])
+        result = dict(module.train(spec, emit))
+    except Exception as e:
+        emit({"type": "log", "message": traceback.format_exc(limit=8)})
+        emit({"type": "error", "message": f"{type(e).__name__}: {e}"})
+        return 1
+    result.setdefault("duration_s", time.monotonic() - started)
+    result.setdefault("backend", spec["backend"])
+    emit({"type": "result", **result})
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) == 2 and args[0] == "probe":
+        emit(probe(args[1]))
+        return 0
+    if len(args) == 2 and args[0] == "train":
+        return train(Path(args[1]))
+    sys.stderr.write("usage: python -m beagled.training.worker probe BACKEND | train SPEC.json\n")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
