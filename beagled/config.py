@@ -1,0 +1,388 @@
+"""Settings: frozen dataclasses, loaded from TOML and validated once, with errors that name the key.
+
+Lookup: ``--config PATH``, else ``$BEAGLED_CONFIG``, else ``./config.toml``, else the built-in defaults.
+Every default works on one machine with no GPU: an empty ``training.base_model`` means the tiny model
+that beagled builds itself under ``<state_dir>/models``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+from beagled.errors import ConfigError
+
+BUILTIN_BACKENDS = ("mlx", "unsloth", "peft")
+VOICE_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+
+def _default_state_dir() -> str:
+    if os.environ.get("STATE_DIRECTORY"):  # systemd's StateDirectory=
+        return os.environ["STATE_DIRECTORY"].split(":")[0]
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return str(Path(base) / "beagled")
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    state_dir: str = field(default_factory=_default_state_dir)
+    socket: str = ""  # "" → <state_dir>/beagled.sock
+    max_message_bytes: int = 1_048_576
+    max_draft_bytes: int = 262_144
+    max_connections: int = 256
+    allowed_uids: list[int] = field(default_factory=list)  # empty → the daemon's own uid only
+    idle_timeout_s: float = 300.0  # a connection that sends nothing this long is closed
+    write_timeout_s: float = 10.0  # a client that does not read its responses this long is dropped
+    max_inflight_per_connection: int = 64
+    log_format: str = "auto"  # auto | json | text
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = "127.0.0.1:9464"  # "" disables
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    min_pairs: int = 4
+    max_wait_s: float = 300.0
+    max_attempts: int = 3
+    retry_backoff_s: float = 5.0
+    retry_backoff_max_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class HyperConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    num_layers: int = -1  # -1: every layer
+    learning_rate: float = 2e-3
+    steps: int = 40
+    batch_size: int = 4
+    max_seq_len: int = 256
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    backends: list[str] = field(default_factory=lambda: list(BUILTIN_BACKENDS))
+    base_model: str = ""  # "" → the tiny model built under <state_dir>/models
+    objective: str = "sft"  # sft | dpo
+    eval_tolerance: float = 0.0
+    init: str = "current"  # current | base
+    heldout_share: float = 0.2
+    heldout_max: int = 64
+    replay_pairs: int = 16
+    prompt_template: str = "Rewrite this draft in my voice:\n\n{bad}"
+    timeout_s: float = 900.0
+    probe_timeout_s: float = 120.0
+    python: str = ""  # interpreter for built-in backends; "" → the daemon's own
+    custom_backends: dict[str, list[str]] = field(default_factory=dict)
+    hyper: HyperConfig = field(default_factory=HyperConfig)
+
+
+@dataclass(frozen=True)
+class VoicesConfig:
+    keep_versions: int = 5
+
+
+@dataclass(frozen=True)
+class VllmConfig:
+    url: str = "http://127.0.0.1:8000"
+    naming: str = "versioned"  # versioned | fixed
+    prefix: str = ""
+    keep: int = 2
+    path_map: list[list[str]] = field(default_factory=list)  # [[daemon_prefix, server_prefix], …]
+    max_lora_rank: int = 16
+    timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class SshConfig:
+    host: str = ""
+    port: int = 22
+    user: str = ""
+    identity_file: str = ""
+    known_hosts: str = ""  # required: host keys are always verified
+    remote_dir: str = ""
+    command: list[str] = field(default_factory=lambda: ["docker", "compose", "restart", "vllm"])
+    workdir: str = ""
+    health_url: str = ""
+    health_timeout_s: float = 120.0
+    timeout_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class CommandConfig:
+    argv: list[str] = field(default_factory=list)
+    timeout_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class ReloadConfig:
+    method: str = "none"  # none | vllm | ssh | command
+    reconcile_interval_s: float = 30.0
+    retry_backoff_s: float = 2.0
+    retry_backoff_max_s: float = 300.0
+    vllm: VllmConfig = field(default_factory=VllmConfig)
+    ssh: SshConfig = field(default_factory=SshConfig)
+    command: CommandConfig = field(default_factory=CommandConfig)
+
+
+@dataclass(frozen=True)
+class Config:
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    voices: VoicesConfig = field(default_factory=VoicesConfig)
+    reload: ReloadConfig = field(default_factory=ReloadConfig)
+    source: str = ""  # the file it came from, "" for the defaults
+
+    # -- derived paths ---------------------------------------------------------------------------
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.daemon.state_dir).expanduser()
+
+    @property
+    def socket_path(self) -> Path:
+        return Path(self.daemon.socket).expanduser() if self.daemon.socket else self.state_dir / "beagled.sock"
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "events.sqlite3"
+
+    @property
+    def voices_dir(self) -> Path:
+        return self.state_dir / "voices"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.state_dir / "models"
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def _check_type(key: str, value: Any, hint: Any) -> Any:
+    origin = get_origin(hint)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(key, f"expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(key, f"expected a list, got {value!r}")
+        (item,) = get_args(hint)
+        return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a table, got {value!r}")
+        kt, vt = get_args(hint)
+        return {_check_type(key, k, kt): _check_type(f"{key}.{k}", v, vt) for k, v in value.items()}
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a table, got {value!r}")
+        return _build(hint, value, key)
+    raise ConfigError(key, f"unsupported setting type {hint!r}")  # pragma: no cover
+
+
+def _build(cls: Any, table: Mapping[str, Any], prefix: str) -> Any:
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    kwargs: dict[str, Any] = {}
+    for key, value in table.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            raise ConfigError(full, f"unknown key (known here: {', '.join(sorted(names))})")
+        kwargs[key] = _check_type(full, value, hints[key])
+    return cls(**kwargs)
+
+
+def _positive(key: str, value: float, *, zero_ok: bool = False) -> None:
+    if value < 0 or (value == 0 and not zero_ok):
+        raise ConfigError(key, f"must be {'≥ 0' if zero_ok else '> 0'}, got {value}")
+
+
+def validate(cfg: Config) -> Config:
+    d, s, t, h, r = cfg.daemon, cfg.scheduler, cfg.training, cfg.training.hyper, cfg.reload
+    if not d.state_dir:
+        raise ConfigError("daemon.state_dir", "must not be empty")
+    for key, v in (
+        ("daemon.max_message_bytes", d.max_message_bytes),
+        ("daemon.max_draft_bytes", d.max_draft_bytes),
+        ("daemon.max_connections", d.max_connections),
+        ("daemon.idle_timeout_s", d.idle_timeout_s),
+        ("daemon.write_timeout_s", d.write_timeout_s),
+        ("daemon.max_inflight_per_connection", d.max_inflight_per_connection),
+        ("scheduler.min_pairs", s.min_pairs),
+        ("scheduler.max_wait_s", s.max_wait_s),
+        ("scheduler.max_attempts", s.max_attempts),
+        ("training.timeout_s", t.timeout_s),
+        ("training.probe_timeout_s", t.probe_timeout_s),
+        ("training.hyper.rank", h.rank),
+        ("training.hyper.alpha", h.alpha),
+        ("training.hyper.learning_rate", h.learning_rate),
+        ("training.hyper.steps", h.steps),
+        ("training.hyper.batch_size", h.batch_size),
+        ("training.hyper.max_seq_len", h.max_seq_len),
+        ("voices.keep_versions", cfg.voices.keep_versions),
+        ("reload.reconcile_interval_s", r.reconcile_interval_s),
+        ("reload.vllm.keep", r.vllm.keep),
+        ("reload.vllm.max_lora_rank", r.vllm.max_lora_rank),
+        ("reload.vllm.timeout_s", r.vllm.timeout_s),
+        ("reload.ssh.timeout_s", r.ssh.timeout_s),
+        ("reload.command.timeout_s", r.command.timeout_s),
+    ):
+        _positive(key, v)
+    for key, v in (
+        ("scheduler.retry_backoff_s", s.retry_backoff_s),
+        ("training.eval_tolerance", t.eval_tolerance),
+        ("training.replay_pairs", t.replay_pairs),
+        ("training.hyper.seed", h.seed),
+    ):
+        _positive(key, v, zero_ok=True)
+    if d.max_draft_bytes >= d.max_message_bytes:
+        raise ConfigError("daemon.max_draft_bytes", "must be smaller than daemon.max_message_bytes")
+    if d.log_format not in ("auto", "json", "text"):
+        raise ConfigError("daemon.log_format", f"must be auto, json or text, got {d.log_format!r}")
+    if d.log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError("daemon.log_level", f"must be debug, info, warning or error, got {d.log_level!r}")
+    if any(u < 0 for u in d.allowed_uids):
+        raise ConfigError("daemon.allowed_uids", "uids are ≥ 0")
+    if cfg.metrics.listen:
+        host, sep, port = cfg.metrics.listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ConfigError("metrics.listen", f"expected HOST:PORT or \"\", got {cfg.metrics.listen!r}")
+    if not t.backends:
+        raise ConfigError("training.backends", "name at least one backend")
+    known = set(BUILTIN_BACKENDS) | set(t.custom_backends)
+    for name in t.backends:
+        if name not in known:
+            raise ConfigError("training.backends", f"unknown backend {name!r} (known: {', '.join(sorted(known))})")
+    if len(set(t.backends)) != len(t.backends):
+        raise ConfigError("training.backends", "a backend is listed twice")
+    for name, argv in t.custom_backends.items():
+        if name in BUILTIN_BACKENDS:
+            raise ConfigError(f"training.custom_backends.{name}", "shadows a built-in backend")
+        if not argv:
+            raise ConfigError(f"training.custom_backends.{name}", "argv must not be empty")
+    if t.objective not in ("sft", "dpo"):
+        raise ConfigError("training.objective", f"must be sft or dpo, got {t.objective!r}")
+    if t.init not in ("current", "base"):
+        raise ConfigError("training.init", f"must be current or base, got {t.init!r}")
+    if not 0 <= t.heldout_share < 1:
+        raise ConfigError("training.heldout_share", f"must be in [0, 1), got {t.heldout_share}")
+    if "{bad}" not in t.prompt_template:
+        raise ConfigError("training.prompt_template", "must contain {bad}")
+    try:
+        t.prompt_template.format(bad="", good="", voice="")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError("training.prompt_template", f"may use only {{bad}} and {{voice}}: {e}") from e
+    if not 0 <= h.dropout < 1:
+        raise ConfigError("training.hyper.dropout", f"must be in [0, 1), got {h.dropout}")
+    if not h.target_modules:
+        raise ConfigError("training.hyper.target_modules", "name at least one module")
+    if h.num_layers == 0 or h.num_layers < -1:
+        raise ConfigError("training.hyper.num_layers", "must be -1 (all) or a positive count")
+    if t.base_model and not Path(t.base_model).expanduser().is_dir():
+        raise ConfigError("training.base_model", f"{t.base_model} is not a directory")
+    if r.method not in ("none", "vllm", "ssh", "command"):
+        raise ConfigError("reload.method", f"must be none, vllm, ssh or command, got {r.method!r}")
+    if r.vllm.naming not in ("versioned", "fixed"):
+        raise ConfigError("reload.vllm.naming", f"must be versioned or fixed, got {r.vllm.naming!r}")
+    for i, pair in enumerate(r.vllm.path_map):
+        if len(pair) != 2:
+            raise ConfigError(f"reload.vllm.path_map[{i}]", "expected [daemon_prefix, server_prefix]")
+    if r.method == "ssh":
+        for key in ("host", "user", "identity_file", "known_hosts"):
+            if not getattr(r.ssh, key):
+                raise ConfigError(f"reload.ssh.{key}", "required when reload.method = \"ssh\"")
+        if not r.ssh.command:
+            raise ConfigError("reload.ssh.command", "must not be empty")
+    if r.method == "command" and not r.command.argv:
+        raise ConfigError("reload.command.argv", "required when reload.method = \"command\"")
+    if not 0 < r.ssh.port < 65536:
+        raise ConfigError("reload.ssh.port", f"must be a TCP port, got {r.ssh.port}")
+    return cfg
+
+
+def from_mapping(table: Mapping[str, Any], source: str = "") -> Config:
+    cfg: Config = _build(Config, table, "")
+    return validate(dataclasses.replace(cfg, source=source))
+
+
+def resolve_path(explicit: str | None) -> Path | None:
+    """The config file to read: ``--config``, else ``$BEAGLED_CONFIG``, else ``./config.toml`` if present."""
+    if explicit:
+        return Path(explicit)
+    if os.environ.get("BEAGLED_CONFIG"):
+        return Path(os.environ["BEAGLED_CONFIG"])
+    local = Path("config.toml")
+    return local if local.is_file() else None
+
+
+def load(explicit: str | None = None) -> Config:
+    path = resolve_path(explicit)
+    if path is None:
+        return from_mapping({})
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise ConfigError("", f"config file {path} does not exist") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError("", f"{path} is not valid TOML: {e}") from e
+    return from_mapping(table, source=str(path))
+
+
+def to_toml(cfg: Config) -> str:
+    """The effective settings as TOML (what ``beagled check-config`` prints)."""
+    lines: list[str] = []
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + "}"
+        return repr(v)
+
+    def section(obj: Any, name: str) -> None:
+        scalars = [(f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj)]
+        lines.append(f"[{name}]")
+        for k, v in scalars:
+            if not dataclasses.is_dataclass(v):
+                lines.append(f"{k} = {value(v)}")
+        lines.append("")
+        for k, v in scalars:
+            if dataclasses.is_dataclass(v):
+                section(v, f"{name}.{k}")
+
+    for f in dataclasses.fields(cfg):
+        if f.name != "source":
+            section(getattr(cfg, f.name), f.name)
+    return "\n".join(lines)

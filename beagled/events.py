@@ -1,0 +1,293 @@
+"""Event types: frozen payloads, their schema versions, and (de)serialisation. Pure: no I/O.
+
+An event is an envelope (global ``seq``, ``stream``, per-stream ``version``, ``at``, ``schema``) around
+a typed, frozen payload. The store assigns ``seq`` and ``version``; everything else is decided by the
+pure core (``jobs.decide``). Streams: ``voice:<name>`` (pairs, promotions of that voice), ``job:<id>``
+(one job's life), ``daemon`` (pause/resume).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+
+@dataclass(frozen=True)
+class Payload:
+    """Base of every event payload. ``TYPE`` names it in the log; ``SCHEMA`` versions its shape."""
+
+    TYPE: ClassVar[str] = ""
+    SCHEMA: ClassVar[int] = 1
+
+    def stream(self) -> str:
+        raise NotImplementedError
+
+    def to_data(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return [_plain(x) for x in v]
+    return v
+
+
+# --- pairs --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PairSubmitted(Payload):
+    TYPE: ClassVar[str] = "PairSubmitted"
+    pair_id: str
+    voice: str
+    bad: str
+    good: str
+    key: str
+    prompt: str | None = None
+    quality: dict[str, float] | None = None
+    heldout: bool = False
+
+    def stream(self) -> str:
+        return f"voice:{self.voice}"
+
+
+# --- a job's life -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobEvent(Payload):
+    job_id: str
+
+    def stream(self) -> str:
+        return f"job:{self.job_id}"
+
+
+@dataclass(frozen=True)
+class JobCreated(JobEvent):
+    TYPE: ClassVar[str] = "JobCreated"
+    voice: str
+    pair_ids: tuple[str, ...]
+    replay_ids: tuple[str, ...] = ()
+    reason: str = "min_pairs"  # min_pairs | max_wait | manual
+
+
+@dataclass(frozen=True)
+class TrainingStarted(JobEvent):
+    """Intent: an attempt begins (backends are tried in order inside it)."""
+
+    TYPE: ClassVar[str] = "TrainingStarted"
+    attempt: int
+    backends: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TrainingFailed(JobEvent):
+    """One backend failed within an attempt; the next one is tried."""
+
+    TYPE: ClassVar[str] = "TrainingFailed"
+    attempt: int
+    backend: str
+    error: str
+    timeout: bool = False
+    duration_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class AttemptFailed(JobEvent):
+    """Every backend failed (or the attempt was interrupted); another attempt follows after ``retry_at``."""
+
+    TYPE: ClassVar[str] = "AttemptFailed"
+    attempt: int
+    error: str
+    retry_at: float
+
+
+@dataclass(frozen=True)
+class TrainingSucceeded(JobEvent):
+    TYPE: ClassVar[str] = "TrainingSucceeded"
+    attempt: int
+    backend: str
+    adapter_dir: str
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    baseline_eval_loss: float | None = None
+    base_eval_loss: float | None = None
+    duration_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class JobRejected(JobEvent):
+    """The evaluation gate refused it: the new adapter is worse than the one served."""
+
+    TYPE: ClassVar[str] = "JobRejected"
+    eval_loss: float | None
+    baseline_eval_loss: float | None
+    tolerance: float
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class PromotionStarted(JobEvent):
+    """Intent: point the voice's ``current`` link at this job's adapter as ``version``."""
+
+    TYPE: ClassVar[str] = "PromotionStarted"
+    voice: str
+    version: int
+
+
+@dataclass(frozen=True)
+class Promoted(JobEvent):
+    TYPE: ClassVar[str] = "Promoted"
+    voice: str
+    version: int
+    adapter_path: str
+
+
+@dataclass(frozen=True)
+class ReloadStarted(JobEvent):
+    """Intent: make the inference server serve this job's adapter."""
+
+    TYPE: ClassVar[str] = "ReloadStarted"
+    voice: str
+    version: int
+    method: str
+    reason: str = "promotion"  # promotion | rollback | reconcile
+
+
+@dataclass(frozen=True)
+class ReloadFailed(JobEvent):
+    TYPE: ClassVar[str] = "ReloadFailed"
+    voice: str
+    version: int
+    method: str
+    error: str
+    retry_at: float
+
+
+@dataclass(frozen=True)
+class Reloaded(JobEvent):
+    TYPE: ClassVar[str] = "Reloaded"
+    voice: str
+    version: int
+    method: str
+    served_name: str
+    duration_s: float = 0.0
+    reason: str = "promotion"
+
+
+@dataclass(frozen=True)
+class JobFailed(JobEvent):
+    TYPE: ClassVar[str] = "JobFailed"
+    error: str
+
+
+# --- voices and the daemon ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RollbackStarted(Payload):
+    """Intent: point ``voice``'s ``current`` link back at an earlier job's adapter."""
+
+    TYPE: ClassVar[str] = "RollbackStarted"
+    voice: str
+    job_id: str
+    version: int
+
+    def stream(self) -> str:
+        return f"voice:{self.voice}"
+
+
+@dataclass(frozen=True)
+class RolledBack(Payload):
+    TYPE: ClassVar[str] = "RolledBack"
+    voice: str
+    job_id: str
+    version: int
+    adapter_path: str
+
+    def stream(self) -> str:
+        return f"voice:{self.voice}"
+
+
+@dataclass(frozen=True)
+class Paused(Payload):
+    TYPE: ClassVar[str] = "Paused"
+
+    def stream(self) -> str:
+        return "daemon"
+
+
+@dataclass(frozen=True)
+class Resumed(Payload):
+    TYPE: ClassVar[str] = "Resumed"
+
+    def stream(self) -> str:
+        return "daemon"
+
+
+PAYLOAD_TYPES: dict[str, type[Payload]] = {
+    cls.TYPE: cls
+    for cls in (
+        PairSubmitted,
+        JobCreated,
+        TrainingStarted,
+        TrainingFailed,
+        AttemptFailed,
+        TrainingSucceeded,
+        JobRejected,
+        PromotionStarted,
+        Promoted,
+        ReloadStarted,
+        ReloadFailed,
+        Reloaded,
+        JobFailed,
+        RollbackStarted,
+        RolledBack,
+        Paused,
+        Resumed,
+    )
+}
+
+
+@dataclass(frozen=True)
+class Event:
+    """A payload as recorded: ``seq`` is global and gapless per store, ``version`` counts per stream."""
+
+    payload: Payload
+    seq: int = 0
+    version: int = 0
+    at: float = 0.0
+    schema: int = field(default=1)
+
+    @property
+    def type(self) -> str:
+        return self.payload.TYPE
+
+    @property
+    def stream(self) -> str:
+        return self.payload.stream()
+
+    def public(self, *, with_drafts: bool = False) -> dict[str, Any]:
+        """The shape clients see in ``watch`` and ``job`` histories (drafts elided unless asked)."""
+        data = self.payload.to_data()
+        if not with_drafts and isinstance(self.payload, PairSubmitted):
+            for k in ("bad", "good", "prompt"):
+                data.pop(k, None)
+        return {"seq": self.seq, "type": self.type, "at": self.at, "data": data}
+
+
+def decode(type_: str, schema: int, data: dict[str, Any]) -> Payload:
+    """Rebuild a payload from the log, upgrading older schema versions where one exists."""
+    try:
+        cls = PAYLOAD_TYPES[type_]
+    except KeyError as e:
+        raise ValueError(f"unknown event type {type_!r} in the log") from e
+    if schema > cls.SCHEMA:
+        raise ValueError(f"{type_} schema {schema} is newer than this beagled understands ({cls.SCHEMA})")
+    kwargs: dict[str, Any] = {}
+    hints = {f.name: f for f in dataclasses.fields(cls)}
+    for k, v in data.items():
+        if k in hints:
+            kwargs[k] = tuple(v) if isinstance(v, list) and "tuple" in str(hints[k].type) else v
+    return cls(**kwargs)

@@ -1,0 +1,634 @@
+"""The pure core: job states, the one transition table, ``evolve`` and ``decide``. No I/O, no clock.
+
+Theory of operation
+-------------------
+The daemon's state is a fold of its event log: ``State`` starts empty and ``evolve(state, event)``
+applies one recorded event. Nothing else changes the state. Commands (what the engine wants to do)
+go through ``decide(state, command)``, which checks them against the state and returns the payloads
+to record, or raises ``IllegalTransition`` (a ``ClientError``-mapped conflict) and changes nothing.
+
+Every side effect is bracketed: an *intent* event (``TrainingStarted``, ``PromotionStarted``,
+``ReloadStarted``, ``RollbackStarted``) is committed before it, an *outcome* event after it. After a
+crash the engine replays the log and finds intents without outcomes (``next_actions``); each effect is
+idempotent, so it is simply run again:
+
+    queued --TrainingStarted--> training --TrainingSucceeded--> trained --Promoted--> promoted --Reloaded--> reloaded
+                                 |  ^ AttemptFailed / TrainingStarted (new attempt)      |
+                                 +--JobFailed--> failed          trained --JobRejected--> rejected
+
+Only forward transitions exist, except ``training --TrainingStarted--> training``: a new attempt after a
+failed or crash-interrupted one. ``State`` is a mutable projection owned by one writer (the engine),
+updated in place for speed; its records (``Job``, ``Voice``) are frozen and replaced, never mutated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from beagled import events as ev
+from beagled.errors import IllegalTransition, NotFound
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "queued"
+    TRAINING = "training"
+    TRAINED = "trained"
+    PROMOTED = "promoted"
+    RELOADED = "reloaded"
+    FAILED = "failed"
+    REJECTED = "rejected"
+
+
+TERMINAL = frozenset({JobState.FAILED, JobState.REJECTED, JobState.RELOADED})
+
+# The one transition table: (state before, event type) -> state after. Absent = illegal.
+TRANSITIONS: dict[tuple[JobState | None, str], JobState] = {
+    (None, "JobCreated"): JobState.QUEUED,
+    (JobState.QUEUED, "TrainingStarted"): JobState.TRAINING,
+    (JobState.QUEUED, "JobFailed"): JobState.FAILED,
+    (JobState.TRAINING, "TrainingStarted"): JobState.TRAINING,  # a new attempt
+    (JobState.TRAINING, "TrainingFailed"): JobState.TRAINING,  # one backend failed, the next is tried
+    (JobState.TRAINING, "AttemptFailed"): JobState.TRAINING,  # every backend failed: retry after backoff
+    (JobState.TRAINING, "TrainingSucceeded"): JobState.TRAINED,
+    (JobState.TRAINING, "JobFailed"): JobState.FAILED,
+    (JobState.TRAINED, "JobRejected"): JobState.REJECTED,
+    (JobState.TRAINED, "PromotionStarted"): JobState.TRAINED,
+    (JobState.TRAINED, "Promoted"): JobState.PROMOTED,
+    (JobState.TRAINED, "JobFailed"): JobState.FAILED,  # its adapter vanished or is corrupt
+    (JobState.PROMOTED, "ReloadStarted"): JobState.PROMOTED,
+    (JobState.PROMOTED, "ReloadFailed"): JobState.PROMOTED,
+    (JobState.PROMOTED, "Reloaded"): JobState.RELOADED,
+    # A job already served may be served again (rollback to it, reconcile after a server restart):
+    (JobState.RELOADED, "ReloadStarted"): JobState.RELOADED,
+    (JobState.RELOADED, "ReloadFailed"): JobState.RELOADED,
+    (JobState.RELOADED, "Reloaded"): JobState.RELOADED,
+}
+
+
+def transition(state: JobState | None, event_type: str) -> JobState:
+    try:
+        return TRANSITIONS[(state, event_type)]
+    except KeyError:
+        raise IllegalTransition(f"{event_type} is not allowed in state {state or 'none'}") from None
+
+
+# --- records ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    job_id: str
+    voice: str
+    state: JobState
+    pair_ids: tuple[str, ...]
+    replay_ids: tuple[str, ...]
+    created_at: float
+    updated_at: float
+    attempt: int = 0
+    backend: str | None = None
+    error: str | None = None
+    retry_at: float | None = None
+    adapter_dir: str | None = None
+    version: int | None = None
+    served_name: str | None = None
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    baseline_eval_loss: float | None = None
+    base_eval_loss: float | None = None
+    reload_attempts: int = 0
+    pending_intent: str | None = None  # the intent event type whose outcome is not yet recorded
+    history: tuple[tuple[str, str, float, int], ...] = ()  # (event type, state after, at, seq)
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "voice": self.voice,
+            "state": self.state.value,
+            "attempt": self.attempt,
+            "backend": self.backend,
+            "pairs": len(self.pair_ids),
+            "replay_pairs": len(self.replay_ids),
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "error": self.error,
+            "version": self.version,
+            "served_name": self.served_name,
+            "train_loss": self.train_loss,
+            "eval_loss": self.eval_loss,
+            "baseline_eval_loss": self.baseline_eval_loss,
+        }
+
+
+@dataclass(frozen=True)
+class Voice:
+    name: str
+    pending: tuple[tuple[str, float], ...] = ()  # (pair_id, submitted at), oldest first
+    heldout: tuple[str, ...] = ()  # newest last, bounded by the engine's heldout_max
+    trained: tuple[str, ...] = ()  # pair ids already cut into jobs, for the replay window
+    pairs_total: int = 0
+    current_job: str | None = None
+    current_version: int = 0
+    versions: int = 0  # highest version number handed out
+    adapter_path: str | None = None
+    eval_loss: float | None = None
+    served_job: str | None = None
+    served_version: int = 0
+    served_name: str | None = None
+    last_trained_at: float = 0.0
+    reload_intent: str | None = None  # job id of a rollback intent without its outcome
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "voice": self.name,
+            "current_job": self.current_job,
+            "version": self.current_version,
+            "pending_pairs": len(self.pending),
+            "heldout_pairs": len(self.heldout),
+            "pairs_total": self.pairs_total,
+            "adapter_path": self.adapter_path,
+            "served_name": self.served_name,
+            "served_version": self.served_version,
+            "eval_loss": self.eval_loss,
+        }
+
+
+@dataclass
+class State:
+    """The projection of the log. Compare two with ``==`` (the crash-and-replay property)."""
+
+    seq: int = 0
+    paused: bool = False
+    jobs: dict[str, Job] = field(default_factory=dict)
+    voices: dict[str, Voice] = field(default_factory=dict)
+    heldout_max: int = 64
+
+    def job(self, job_id: str) -> Job:
+        try:
+            return self.jobs[job_id]
+        except KeyError:
+            raise NotFound(f"no job {job_id!r}") from None
+
+    def voice(self, name: str) -> Voice:
+        return self.voices.get(name) or Voice(name=name)
+
+    def counts(self) -> dict[str, int]:
+        out = {s.value: 0 for s in JobState}
+        for j in self.jobs.values():
+            out[j.state.value] += 1
+        return out
+
+
+# --- pure helpers -------------------------------------------------------------------------------
+
+
+def is_heldout(pair_id: str, share: float) -> bool:
+    """Deterministic by pair id: the same pair is always held out, or never."""
+    if share <= 0:
+        return False
+    h = int.from_bytes(hashlib.sha256(pair_id.encode()).digest()[:8], "big")
+    return h / 2**64 < share
+
+
+def replay_sample(trained: tuple[str, ...], k: int, seed: str) -> tuple[str, ...]:
+    """A deterministic sample of ``k`` earlier pairs (newest-biased: half newest, half spread)."""
+    if k <= 0 or not trained:
+        return ()
+    if len(trained) <= k:
+        return trained
+    newest = trained[-(k // 2) :] if k // 2 else ()
+    older = trained[: len(trained) - len(newest)]
+    ranked = sorted(older, key=lambda p: hashlib.sha256(f"{seed}:{p}".encode()).digest())
+    return tuple(sorted(ranked[: k - len(newest)], key=older.index)) + newest
+
+
+# --- evolve -------------------------------------------------------------------------------------
+
+
+def _job_update(job: Job, event: ev.Event, **changes: Any) -> Job:
+    new_state = transition(job.state, event.type)
+    return dataclasses.replace(
+        job,
+        state=new_state,
+        updated_at=event.at,
+        history=(*job.history, (event.type, new_state.value, event.at, event.seq)),
+        **changes,
+    )
+
+
+def evolve(state: State, event: ev.Event) -> State:
+    """Apply one recorded event. Raises ``IllegalTransition`` (state unchanged) on an impossible one."""
+    p = event.payload
+    if isinstance(p, ev.PairSubmitted):
+        v = state.voice(p.voice)
+        if p.heldout:
+            heldout = (*v.heldout, p.pair_id)[-state.heldout_max :]
+            v = dataclasses.replace(v, heldout=heldout, pairs_total=v.pairs_total + 1)
+        else:
+            v = dataclasses.replace(v, pending=(*v.pending, (p.pair_id, event.at)), pairs_total=v.pairs_total + 1)
+        state.voices[p.voice] = v
+    elif isinstance(p, ev.JobCreated):
+        if p.job_id in state.jobs:
+            raise IllegalTransition(f"job {p.job_id} exists already")
+        transition(None, p.TYPE)
+        v = state.voice(p.voice)
+        taken = set(p.pair_ids)
+        pending_ids = {pid for pid, _ in v.pending}
+        if not taken <= pending_ids:
+            raise IllegalTransition(f"job {p.job_id} takes pairs that are not pending in voice {p.voice}")
+        state.voices[p.voice] = dataclasses.replace(
+            v,
+            pending=tuple(x for x in v.pending if x[0] not in taken),
+            trained=(*v.trained, *p.pair_ids),
+        )
+        state.jobs[p.job_id] = Job(
+            job_id=p.job_id,
+            voice=p.voice,
+            state=JobState.QUEUED,
+            pair_ids=p.pair_ids,
+            replay_ids=p.replay_ids,
+            created_at=event.at,
+            updated_at=event.at,
+            history=(("JobCreated", JobState.QUEUED.value, event.at, event.seq),),
+        )
+    elif isinstance(p, ev.JobEvent):
+        _evolve_job(state, event, p)
+    elif isinstance(p, ev.RollbackStarted):
+        v = state.voice(p.voice)
+        state.voices[p.voice] = dataclasses.replace(v, reload_intent=p.job_id)
+    elif isinstance(p, ev.RolledBack):
+        v = state.voice(p.voice)
+        target = state.jobs.get(p.job_id)
+        state.voices[p.voice] = dataclasses.replace(
+            v,
+            current_job=p.job_id,
+            current_version=p.version,
+            adapter_path=p.adapter_path,
+            eval_loss=target.eval_loss if target else None,
+            reload_intent=None,
+        )
+    elif isinstance(p, ev.Paused):
+        state.paused = True
+    elif isinstance(p, ev.Resumed):
+        state.paused = False
+    else:  # pragma: no cover - every payload type is handled above
+        raise IllegalTransition(f"unknown event {event.type}")
+    state.seq = max(state.seq, event.seq)
+    return state
+
+
+def _evolve_job(state: State, event: ev.Event, p: ev.JobEvent) -> None:
+    job = state.job(p.job_id)
+    if isinstance(p, ev.TrainingStarted):
+        if p.attempt != job.attempt + 1:
+            raise IllegalTransition(f"attempt {p.attempt} does not follow attempt {job.attempt}")
+        job = _job_update(job, event, attempt=p.attempt, retry_at=None, pending_intent=p.TYPE)
+        v = state.voice(job.voice)
+        state.voices[job.voice] = dataclasses.replace(v, last_trained_at=event.at)
+    elif isinstance(p, ev.TrainingFailed):
+        job = _job_update(job, event, backend=p.backend, error=f"{p.backend}: {p.error}")
+    elif isinstance(p, ev.AttemptFailed):
+        job = _job_update(job, event, error=p.error, retry_at=p.retry_at, pending_intent=None)
+    elif isinstance(p, ev.TrainingSucceeded):
+        job = _job_update(
+            job,
+            event,
+            backend=p.backend,
+            adapter_dir=p.adapter_dir,
+            train_loss=p.train_loss,
+            eval_loss=p.eval_loss,
+            baseline_eval_loss=p.baseline_eval_loss,
+            base_eval_loss=p.base_eval_loss,
+            error=None,
+            pending_intent=None,
+        )
+    elif isinstance(p, ev.JobRejected):
+        job = _job_update(job, event, error=p.reason or "rejected by the evaluation gate")
+    elif isinstance(p, ev.PromotionStarted):
+        v = state.voice(job.voice)
+        job = _job_update(job, event, version=p.version, pending_intent=p.TYPE)
+        state.voices[job.voice] = dataclasses.replace(v, versions=max(v.versions, p.version))
+    elif isinstance(p, ev.Promoted):
+        job = _job_update(job, event, version=p.version, pending_intent=None)
+        v = state.voice(job.voice)
+        state.voices[job.voice] = dataclasses.replace(
+            v,
+            current_job=job.job_id,
+            current_version=p.version,
+            adapter_path=p.adapter_path,
+            eval_loss=job.eval_loss,
+            versions=max(v.versions, p.version),
+        )
+    elif isinstance(p, ev.ReloadStarted):
+        job = _job_update(job, event, pending_intent=p.TYPE)
+    elif isinstance(p, ev.ReloadFailed):
+        job = _job_update(
+            job, event, error=p.error, retry_at=p.retry_at, reload_attempts=job.reload_attempts + 1, pending_intent=None
+        )
+    elif isinstance(p, ev.Reloaded):
+        job = _job_update(job, event, served_name=p.served_name, error=None, retry_at=None, pending_intent=None)
+        v = state.voice(job.voice)
+        state.voices[job.voice] = dataclasses.replace(
+            v, served_job=job.job_id, served_version=p.version, served_name=p.served_name
+        )
+    elif isinstance(p, ev.JobFailed):
+        job = _job_update(job, event, error=p.error, pending_intent=None, retry_at=None)
+    else:  # pragma: no cover
+        raise IllegalTransition(f"unknown job event {event.type}")
+    state.jobs[job.job_id] = job
+
+
+def replay(events: Iterable[ev.Event], state: State | None = None) -> State:
+    state = state if state is not None else State()
+    for e in events:
+        evolve(state, e)
+    return state
+
+
+# --- commands and decide ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CutJob:
+    voice: str
+    job_id: str
+    reason: str
+    replay_pairs: int = 0
+    limit: int | None = None  # at most this many pending pairs (oldest first)
+
+
+@dataclass(frozen=True)
+class StartAttempt:
+    job_id: str
+    backends: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class BackendFailed:
+    job_id: str
+    backend: str
+    error: str
+    timeout: bool = False
+    duration_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class FailAttempt:
+    job_id: str
+    error: str
+    now: float
+    max_attempts: int
+    backoff_s: float
+    backoff_max_s: float
+
+
+@dataclass(frozen=True)
+class FinishTraining:
+    job_id: str
+    backend: str
+    adapter_dir: str
+    train_loss: float | None
+    eval_loss: float | None
+    baseline_eval_loss: float | None
+    base_eval_loss: float | None
+    duration_s: float
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Promote if held-out loss is no worse than the served voice's by more than ``tolerance``."""
+
+    job_id: str
+    tolerance: float
+
+
+@dataclass(frozen=True)
+class FinishPromotion:
+    job_id: str
+    adapter_path: str
+
+
+@dataclass(frozen=True)
+class StartReload:
+    job_id: str
+    method: str
+    reason: str = "promotion"
+
+
+@dataclass(frozen=True)
+class FinishReload:
+    job_id: str
+    method: str
+    served_name: str
+    duration_s: float
+    reason: str = "promotion"
+
+
+@dataclass(frozen=True)
+class FailReload:
+    job_id: str
+    method: str
+    error: str
+    now: float
+    backoff_s: float
+    backoff_max_s: float
+
+
+@dataclass(frozen=True)
+class FailJob:
+    job_id: str
+    error: str
+
+
+@dataclass(frozen=True)
+class Rollback:
+    voice: str
+    to: str | None = None
+
+
+@dataclass(frozen=True)
+class FinishRollback:
+    voice: str
+    adapter_path: str
+
+
+@dataclass(frozen=True)
+class SetPaused:
+    paused: bool
+
+
+Command = (
+    CutJob
+    | StartAttempt
+    | BackendFailed
+    | FailAttempt
+    | FinishTraining
+    | Gate
+    | FinishPromotion
+    | StartReload
+    | FinishReload
+    | FailReload
+    | FailJob
+    | Rollback
+    | FinishRollback
+    | SetPaused
+)
+
+
+def _require(job: Job, *states: JobState) -> None:
+    if job.state not in states:
+        allowed = " or ".join(s.value for s in states)
+        raise IllegalTransition(f"job {job.job_id} is {job.state.value}, not {allowed}")
+
+
+def backoff(attempt: int, base: float, cap: float) -> float:
+    return float(min(cap, base * (2 ** max(0, attempt - 1))))
+
+
+def decide(state: State, cmd: Command) -> list[ev.Payload]:
+    """What to record for ``cmd`` given ``state``; raises and records nothing when it is illegal."""
+    if isinstance(cmd, CutJob):
+        v = state.voice(cmd.voice)
+        if not v.pending:
+            raise IllegalTransition(f"voice {cmd.voice!r} has no pending pairs")
+        pending = v.pending if cmd.limit is None else v.pending[: cmd.limit]
+        return [
+            ev.JobCreated(
+                job_id=cmd.job_id,
+                voice=cmd.voice,
+                pair_ids=tuple(pid for pid, _ in pending),
+                replay_ids=replay_sample(v.trained, cmd.replay_pairs, cmd.job_id),
+                reason=cmd.reason,
+            )
+        ]
+    if isinstance(cmd, SetPaused):
+        if cmd.paused == state.paused:
+            return []
+        return [ev.Paused() if cmd.paused else ev.Resumed()]
+    if isinstance(cmd, Rollback):
+        return _decide_rollback(state, cmd)
+    if isinstance(cmd, FinishRollback):
+        v = state.voice(cmd.voice)
+        if v.reload_intent is None:
+            raise IllegalTransition(f"voice {cmd.voice!r} has no rollback in progress")
+        target = state.job(v.reload_intent)
+        return [ev.RolledBack(voice=cmd.voice, job_id=target.job_id, version=target.version or 0,
+                              adapter_path=cmd.adapter_path)]
+
+    job = state.job(cmd.job_id)
+    if isinstance(cmd, StartAttempt):
+        _require(job, JobState.QUEUED, JobState.TRAINING)
+        return [ev.TrainingStarted(job_id=job.job_id, attempt=job.attempt + 1, backends=cmd.backends)]
+    if isinstance(cmd, BackendFailed):
+        _require(job, JobState.TRAINING)
+        return [ev.TrainingFailed(job_id=job.job_id, attempt=job.attempt, backend=cmd.backend, error=cmd.error,
+                                  timeout=cmd.timeout, duration_s=cmd.duration_s)]
+    if isinstance(cmd, FailAttempt):
+        _require(job, JobState.TRAINING)
+        if job.attempt >= cmd.max_attempts:
+            return [ev.JobFailed(job_id=job.job_id, error=f"attempt {job.attempt}/{cmd.max_attempts}: {cmd.error}")]
+        retry_at = cmd.now + backoff(job.attempt, cmd.backoff_s, cmd.backoff_max_s)
+        return [ev.AttemptFailed(job_id=job.job_id, attempt=job.attempt, error=cmd.error, retry_at=retry_at)]
+    if isinstance(cmd, FinishTraining):
+        _require(job, JobState.TRAINING)
+        return [ev.TrainingSucceeded(job_id=job.job_id, attempt=job.attempt, backend=cmd.backend,
+                                     adapter_dir=cmd.adapter_dir, train_loss=cmd.train_loss,
+                                     eval_loss=cmd.eval_loss, baseline_eval_loss=cmd.baseline_eval_loss,
+                                     base_eval_loss=cmd.base_eval_loss, duration_s=cmd.duration_s)]
+    if isinstance(cmd, Gate):
+        _require(job, JobState.TRAINED)
+        if job.pending_intent == "PromotionStarted":
+            return []  # already past the gate; the promotion is being redone
+        new, old = job.eval_loss, job.baseline_eval_loss
+        if new is not None and old is not None and new > old + cmd.tolerance:
+            return [ev.JobRejected(job_id=job.job_id, eval_loss=new, baseline_eval_loss=old, tolerance=cmd.tolerance,
+                                   reason=f"held-out loss {new:.4f} > served {old:.4f} + tolerance {cmd.tolerance}")]
+        v = state.voice(job.voice)
+        return [ev.PromotionStarted(job_id=job.job_id, voice=job.voice, version=v.versions + 1)]
+    if isinstance(cmd, FinishPromotion):
+        _require(job, JobState.TRAINED)
+        if job.pending_intent != "PromotionStarted" or job.version is None:
+            raise IllegalTransition(f"job {job.job_id} has no promotion in progress")
+        return [ev.Promoted(job_id=job.job_id, voice=job.voice, version=job.version, adapter_path=cmd.adapter_path)]
+    if isinstance(cmd, StartReload):
+        _require(job, JobState.PROMOTED, JobState.RELOADED)
+        return [ev.ReloadStarted(job_id=job.job_id, voice=job.voice, version=job.version or 0, method=cmd.method,
+                                 reason=cmd.reason)]
+    if isinstance(cmd, FinishReload):
+        _require(job, JobState.PROMOTED, JobState.RELOADED)
+        return [ev.Reloaded(job_id=job.job_id, voice=job.voice, version=job.version or 0, method=cmd.method,
+                            served_name=cmd.served_name, duration_s=cmd.duration_s, reason=cmd.reason)]
+    if isinstance(cmd, FailReload):
+        _require(job, JobState.PROMOTED, JobState.RELOADED)
+        retry_at = cmd.now + backoff(job.reload_attempts + 1, cmd.backoff_s, cmd.backoff_max_s)
+        return [ev.ReloadFailed(job_id=job.job_id, voice=job.voice, version=job.version or 0, method=cmd.method,
+                                error=cmd.error, retry_at=retry_at)]
+    if isinstance(cmd, FailJob):
+        if job.state in TERMINAL or job.state == JobState.PROMOTED:
+            raise IllegalTransition(f"job {job.job_id} is {job.state.value}: it cannot fail now")
+        return [ev.JobFailed(job_id=job.job_id, error=cmd.error)]
+    raise IllegalTransition(f"unknown command {cmd!r}")  # pragma: no cover
+
+
+def _decide_rollback(state: State, cmd: Rollback) -> list[ev.Payload]:
+    v = state.voices.get(cmd.voice)
+    if v is None:
+        raise NotFound(f"no voice {cmd.voice!r}")
+    if v.reload_intent is not None:
+        raise IllegalTransition(f"voice {cmd.voice!r} is already being rolled back")
+    promoted = sorted(
+        (j for j in state.jobs.values() if j.voice == cmd.voice and j.version and j.state in (
+            JobState.PROMOTED, JobState.RELOADED)),
+        key=lambda j: j.version or 0,
+    )
+    if cmd.to is not None:
+        target = state.job(cmd.to)
+        if target.voice != cmd.voice or target not in promoted:
+            raise NotFound(f"job {cmd.to!r} was never promoted for voice {cmd.voice!r}")
+    else:
+        earlier = [j for j in promoted if (j.version or 0) < v.current_version]
+        if not earlier:
+            raise NotFound(f"voice {cmd.voice!r} has no earlier version to roll back to")
+        target = earlier[-1]
+    return [ev.RollbackStarted(voice=cmd.voice, job_id=target.job_id, version=target.version or 0)]
+
+
+# --- what to do next (pure queries the engine's loops ask) ---------------------------------------
+
+
+def cut_reason(v: Voice, *, now: float, min_pairs: int, max_wait_s: float) -> str | None:
+    """Why the voice's pending pairs should become a job now, or None."""
+    if not v.pending:
+        return None
+    if len(v.pending) >= min_pairs:
+        return "min_pairs"
+    if now - v.pending[0][1] >= max_wait_s:
+        return "max_wait"
+    return None
+
+
+def next_cut_deadline(state: State, max_wait_s: float) -> float | None:
+    deadlines = [v.pending[0][1] + max_wait_s for v in state.voices.values() if v.pending]
+    return min(deadlines) if deadlines else None
+
+
+def next_training(state: State, now: float) -> Job | None:
+    """The job to train next: queued or due for retry; fair between voices (least recently trained first)."""
+    ready = [
+        j
+        for j in state.jobs.values()
+        if j.state == JobState.QUEUED
+        or (j.state == JobState.TRAINING and (j.pending_intent is not None or (j.retry_at or 0) <= now))
+    ]
+    if not ready:
+        return None
+    return min(ready, key=lambda j: (j.pending_intent is None, state.voice(j.voice).last_trained_at, j.created_at))
+
+
+def next_training_deadline(state: State) -> float | None:
+    times = [j.retry_at for j in state.jobs.values() if j.state == JobState.TRAINING and j.retry_at is not None]
+    return min(times) if times else None
