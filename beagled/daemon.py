@@ -1,0 +1,158 @@
+"""The composition root: builds the concrete adapters from config, recovers, serves, shuts down.
+
+Order of start-up: open the log and replay it, repair ``current`` links, bind the socket, start the
+metrics endpoint and the engine's loops, then tell systemd READY=1. SIGTERM/SIGINT: stop accepting,
+let the commit in flight finish and its submitters get their acks, cancel the rest (the training
+subprocess group is killed by the runner), exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import trio
+
+from beagled.config import Config
+from beagled.engine import Engine
+from beagled.errors import ConfigError, TrainingError
+from beagled.metrics import serve_metrics
+from beagled.notify import Notifier
+from beagled.reload import NoneReloader, Reloader
+from beagled.server import Server
+from beagled.store import SqliteStore
+from beagled.training.runner import SubprocessTrainer
+from beagled.voices import VoiceStore
+
+log = logging.getLogger("beagled.daemon")
+
+
+def build_reloader(cfg: Config) -> Reloader:
+    r = cfg.reload
+    if r.method == "none":
+        return NoneReloader()
+    if r.method == "command":
+        from beagled.reload.command import CommandReloader
+
+        return CommandReloader(list(r.command.argv), timeout_s=r.command.timeout_s)
+    if r.method == "vllm":
+        from beagled.reload.vllm import VllmReloader
+
+        return VllmReloader(
+            r.vllm.url,
+            naming=r.vllm.naming,
+            prefix=r.vllm.prefix,
+            keep=r.vllm.keep,
+            path_map=[(a, b) for a, b in r.vllm.path_map],
+            timeout_s=r.vllm.timeout_s,
+            max_lora_rank=r.vllm.max_lora_rank,
+        )
+    if r.method == "ssh":
+        from beagled.reload.ssh import SshReloader
+
+        s = r.ssh
+        return SshReloader(
+            s.host, s.port, s.user, s.identity_file, s.known_hosts,
+            remote_dir=s.remote_dir, command=list(s.command), workdir=s.workdir, health_url=s.health_url,
+            timeout_s=s.timeout_s, health_timeout_s=s.health_timeout_s,
+        )
+    raise ConfigError("reload.method", f"unknown method {r.method!r}")
+
+
+def tiny_model_builder(cfg: Config) -> Path:
+    """Build (once) the tiny local model in a subprocess: the daemon itself never imports mlx."""
+    target = cfg.models_dir / "tiny"
+    if (target / "config.json").is_file():
+        return target
+    python = cfg.training.python or sys.executable
+    code = "import sys; from pathlib import Path; from beagled.training.tinymodel import ensure_tiny_model; " \
+           "print(ensure_tiny_model(Path(sys.argv[1])))"
+    done = subprocess.run([python, "-c", code, str(cfg.models_dir)], capture_output=True, text=True, check=False,
+                          timeout=600)
+    if done.returncode != 0:
+        raise TrainingError(f"cannot build the tiny model: {done.stderr.strip()[-500:]}")
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
+class Daemon:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.notifier = Notifier.from_env(unset_environment=True)
+        cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.store = SqliteStore(cfg.db_path)
+        t = cfg.training
+        self.trainer = SubprocessTrainer(
+            list(t.backends), custom=dict(t.custom_backends), python=t.python, timeout_s=t.timeout_s,
+            probe_timeout_s=t.probe_timeout_s, spec_dir=cfg.state_dir / "specs",
+        )
+        self.engine = Engine(
+            cfg, self.store, VoiceStore(cfg.voices_dir, keep_versions=cfg.voices.keep_versions), self.trainer,
+            build_reloader(cfg), base_model=lambda: tiny_model_builder(cfg),
+        )
+        self.server = Server(self.engine)
+        self.metrics_address: tuple[str, int] | None = None
+
+    async def run(self) -> None:
+        started = time.monotonic()
+        self.notifier.status("recovering")
+        n = await trio.to_thread.run_sync(self.engine.recover)
+        await self.engine.repair_links()
+        log.info("recovered", extra={"events": n, "seconds": round(time.monotonic() - started, 3)})
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self._signals, nursery.cancel_scope)
+                await nursery.start(self.server.serve)
+                if self.cfg.metrics.listen:
+                    host, _, port = self.cfg.metrics.listen.rpartition(":")
+                    self.metrics_address = await nursery.start(
+                        serve_metrics, self.engine.metrics, host.strip("[]"), int(port)
+                    )
+                await nursery.start(self.engine.run)
+                await nursery.start(self.notifier.run_watchdog)
+                nursery.start_soon(self._status_line)
+                ready = time.monotonic() - started
+                log.info("ready", extra={"socket": str(self.cfg.socket_path), "startup_s": round(ready, 3),
+                                         "metrics": self.cfg.metrics.listen, "pid": os.getpid()})
+                self.notifier.ready(self._summary())
+        finally:
+            await trio.to_thread.run_sync(self.store.close)
+            await self.engine.reloader.aclose()
+            log.info("stopped")
+
+    def _summary(self) -> str:
+        c = self.engine.state.counts()
+        busy = ", ".join(f"{k} {v}" for k, v in c.items() if v and k not in ("reloaded", "failed", "rejected"))
+        pending = sum(len(v.pending) for v in self.engine.state.voices.values())
+        return f"{len(self.engine.state.voices)} voices, {pending} pending pairs" + (f", jobs: {busy}" if busy else "")
+
+    async def _status_line(self) -> None:
+        last = ""
+        while True:
+            s = self._summary()
+            if s != last:
+                self.notifier.status(s)
+                last = s
+            await trio.sleep(5)
+
+    async def _signals(self, scope: trio.CancelScope, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            task_status.started()
+            async for sig in signals:
+                log.info("shutting down", extra={"signal": signal.Signals(sig).name})
+                self.notifier.stopping("shutting down")
+                self.engine.stop_accepting()
+                await self.server.stop_accepting()
+                with trio.move_on_after(3):
+                    await self.engine.drain_submits()
+                scope.cancel()
+                return
+
+
+def serve(cfg: Config) -> int:
+    trio.run(Daemon(cfg).run)
+    return 0

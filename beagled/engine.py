@@ -1,0 +1,655 @@
+"""The application service: recovery, group-committed submits, queries, and the loops that advance jobs.
+
+The engine owns the projection (``jobs.State``) and is its one writer: every change goes through
+``decide`` → the store → ``evolve``, under one lock, so the state is always the fold of the log. It
+knows its collaborators only as ports — the store, the voices store, the trainer, the reloader — wired
+by ``daemon``. Effects are bracketed by intent and outcome events; after a crash, ``recover`` replays
+the log and the loops find each unfinished intent and run it again (every effect is idempotent).
+
+Loops (each a task in the daemon's nursery):
+- ``_committer``: drains concurrent submits into one transaction, acks each after COMMIT;
+- ``_scheduler``: cuts jobs from pending pairs (``min_pairs``, ``max_wait_s``), unless paused;
+- ``_trainer_loop``: one training at a time, backends tried in order, attempts retried with backoff;
+- ``_serve_loop``: evaluation gate, promotion, reload, rollback;
+- ``_reconcile_loop``: checks the server still serves each voice, and serves it again if not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from beagled import __version__
+from beagled import events as ev
+from beagled import jobs
+from beagled.config import Config
+from beagled.errors import (
+    AdapterError,
+    BeagledError,
+    Conflict,
+    IllegalTransition,
+    NotFound,
+    ReloadError,
+    StoreError,
+    TrainingError,
+    Unavailable,
+)
+from beagled.faults import fault
+from beagled.jobs import JobState
+from beagled.metrics import Metrics
+from beagled.reload import Reloader, ServeTarget
+from beagled.store import Store
+from beagled.training.runner import Trainer
+from beagled.voices import VoiceStore
+
+log = logging.getLogger("beagled.engine")
+
+MAX_BATCH = 2048
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{time.strftime('%Y%m%d%H%M%S', time.gmtime())}-{secrets.token_hex(4)}"
+
+
+def idempotency_key(voice: str, bad: str, good: str, key: str | None) -> str:
+    if key is not None:
+        return "k:" + key
+    digest = hashlib.sha256("\x00".join((voice, bad, good)).encode("utf-8", "surrogatepass")).hexdigest()
+    return "h:" + digest
+
+
+class Wakeup:
+    """Level-triggered wake-up for a loop: ``set`` from anywhere, ``wait`` until set or a deadline."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    async def wait(self, deadline_wall: float | None = None) -> None:
+        if deadline_wall is None:
+            await self._event.wait()
+        else:
+            with trio.move_on_after(max(0.0, deadline_wall - time.time())):
+                await self._event.wait()
+        self._event = trio.Event()
+
+
+@dataclass
+class _PendingSubmit:
+    payload: ev.PairSubmitted
+    arrived: float
+    done: trio.Event = field(default_factory=trio.Event)
+    result: dict[str, Any] | None = None
+    error: BaseException | None = None
+
+
+class Engine:
+    def __init__(
+        self,
+        cfg: Config,
+        store: Store,
+        voices: VoiceStore,
+        trainer: Trainer,
+        reloader: Reloader,
+        metrics: Metrics | None = None,
+        *,
+        base_model: Callable[[], Path] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.voices = voices
+        self.trainer = trainer
+        self.reloader = reloader
+        self.state = jobs.State(heldout_max=cfg.training.heldout_max)
+        self.metrics = metrics or Metrics(lambda: self.state)
+        self._base_model = base_model
+        self.started_at = time.monotonic()
+        self._lock = trio.Lock()  # the one writer: decide → append → evolve
+        self._store_limiter = trio.CapacityLimiter(1)
+        self._submits: list[_PendingSubmit] = []
+        self._submit_wakeup = Wakeup()
+        self._sched_wakeup = Wakeup()
+        self._train_wakeup = Wakeup()
+        self._serve_wakeup = Wakeup()
+        self._subscribers: set[trio.MemorySendChannel[dict[str, Any]]] = set()
+        self.progress: dict[str, dict[str, Any]] = {}
+        self.verified_at: dict[str, float] = {}
+        self.accepting = True
+
+    # -- recovery ----------------------------------------------------------------------------------
+    def recover(self) -> int:
+        """Replay the log into the state (call before serving, off the event loop). Returns events read."""
+        n = 0
+        for e in self.store.read(0):
+            jobs.evolve(self.state, e)
+            n += 1
+        self.voices.clean_staging()
+        return n
+
+    async def repair_links(self) -> None:
+        """Make every voice's ``current`` link agree with the log (a crash may have left it behind)."""
+        for v in list(self.state.voices.values()):
+            want = v.current_job
+            if want and self.voices.current_job(v.name) != want:
+                try:
+                    await trio.to_thread.run_sync(self.voices.promote, v.name, want)
+                    log.warning("current link repaired", extra={"voice": v.name, "job_id": want})
+                except (AdapterError, OSError) as e:
+                    log.error("cannot repair current link: %s", e, extra={"voice": v.name, "job_id": want})
+
+    # -- the one writer ----------------------------------------------------------------------------
+    async def execute(self, cmd: jobs.Command) -> list[ev.Event]:
+        async with self._lock:
+            payloads = jobs.decide(self.state, cmd)
+            if not payloads:
+                return []
+            events = await trio.to_thread.run_sync(
+                self.store.append, payloads, time.time(), limiter=self._store_limiter
+            )
+            self._apply(events)
+        return events
+
+    def _apply(self, events: list[ev.Event]) -> None:
+        for e in events:
+            jobs.evolve(self.state, e)
+            self.metrics.events.labels(e.type).inc()
+            self._publish({"event": e.public()})
+        self._sched_wakeup.set()
+        self._train_wakeup.set()
+        self._serve_wakeup.set()
+
+    def _publish(self, message: dict[str, Any]) -> None:
+        for ch in list(self._subscribers):
+            try:
+                ch.send_nowait(message)
+            except trio.WouldBlock:  # a watcher that does not keep up is dropped, never waited for
+                self._subscribers.discard(ch)
+                ch.close()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._subscribers.discard(ch)
+
+    # -- submit (group commit) ---------------------------------------------------------------------
+    async def submit(self, fields: dict[str, Any]) -> dict[str, Any]:
+        if not self.accepting:
+            raise Unavailable("beagled is shutting down")
+        arrived = time.monotonic()
+        voice = fields["voice"]
+        pair_id = "p-" + secrets.token_hex(8)
+        payload = ev.PairSubmitted(
+            pair_id=pair_id,
+            voice=voice,
+            bad=fields["bad"],
+            good=fields["good"],
+            key=idempotency_key(voice, fields["bad"], fields["good"], fields.get("key")),
+            prompt=fields.get("prompt"),
+            quality=fields.get("quality"),
+            heldout=jobs.is_heldout(pair_id, self.cfg.training.heldout_share),
+        )
+        item = _PendingSubmit(payload, arrived)
+        self._submits.append(item)
+        self._submit_wakeup.set()
+        await item.done.wait()
+        if item.error is not None:
+            self.metrics.submissions.labels("rejected").inc()
+            raise item.error
+        assert item.result is not None
+        return item.result
+
+    async def _committer(self) -> None:
+        while True:
+            if not self._submits:
+                await self._submit_wakeup.wait()
+                continue
+            batch, self._submits = self._submits[:MAX_BATCH], self._submits[MAX_BATCH:]
+            try:
+                async with self._lock:
+                    results = await trio.to_thread.run_sync(
+                        self.store.submit_batch, [b.payload for b in batch], time.time(),
+                        limiter=self._store_limiter,
+                    )
+                    self._apply([r.event for r in results if r.event is not None])
+            except StoreError as e:
+                log.error("submit batch not committed: %s", e)
+                for b in batch:
+                    b.error = Unavailable(f"the pair was not stored: {e}")
+                    b.done.set()
+                continue
+            fault("after_commit_before_ack")
+            now = time.monotonic()
+            for b, r in zip(batch, results, strict=True):
+                b.result = {"pair_id": r.pair_id, "seq": r.seq, "duplicate": r.duplicate}
+                self.metrics.submissions.labels("duplicate" if r.duplicate else "accepted").inc()
+                self.metrics.submit_ack.observe(now - b.arrived)
+                b.done.set()
+
+    # -- queries -----------------------------------------------------------------------------------
+    def ping(self) -> dict[str, Any]:
+        return {"version": __version__, "uptime_s": time.monotonic() - self.started_at}
+
+    def status(self) -> dict[str, Any]:
+        voices = {}
+        for name, v in sorted(self.state.voices.items()):
+            voices[name] = {**v.public(), "last_verified_at": self.verified_at.get(name)}
+        running = {jid: p for jid, p in self.progress.items()}
+        return {
+            "event_seq": self.state.seq,
+            "paused": self.state.paused,
+            "jobs": self.state.counts(),
+            "voices": voices,
+            "backends": [b.public() for b in self.trainer.statuses()],
+            "reload_method": self.reloader.method,
+            "running": running,
+            "version": __version__,
+            "uptime_s": time.monotonic() - self.started_at,
+        }
+
+    def list_jobs(self, voice: str | None = None, state: str | None = None, limit: int = 100) -> dict[str, Any]:
+        sel = [
+            j for j in self.state.jobs.values()
+            if (voice is None or j.voice == voice) and (state is None or j.state.value == state)
+        ]
+        sel.sort(key=lambda j: (j.created_at, j.job_id), reverse=True)
+        return {"jobs": [j.public() for j in sel[:limit]]}
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        j = self.state.job(job_id)
+        history = [{"event": t, "state": s, "at": at, "seq": seq} for t, s, at, seq in j.history]
+        return {"job": {**j.public(), "pair_ids": list(j.pair_ids), "replay_ids": list(j.replay_ids),
+                        "adapter_dir": j.adapter_dir, "base_eval_loss": j.base_eval_loss,
+                        "progress": self.progress.get(job_id), "history": history}}
+
+    def list_voices(self) -> dict[str, Any]:
+        return {"voices": [v.public() for _, v in sorted(self.state.voices.items())]}
+
+    # -- commands ----------------------------------------------------------------------------------
+    async def train_now(self, voice: str) -> dict[str, Any]:
+        if voice not in self.state.voices:
+            raise NotFound(f"no voice {voice!r}")
+        try:
+            events = await self.execute(jobs.CutJob(voice, new_id("j"), "manual", self.cfg.training.replay_pairs))
+        except IllegalTransition as e:
+            raise Conflict(str(e)) from None
+        return {"job_id": events[0].payload.job_id}  # type: ignore[attr-defined]
+
+    async def rollback(self, voice: str, to: str | None) -> dict[str, Any]:
+        try:
+            events = await self.execute(jobs.Rollback(voice, to))
+        except IllegalTransition as e:
+            raise Conflict(str(e)) from None
+        p = events[0].payload
+        assert isinstance(p, ev.RollbackStarted)
+        await self._finish_rollback(voice)
+        return {"job_id": p.job_id, "version": p.version}
+
+    async def set_paused(self, paused: bool) -> dict[str, Any]:
+        await self.execute(jobs.SetPaused(paused))
+        return {"paused": self.state.paused}
+
+    async def watch(self, from_seq: int | None) -> AsyncIterator[dict[str, Any]]:
+        """History from ``from_seq`` (exclusive), then live events and progress, until the caller stops."""
+        send, recv = trio.open_memory_channel[dict[str, Any]](4096)
+        self._subscribers.add(send)
+        try:
+            last = self.state.seq if from_seq is None else from_seq
+            if from_seq is not None:
+                history = await trio.to_thread.run_sync(lambda: list(self.store.read(from_seq)))
+                for e in history:
+                    last = e.seq
+                    yield {"event": e.public()}
+            async for msg in recv:
+                if "event" in msg:
+                    if msg["event"]["seq"] <= last:
+                        continue
+                    last = msg["event"]["seq"]
+                yield msg
+        finally:
+            self._subscribers.discard(send)
+            send.close()
+
+    # -- loops -------------------------------------------------------------------------------------
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._committer)
+            nursery.start_soon(self._scheduler)
+            nursery.start_soon(self._trainer_loop)
+            nursery.start_soon(self._serve_loop)
+            if self.reloader.method != "none":
+                nursery.start_soon(self._reconcile_loop)
+            task_status.started()
+
+    async def _scheduler(self) -> None:
+        s = self.cfg.scheduler
+        while True:
+            if not self.state.paused:
+                now = time.time()
+                queued_voices = {j.voice for j in self.state.jobs.values() if j.state == JobState.QUEUED}
+                for v in list(self.state.voices.values()):
+                    reason = jobs.cut_reason(v, now=now, min_pairs=s.min_pairs, max_wait_s=s.max_wait_s)
+                    if reason and v.name not in queued_voices:
+                        await self._guarded(
+                            self.execute(jobs.CutJob(v.name, new_id("j"), reason, self.cfg.training.replay_pairs)),
+                            "cut job", voice=v.name,
+                        )
+            deadline = None if self.state.paused else jobs.next_cut_deadline(self.state, s.max_wait_s)
+            await self._sched_wakeup.wait(deadline)
+
+    async def _guarded(self, coro: Any, what: str, **ctx: Any) -> Any:
+        """Run one step; a failure is logged (and the step retried by its loop), never fatal."""
+        try:
+            return await coro
+        except (BeagledError, OSError) as e:
+            log.error("%s failed: %s", what, e, extra=ctx)
+            return None
+
+    async def _trainer_loop(self) -> None:
+        await self.trainer.probe_all()
+        self._train_wakeup.set()
+        while True:
+            job = jobs.next_training(self.state, time.time())
+            if job is None:
+                await self._train_wakeup.wait(jobs.next_training_deadline(self.state))
+                continue
+            try:
+                await self._train(job)
+            except StoreError as e:  # the log cannot be written: wait and try again
+                log.error("training step not recorded: %s", e, extra={"job_id": job.job_id})
+                await trio.sleep(1.0)  # back-off for a failing disk; nothing to poll for
+
+    def _base_model_path(self) -> str:
+        if self.cfg.training.base_model:
+            return str(Path(self.cfg.training.base_model).expanduser())
+        if self._base_model is None:
+            raise TrainingError("no base model configured (training.base_model)")
+        return str(self._base_model())
+
+    async def _build_spec(self, job: jobs.Job) -> dict[str, Any]:
+        t = self.cfg.training
+        v = self.state.voice(job.voice)
+        ids = list(job.pair_ids) + list(job.replay_ids)
+        pairs = await trio.to_thread.run_sync(self.store.get_pairs, ids + list(v.heldout))
+
+        def example(pid: str) -> dict[str, Any]:
+            p = pairs[pid]
+            prompt = p.prompt if p.prompt is not None else t.prompt_template.format(bad=p.bad, voice=p.voice)
+            return {"pair_id": pid, "prompt": prompt, "chosen": p.good, "rejected": p.bad}
+
+        current = self.voices.adapter_dir(job.voice, v.current_job) if v.current_job else None
+        base = await trio.to_thread.run_sync(self._base_model_path)
+        return {
+            "job_id": job.job_id,
+            "voice": job.voice,
+            "attempt": job.attempt,
+            "base_model": base,
+            "init_adapter": str(current) if current and t.init == "current" else None,
+            "served_adapter": str(current) if current else None,
+            "objective": t.objective,
+            "train": [example(pid) for pid in ids if pid in pairs],
+            "heldout": [example(pid) for pid in v.heldout if pid in pairs],
+            "hyper": {
+                "rank": t.hyper.rank,
+                "alpha": t.hyper.alpha,
+                "dropout": t.hyper.dropout,
+                "target_modules": list(t.hyper.target_modules),
+                "num_layers": t.hyper.num_layers,
+                "learning_rate": t.hyper.learning_rate,
+                "steps": t.hyper.steps,
+                "batch_size": t.hyper.batch_size,
+                "max_seq_len": t.hyper.max_seq_len,
+                "seed": t.hyper.seed,
+            },
+        }
+
+    async def _train(self, job: jobs.Job) -> None:
+        s = self.cfg.scheduler
+        backends = self.trainer.available()
+        if not backends:
+            reasons = "; ".join(f"{b.name}: {b.reason}" for b in self.trainer.statuses())
+            if job.state == JobState.QUEUED or job.pending_intent:
+                await self.execute(jobs.StartAttempt(job.job_id, ()))
+            await self.execute(jobs.FailAttempt(job.job_id, f"no training backend is available ({reasons})",
+                                                time.time(), s.max_attempts, s.retry_backoff_s, s.retry_backoff_max_s))
+            return
+        if job.pending_intent == "TrainingStarted":
+            log.warning("training was interrupted; starting a new attempt",
+                        extra={"job_id": job.job_id, "voice": job.voice, "attempt": job.attempt})
+        await self.execute(jobs.StartAttempt(job.job_id, tuple(backends)))
+        job = self.state.job(job.job_id)
+        log.info("training started", extra={"job_id": job.job_id, "voice": job.voice, "attempt": job.attempt,
+                                            "pairs": len(job.pair_ids), "backends": backends})
+        fault("after_training_intent")
+        try:
+            spec = await self._build_spec(job)
+        except (TrainingError, OSError) as e:
+            await self.execute(jobs.FailAttempt(job.job_id, f"cannot prepare training: {e}", time.time(),
+                                                s.max_attempts, s.retry_backoff_s, s.retry_backoff_max_s))
+            return
+        errors = []
+        for i, backend in enumerate(backends):
+            staging = await trio.to_thread.run_sync(
+                self.voices.staging_dir, job.voice, job.job_id, job.attempt, backend
+            )
+            spec["out_dir"] = str(staging / "adapter")
+            started = time.monotonic()
+            try:
+                result = await self.trainer.run(backend, spec, self._progress_cb(job, backend))
+                fault("after_training_before_outcome")
+                final = await trio.to_thread.run_sync(
+                    self.voices.finalize, job.voice, job.job_id, Path(spec["out_dir"])
+                )
+            except (TrainingError, AdapterError, OSError) as e:
+                timeout = isinstance(e, TrainingError) and e.timeout
+                elapsed = time.monotonic() - started
+                self.metrics.training_duration.labels(backend, "timeout" if timeout else "failure").observe(elapsed)
+                msg = str(e) if not isinstance(e, AdapterError) else f"wrote an invalid adapter: {e}"
+                errors.append(f"{backend}: {msg}")
+                log.warning("backend failed: %s", msg, extra={"job_id": job.job_id, "voice": job.voice,
+                                                              "backend": backend})
+                await self.execute(jobs.BackendFailed(job.job_id, backend, msg[:2000], timeout, elapsed))
+                if i + 1 < len(backends):
+                    self.metrics.fallbacks.labels(backend, backends[i + 1]).inc()
+                continue
+            finally:
+                self.progress.pop(job.job_id, None)
+            elapsed = time.monotonic() - started
+            self.metrics.training_duration.labels(backend, "success").observe(elapsed)
+            await self.execute(jobs.FinishTraining(
+                job.job_id, backend, str(final), _num(result.get("train_loss")), _num(result.get("eval_loss")),
+                _num(result.get("baseline_eval_loss")), _num(result.get("base_eval_loss")), elapsed))
+            log.info("training finished", extra={"job_id": job.job_id, "voice": job.voice, "backend": backend,
+                                                 "duration_s": round(elapsed, 3),
+                                                 "eval_loss": result.get("eval_loss")})
+            return
+        await self.execute(jobs.FailAttempt(job.job_id, "every backend failed: " + " | ".join(errors)[:4000],
+                                            time.time(), s.max_attempts, s.retry_backoff_s, s.retry_backoff_max_s))
+
+    def _progress_cb(self, job: jobs.Job, backend: str) -> Callable[[dict[str, Any]], None]:
+        def on_progress(msg: dict[str, Any]) -> None:
+            p = {k: msg.get(k) for k in ("step", "total", "loss", "tokens_per_s")}
+            p.update(job_id=job.job_id, voice=job.voice, backend=backend, attempt=job.attempt, at=time.time())
+            self.progress[job.job_id] = p
+            self._publish({"progress": p})
+            if fault_point_due(p):
+                fault("mid_training")
+
+        return on_progress
+
+    # -- serving -----------------------------------------------------------------------------------
+    def _next_serve(self, now: float) -> tuple[str, Any] | None:
+        for v in self.state.voices.values():
+            if v.reload_intent is not None:
+                return ("rollback", v.name)
+        for j in sorted(self.state.jobs.values(), key=lambda j: j.created_at):
+            if j.state == JobState.TRAINED:
+                return ("promote", j)
+        if self.reloader.method == "none":
+            return None
+        for v in self.state.voices.values():
+            if not v.current_job:
+                continue
+            j = self.state.jobs.get(v.current_job)
+            if j is None:
+                continue
+            due = j.retry_at is None or j.retry_at <= now or j.pending_intent == "ReloadStarted"
+            if (j.state == JobState.PROMOTED or v.served_job != j.job_id
+                    or v.served_version != v.current_version) and due:
+                return ("reload", j)
+        return None
+
+    def _next_serve_deadline(self) -> float | None:
+        times = [j.retry_at for j in self.state.jobs.values()
+                 if j.retry_at is not None and j.state in (JobState.PROMOTED, JobState.RELOADED)]
+        return min(times) if times else None
+
+    async def _serve_loop(self) -> None:
+        while True:
+            action = self._next_serve(time.time())
+            if action is None:
+                await self._serve_wakeup.wait(self._next_serve_deadline())
+                continue
+            kind, arg = action
+            try:
+                if kind == "rollback":
+                    await self._finish_rollback(arg)
+                elif kind == "promote":
+                    await self._promote(arg)
+                else:
+                    await self._reload(arg, "rollback" if arg.state == JobState.RELOADED else "promotion")
+            except StoreError as e:
+                log.error("serving step not recorded: %s", e)
+                await trio.sleep(1.0)  # back-off for a failing disk; nothing to poll for
+
+    async def _promote(self, job: jobs.Job) -> None:
+        await self.execute(jobs.Gate(job.job_id, self.cfg.training.eval_tolerance))
+        job = self.state.job(job.job_id)
+        if job.state == JobState.REJECTED:
+            log.info("job rejected by the evaluation gate: %s", job.error,
+                     extra={"job_id": job.job_id, "voice": job.voice})
+            return
+        try:
+            path = await trio.to_thread.run_sync(self.voices.promote, job.voice, job.job_id)
+        except (AdapterError, OSError) as e:
+            await self.execute(jobs.FailJob(job.job_id, f"cannot promote: {e}"))
+            return
+        fault("after_promotion_before_event")
+        await self.execute(jobs.FinishPromotion(job.job_id, str(path)))
+        log.info("voice updated", extra={"job_id": job.job_id, "voice": job.voice, "version": job.version,
+                                         "eval_loss": job.eval_loss})
+        await self._prune(job.voice)
+
+    async def _prune(self, voice: str) -> None:
+        promoted = sorted(
+            (j for j in self.state.jobs.values() if j.voice == voice and j.version),
+            key=lambda j: j.version or 0,
+        )
+        keep = [j.job_id for j in promoted[-self.cfg.voices.keep_versions :]]
+        keep += [j.job_id for j in self.state.jobs.values()
+                 if j.voice == voice and j.state in (JobState.TRAINED, JobState.TRAINING, JobState.QUEUED)]
+        await trio.to_thread.run_sync(self.voices.prune, voice, keep)
+
+    async def _finish_rollback(self, voice: str) -> None:
+        async with self._lock:
+            v = self.state.voice(voice)
+            target = v.reload_intent
+        if target is None:
+            return
+        try:
+            path = await trio.to_thread.run_sync(self.voices.promote, voice, target)
+        except (AdapterError, OSError) as e:
+            raise Conflict(f"cannot roll back to {target}: {e}") from e
+        await self.execute(jobs.FinishRollback(voice, str(path)))
+
+    async def _reload(self, job: jobs.Job, reason: str) -> None:
+        r = self.cfg.reload
+        await self.execute(jobs.StartReload(job.job_id, self.reloader.method, reason))
+        job = self.state.job(job.job_id)
+        target = ServeTarget(job.voice, job.version or 0, job.job_id, self.voices.adapter_dir(job.voice, job.job_id))
+        fault("mid_reload")
+        started = time.monotonic()
+        try:
+            with trio.fail_after(_reload_timeout(self.cfg)):
+                served = await self.reloader.reload(target)
+        except (ReloadError, trio.TooSlowError) as e:
+            elapsed = time.monotonic() - started
+            self.metrics.reload_duration.labels(self.reloader.method, "failure").observe(elapsed)
+            msg = str(e) if isinstance(e, ReloadError) else "reload timed out"
+            log.warning("reload failed: %s", msg, extra={"job_id": job.job_id, "voice": job.voice})
+            await self.execute(jobs.FailReload(job.job_id, self.reloader.method, msg[:2000], time.time(),
+                                               r.retry_backoff_s, r.retry_backoff_max_s))
+            return
+        elapsed = time.monotonic() - started
+        fault("after_reload_before_event")
+        self.metrics.reload_duration.labels(self.reloader.method, "success").observe(elapsed)
+        await self.execute(jobs.FinishReload(job.job_id, self.reloader.method, served, elapsed, reason))
+        self.verified_at[job.voice] = time.time()
+        await trio.to_thread.run_sync(self.voices.write_served, job.voice, {
+            "voice": job.voice, "served_name": served, "version": job.version, "job_id": job.job_id,
+            "adapter_path": str(target.adapter_dir), "method": self.reloader.method, "at": time.time(),
+        })
+        log.info("voice served", extra={"job_id": job.job_id, "voice": job.voice, "served_name": served,
+                                        "duration_s": round(elapsed, 3)})
+
+    async def _reconcile_loop(self) -> None:
+        interval = self.cfg.reload.reconcile_interval_s
+        while True:
+            await trio.sleep(interval)
+            for v in list(self.state.voices.values()):
+                if not v.served_job or v.served_job != v.current_job:
+                    continue
+                j = self.state.jobs[v.served_job]
+                target = ServeTarget(v.name, j.version or 0, j.job_id, self.voices.adapter_dir(v.name, j.job_id))
+                try:
+                    with trio.fail_after(_reload_timeout(self.cfg)):
+                        ok = await self.reloader.verify(target)
+                except (ReloadError, trio.TooSlowError) as e:
+                    log.warning("cannot verify the served adapter: %s", e, extra={"voice": v.name})
+                    continue
+                if ok:
+                    self.verified_at[v.name] = time.time()
+                    continue
+                log.warning("server no longer serves the voice; serving it again", extra={"voice": v.name})
+                try:
+                    await self._reload(j, "reconcile")
+                except (BeagledError, OSError) as e:
+                    log.error("reconcile failed: %s", e, extra={"voice": v.name})
+
+    # -- shutdown ----------------------------------------------------------------------------------
+    def stop_accepting(self) -> None:
+        self.accepting = False
+
+    async def drain_submits(self) -> None:
+        """Wait until every submit that arrived before ``stop_accepting`` is committed and acked."""
+        while self._submits or self._lock.locked():
+            async with self._lock:
+                pass
+            await trio.sleep(0)
+
+
+def _reload_timeout(cfg: Config) -> float:
+    r = cfg.reload
+    if r.method == "ssh":
+        return r.ssh.timeout_s + r.ssh.health_timeout_s + 30
+    if r.method == "command":
+        return r.command.timeout_s + 30
+    return r.vllm.timeout_s * 4 + 30
+
+
+def _num(x: Any) -> float | None:
+    if isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x):
+        return None
+    return float(x)
+
+
+def fault_point_due(progress: dict[str, Any]) -> bool:
+    step, total = progress.get("step"), progress.get("total")
+    return isinstance(step, int) and isinstance(total, int) and step == max(1, total // 2)

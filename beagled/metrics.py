@@ -1,0 +1,134 @@
+"""Prometheus metrics on the daemon's own registry, and a tiny trio HTTP endpoint that serves them.
+
+Counters and histograms are updated where things happen; gauges (jobs by state, pending pairs, voice
+version, held-out loss) are computed at scrape time from the engine's state by a collector, so they are
+never stale. Label values are bounded: backend and method names come from config, states and outcomes
+from fixed sets, and at most ``max_voices`` voices get their own series (the rest are summed as
+``_other``). Scrapes run on the trio thread, so the collector reads the state without locks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import trio
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
+
+from beagled import __version__
+from beagled.jobs import JobState, State
+
+log = logging.getLogger("beagled.metrics")
+
+TRAIN_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600)
+RELOAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
+ACK_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+
+
+class _StateCollector(Collector):
+    def __init__(self, state: Callable[[], State], max_voices: int) -> None:
+        self._state = state
+        self._max_voices = max_voices
+
+    def collect(self) -> Iterable[Metric]:
+        state = self._state()
+        jobs = GaugeMetricFamily("beagled_jobs", "Jobs by state.", labels=["state"])
+        for s, n in state.counts().items():
+            jobs.add_metric([s], n)
+        pending = GaugeMetricFamily("beagled_pending_pairs", "Pairs not yet in a job, by voice.", labels=["voice"])
+        version = GaugeMetricFamily("beagled_voice_version", "Version of the voice's current adapter.", labels=["voice"])
+        loss = GaugeMetricFamily(
+            "beagled_eval_loss", "Held-out loss of the voice now served.", labels=["voice"]
+        )
+        voices = sorted(state.voices.values(), key=lambda v: v.name)
+        shown, rest = voices[: self._max_voices], voices[self._max_voices :]
+        for v in shown:
+            pending.add_metric([v.name], len(v.pending))
+            version.add_metric([v.name], v.current_version)
+            if v.eval_loss is not None:
+                loss.add_metric([v.name], v.eval_loss)
+        if rest:
+            pending.add_metric(["_other"], sum(len(v.pending) for v in rest))
+        yield jobs
+        yield pending
+        yield version
+        yield loss
+
+
+class Metrics:
+    def __init__(self, state: Callable[[], State] | None = None, *, max_voices: int = 100) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.training_duration = Histogram(
+            "beagled_training_duration_seconds",
+            "Wall time of one backend's training try.",
+            ["backend", "outcome"],
+            buckets=TRAIN_BUCKETS,
+            registry=r,
+        )
+        self.reload_duration = Histogram(
+            "beagled_reload_duration_seconds",
+            "Wall time of making the server serve an adapter.",
+            ["method", "outcome"],
+            buckets=RELOAD_BUCKETS,
+            registry=r,
+        )
+        self.submit_ack = Histogram(
+            "beagled_submit_ack_seconds", "From a submit's arrival to its durable acknowledgement.",
+            buckets=ACK_BUCKETS, registry=r,
+        )
+        self.submissions = Counter("beagled_submissions", "Submitted pairs by outcome.", ["outcome"], registry=r)
+        self.events = Counter("beagled_events", "Events appended to the log, by type.", ["type"], registry=r)
+        self.fallbacks = Counter(
+            "beagled_backend_fallbacks", "Moves to the next backend after one failed.",
+            ["from_backend", "to_backend"], registry=r,
+        )
+        Info("beagled_build", "beagled build.", registry=r).info({"version": __version__})
+        for outcome in ("accepted", "duplicate", "rejected"):
+            self.submissions.labels(outcome)
+        if state is not None:
+            r.register(_StateCollector(state, max_voices))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+async def serve_metrics(
+    metrics: Metrics, host: str, port: int, *, task_status: Any = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Serve ``GET /metrics`` (HTTP/1.0, one request per connection) until cancelled."""
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    task_status.started(listeners[0].socket.getsockname())
+
+    async def handle(stream: trio.SocketStream) -> None:
+        try:
+            with trio.move_on_after(10):
+                data = b""
+                while b"\r\n\r\n" not in data and b"\n\n" not in data and len(data) < 8192:
+                    chunk = await stream.receive_some(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+                parts = data.split(b"\r\n", 1)[0].split()
+                if len(parts) >= 2 and parts[0] in (b"GET", b"HEAD") and parts[1].split(b"?")[0] in (b"/metrics", b"/"):
+                    body = metrics.exposition()
+                    head = (
+                        f"HTTP/1.1 200 OK\r\nContent-Type: {CONTENT_TYPE_LATEST}\r\n"
+                        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+                    ).encode()
+                    await stream.send_all(head + (body if parts[0] == b"GET" else b""))
+                else:
+                    await stream.send_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await stream.aclose()
+
+    await trio.serve_listeners(handle, listeners)
+
+
+__all__ = ["CONTENT_TYPE_LATEST", "JobState", "Metrics", "serve_metrics"]

@@ -1,0 +1,130 @@
+"""The adapter store: one directory per trained adapter, an atomically swapped ``current`` link.
+
+Layout under ``<state_dir>/voices/<voice>/``::
+
+    adapters/.staging/<job>-a<attempt>/   a training subprocess writes here (never promoted)
+    adapters/<job>/                       a finished adapter: PEFT files + manifest.json
+    current -> adapters/<job>             swapped by writing a new link and renaming it over the old
+    served.json                           the served name, for loops that poll a file
+
+Every operation is idempotent so that the engine can simply redo one after a crash. Promotion refuses a
+directory whose files do not match its manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from beagled import manifest
+from beagled.errors import AdapterError
+from beagled.faults import fault
+
+
+class VoiceStore:
+    def __init__(self, root: Path, *, keep_versions: int = 5) -> None:
+        self.root = root
+        self.keep_versions = keep_versions
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def voice_dir(self, voice: str) -> Path:
+        return self.root / voice
+
+    def adapters_dir(self, voice: str) -> Path:
+        return self.voice_dir(voice) / "adapters"
+
+    def adapter_dir(self, voice: str, job_id: str) -> Path:
+        return self.adapters_dir(voice) / job_id
+
+    def staging_dir(self, voice: str, job_id: str, attempt: int, backend: str) -> Path:
+        """A fresh, empty parent for one backend's try; the worker creates ``out_dir`` inside."""
+        d = self.adapters_dir(voice) / ".staging" / f"{job_id}-a{attempt}-{backend}"
+        if d.exists():
+            shutil.rmtree(d)
+        d.mkdir(parents=True)
+        return d
+
+    def finalize(self, voice: str, job_id: str, out_dir: Path) -> Path:
+        """Check a worker's output against its manifest and move it to its final name (idempotent)."""
+        manifest.verify(out_dir)
+        final = self.adapter_dir(voice, job_id)
+        if final.exists():  # an earlier attempt got this far before a crash: its result is not recorded
+            shutil.rmtree(final)
+        out_dir.rename(final)
+        manifest.fsync_dir(final.parent)
+        shutil.rmtree(out_dir.parent, ignore_errors=True)
+        return final
+
+    def promote(self, voice: str, job_id: str) -> Path:
+        """Point ``current`` at the job's adapter: verify it, write a new link, rename it over the old."""
+        target = self.adapter_dir(voice, job_id)
+        manifest.verify(target)
+        self._swap(voice, target)
+        return target
+
+    def _swap(self, voice: str, target: Path) -> None:
+        vdir = self.voice_dir(voice)
+        tmp = vdir / f".current.{os.getpid()}.tmp"
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        tmp.symlink_to(target.relative_to(vdir))
+        fault("mid_promotion")
+        tmp.replace(vdir / "current")
+        manifest.fsync_dir(vdir)
+
+    def current(self, voice: str) -> Path | None:
+        link = self.voice_dir(voice) / "current"
+        if not link.is_symlink():
+            return None
+        return (link.parent / os.readlink(link)).resolve()
+
+    def current_job(self, voice: str) -> str | None:
+        cur = self.current(voice)
+        return cur.name if cur is not None else None
+
+    def verify(self, voice: str, job_id: str) -> dict[str, Any]:
+        return manifest.verify(self.adapter_dir(voice, job_id))
+
+    def write_served(self, voice: str, info: dict[str, Any]) -> None:
+        vdir = self.voice_dir(voice)
+        vdir.mkdir(parents=True, exist_ok=True)
+        tmp = vdir / ".served.json.tmp"
+        with tmp.open("w", encoding="utf-8") as f:
+            json.dump(info, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(vdir / "served.json")
+        manifest.fsync_dir(vdir)
+
+    def prune(self, voice: str, keep: list[str]) -> list[str]:
+        """Remove finished adapters not in ``keep`` (the engine passes the newest versions) nor current."""
+        adir = self.adapters_dir(voice)
+        if not adir.is_dir():
+            return []
+        protected = set(keep)
+        cur = self.current_job(voice)
+        if cur:
+            protected.add(cur)
+        removed = []
+        for d in adir.iterdir():
+            if d.name.startswith(".") or d.name in protected or not d.is_dir():
+                continue
+            shutil.rmtree(d)
+            removed.append(d.name)
+        return removed
+
+    def clean_staging(self) -> None:
+        for vdir in self.root.iterdir() if self.root.is_dir() else []:
+            staging = vdir / "adapters" / ".staging"
+            if staging.is_dir():
+                shutil.rmtree(staging, ignore_errors=True)
+
+    def require_complete(self, voice: str, job_id: str) -> Path:
+        d = self.adapter_dir(voice, job_id)
+        if not d.is_dir():
+            raise AdapterError(f"adapter {d} is missing")
+        manifest.verify(d)
+        return d
