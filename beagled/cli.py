@@ -1,4 +1,4 @@
-"""Command lines: ``beagled serve|check-config|demo`` and ``beaglectl`` (in ``ctl``)."""
+"""The ``beagled`` command line: ``serve``, ``check-config``, ``demo`` (``beaglectl`` lives in ``ctl``)."""
 
 from __future__ import annotations
 
@@ -51,9 +51,3 @@ def beagled_main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 2
-
-
-def beaglectl_main(argv: list[str] | None = None) -> int:
-    from beagled.ctl import main
-
-    return main(argv)

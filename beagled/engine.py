@@ -497,9 +497,10 @@ class Engine:
         for v in self.state.voices.values():
             if not v.current_job:
                 continue
-            j = self.state.jobs.get(v.current_job)
-            if j is None:
+            cur = self.state.jobs.get(v.current_job)
+            if cur is None:
                 continue
+            j = cur
             due = j.retry_at is None or j.retry_at <= now or j.pending_intent == "ReloadStarted"
             if (j.state == JobState.PROMOTED or v.served_job != j.job_id
                     or v.served_version != v.current_version) and due:

@@ -319,8 +319,8 @@ class MemoryStore:
 
     def _check_fail(self) -> None:
         if self.fail_next is not None:
-            e, self.fail_next = self.fail_next, None
-            raise StoreError(f"the event log could not be written: {e}") from e
+            err, self.fail_next = self.fail_next, None
+            raise StoreError(f"the event log could not be written: {err}") from err
 
     def append(self, payloads: Sequence[ev.Payload], at: float) -> list[ev.Event]:
         self._check_fail()

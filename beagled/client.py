@@ -1,0 +1,746 @@
+"""Python client for the beagled socket protocol, version 1 (CONTRACT.md).
+
+Two flavours over the same wire format (UTF-8 JSON, one object per ``\\n``-terminated line):
+
+* :class:`Client` -- blocking, plain :mod:`socket`; what ``beaglectl``, scripts and users' loops use.
+* :class:`AsyncClient` -- trio; ``client = await AsyncClient.connect(path)``.
+
+Both keep one connection for requests (opened at construction, reopened lazily after it was lost) and
+raise the :mod:`beagled.errors` ``ClientError`` subclass that matches the daemon's error ``code``, with
+the daemon's message. ``watch()`` opens a connection of its own, since a watch stream owns its
+connection until the client closes it; the request connection stays usable meanwhile.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import tomllib
+from collections.abc import Generator, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import trio
+
+from beagled import errors
+
+__all__ = [
+    "DEFAULT_STATE_DIR",
+    "PROTOCOL_VERSION",
+    "AsyncClient",
+    "AsyncWatch",
+    "Client",
+    "ConnectionLost",
+    "DaemonNotRunning",
+    "ProtocolError",
+    "RequestTimeout",
+    "default_socket_path",
+    "error_from_response",
+    "exception_for",
+    "raise_for_response",
+]
+
+PROTOCOL_VERSION = 1
+#: Default ``[daemon] state_dir`` (the daemon's config uses the same default).
+DEFAULT_STATE_DIR = "~/.local/state/beagled"
+SOCKET_NAME = "beagled.sock"
+#: A line longer than this from the daemon is a protocol error (the daemon's own limit is 1 MiB in).
+MAX_LINE_BYTES = 64 * 1024 * 1024
+_CHUNK = 65536
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+
+class DaemonNotRunning(errors.Unavailable):
+    """No daemon listens at the socket path: the file is missing, or nothing accepts on it."""
+
+    def __init__(self, message: str, *, path: str | Path = "") -> None:
+        super().__init__(message)
+        self.path = str(path)
+
+
+class ConnectionLost(errors.Unavailable):
+    """The daemon closed the connection (or it broke) before answering."""
+
+
+class RequestTimeout(errors.Unavailable):
+    """No answer within the client's timeout; the connection is dropped (its replies would be stale)."""
+
+
+class ProtocolError(errors.BeagledError):
+    """The daemon sent something that is not protocol v1 (not JSON, wrong id, no result)."""
+
+    code = "internal"
+
+
+_CODE_TO_CLASS: dict[str, type[errors.BeagledError]] = {
+    cls.code: cls
+    for cls in (
+        errors.InvalidJSON,
+        errors.BadRequest,
+        errors.UnknownOp,
+        errors.UnsupportedVersion,
+        errors.TooLarge,
+        errors.Forbidden,
+        errors.NotFound,
+        errors.Conflict,
+        errors.Unavailable,
+    )
+}
+
+
+def exception_for(code: str, message: str) -> errors.BeagledError:
+    """The exception for a protocol error ``code``; an unknown code (and ``internal``) gives BeagledError."""
+    cls = _CODE_TO_CLASS.get(code, errors.BeagledError)
+    exc = cls(message)
+    if cls is errors.BeagledError and code != "internal":
+        exc.code = code  # keep what the daemon said, even when this client does not know it
+    return exc
+
+
+def error_from_response(response: Mapping[str, Any]) -> errors.BeagledError | None:
+    """The exception a failed response stands for, or None for a successful one."""
+    if response.get("ok", True) is not False:
+        return None
+    err = response.get("error")
+    if not isinstance(err, Mapping):
+        return ProtocolError(f"failed response without an error object: {response!r}")
+    code = str(err.get("code", "internal"))
+    message = str(err.get("message", "")) or code
+    return exception_for(code, message)
+
+
+def raise_for_response(response: Mapping[str, Any]) -> dict[str, Any]:
+    """Return a response's ``result``, or raise the exception matching its error code."""
+    exc = error_from_response(response)
+    if exc is not None:
+        raise exc
+    result = response.get("result")
+    if not isinstance(result, dict):
+        raise ProtocolError(f"response without a result object: {response!r}")
+    return result
+
+
+# --- socket path --------------------------------------------------------------------------------
+
+
+def default_socket_path(config: str | Path | None = None) -> Path:
+    """Where the daemon's socket is, as the daemon would resolve it.
+
+    ``$BEAGLED_SOCKET`` wins. Otherwise the config file (``config``, else ``$BEAGLED_CONFIG``, else
+    ``./config.toml``) is read for ``[daemon] socket``, else ``<state_dir>/beagled.sock`` with
+    ``[daemon] state_dir`` defaulting to ``~/.local/state/beagled``. A config named explicitly (argument
+    or ``$BEAGLED_CONFIG``) must exist; a missing ``./config.toml`` just means the defaults. Raises
+    :class:`beagled.errors.ConfigError` on an unreadable or invalid config.
+    """
+    env_socket = os.environ.get("BEAGLED_SOCKET", "")
+    if env_socket:
+        return Path(env_socket).expanduser()
+    explicit = True
+    if config is None:
+        env_config = os.environ.get("BEAGLED_CONFIG", "")
+        if env_config:
+            config = env_config
+        else:
+            config, explicit = "config.toml", False
+    path = Path(config).expanduser()
+    daemon: Mapping[str, Any] = {}
+    if path.is_file() or explicit:
+        try:
+            with path.open("rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError as e:
+            raise errors.ConfigError("", f"config file not found: {path}") from e
+        except OSError as e:
+            raise errors.ConfigError("", f"cannot read config file {path}: {e.strerror or e}") from e
+        except tomllib.TOMLDecodeError as e:
+            raise errors.ConfigError("", f"{path} is not valid TOML: {e}") from e
+        section = data.get("daemon", {})
+        if not isinstance(section, dict):
+            raise errors.ConfigError("daemon", "must be a table")
+        daemon = section
+    sock = daemon.get("socket", "")
+    if not isinstance(sock, str):
+        raise errors.ConfigError("daemon.socket", "must be a string")
+    if sock:
+        return Path(sock).expanduser()
+    state_dir = daemon.get("state_dir", "") or DEFAULT_STATE_DIR
+    if not isinstance(state_dir, str):
+        raise errors.ConfigError("daemon.state_dir", "must be a string")
+    return Path(state_dir).expanduser() / SOCKET_NAME
+
+
+# --- wire helpers -------------------------------------------------------------------------------
+
+
+def _encode(message: Mapping[str, Any]) -> bytes:
+    return json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
+
+
+def _decode(line: bytes) -> dict[str, Any]:
+    try:
+        message = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProtocolError(f"daemon sent a line that is not JSON: {line[:200]!r}") from e
+    if not isinstance(message, dict):
+        raise ProtocolError(f"daemon sent a line that is not a JSON object: {line[:200]!r}")
+    return message
+
+
+def _request_message(request_id: int, op: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+    message: dict[str, Any] = {"v": PROTOCOL_VERSION, "id": request_id, "op": op}
+    for name, value in fields.items():
+        if value is not None:
+            message[name] = value
+    return message
+
+
+def _check_id(response: Mapping[str, Any], expected: int) -> None:
+    got = response.get("id")
+    # ``id: null`` is how the daemon answers a line it could not parse (invalid_json, too_large).
+    if got is not None and got != expected:
+        raise ProtocolError(f"response id {got!r} does not match request id {expected!r}")
+
+
+def _not_running(path: str, e: OSError) -> errors.BeagledError:
+    if isinstance(e, FileNotFoundError):
+        return DaemonNotRunning(f"beagled is not running (no socket at {path})", path=path)
+    if isinstance(e, ConnectionRefusedError):
+        return DaemonNotRunning(f"connection refused at {path}", path=path)
+    if isinstance(e, PermissionError):
+        return errors.Forbidden(f"permission denied connecting to {path}")
+    return errors.Unavailable(f"cannot connect to {path}: {e.strerror or e}")
+
+
+def _is_stream_message(message: Mapping[str, Any]) -> bool:
+    return "event" in message or "progress" in message
+
+
+def _submit_fields(
+    bad: str,
+    good: str,
+    *,
+    voice: str,
+    prompt: str | None,
+    quality: Mapping[str, float] | None,
+    key: str | None,
+) -> dict[str, Any]:
+    return {
+        "voice": voice,
+        "bad": bad,
+        "good": good,
+        "prompt": prompt,
+        "quality": dict(quality) if quality is not None else None,
+        "key": key,
+    }
+
+
+class _LineBuffer:
+    """Splits received bytes into lines."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+        if len(self._buf) > MAX_LINE_BYTES and b"\n" not in self._buf:
+            raise ProtocolError(f"daemon sent a line longer than {MAX_LINE_BYTES} bytes")
+
+    def pop(self) -> bytes | None:
+        i = self._buf.find(b"\n")
+        if i < 0:
+            return None
+        line = bytes(self._buf[:i])
+        del self._buf[: i + 1]
+        return line
+
+
+# --- blocking client ----------------------------------------------------------------------------
+
+
+class _SyncConnection:
+    def __init__(self, path: str, timeout: float | None) -> None:
+        self.path = path
+        self.timeout = timeout
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(path)
+        except TimeoutError as e:
+            sock.close()
+            raise RequestTimeout(f"timed out connecting to {path}") from e
+        except OSError as e:
+            sock.close()
+            raise _not_running(path, e) from e
+        self.sock: socket.socket | None = sock
+        self._lines = _LineBuffer()
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def send(self, data: bytes) -> None:
+        if self.sock is None:
+            raise ConnectionLost(f"connection to {self.path} is closed")
+        try:
+            self.sock.sendall(data)
+        except TimeoutError as e:
+            self.close()
+            raise RequestTimeout(f"timed out sending to beagled at {self.path}") from e
+        except OSError as e:
+            self.close()
+            raise ConnectionLost(f"connection to beagled at {self.path} lost: {e.strerror or e}") from e
+
+    def read_message(self) -> dict[str, Any] | None:
+        """The next message, or None when the daemon closed the connection cleanly between lines."""
+        while True:
+            line = self._lines.pop()
+            if line is not None:
+                if not line.strip():
+                    continue
+                return _decode(line)
+            if self.sock is None:
+                raise ConnectionLost(f"connection to {self.path} is closed")
+            try:
+                data = self.sock.recv(_CHUNK)
+            except TimeoutError as e:
+                self.close()
+                raise RequestTimeout(
+                    f"no answer from beagled at {self.path} within {self.timeout:g} s"
+                ) from e
+            except OSError as e:
+                self.close()
+                raise ConnectionLost(f"connection to beagled at {self.path} lost: {e.strerror or e}") from e
+            if not data:
+                self.close()
+                return None
+            self._lines.feed(data)
+
+    def read_response(self) -> dict[str, Any]:
+        message = self.read_message()
+        if message is None:
+            raise ConnectionLost(f"beagled at {self.path} closed the connection before answering")
+        return message
+
+
+class Client:
+    """Blocking client; one connection, reused for every request.
+
+    ``timeout`` bounds connecting and each wait for an answer (None: wait forever). After a timeout
+    or a lost connection the next request reconnects.
+    """
+
+    def __init__(self, socket_path: str | Path | None = None, *, timeout: float | None = 30.0) -> None:
+        self.socket_path = str(socket_path if socket_path is not None else default_socket_path())
+        self.timeout = timeout
+        self._next_id = 1
+        self._conn: _SyncConnection | None = _SyncConnection(self.socket_path, timeout)
+
+    # context manager / lifetime
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _connection(self) -> _SyncConnection:
+        if self._conn is None or self._conn.sock is None:
+            self._conn = _SyncConnection(self.socket_path, self.timeout)
+        return self._conn
+
+    def _take_id(self) -> int:
+        request_id = self._next_id
+        self._next_id += 1
+        return request_id
+
+    # generic requests
+
+    def request(self, op: str, **fields: Any) -> dict[str, Any]:
+        """Send one request and return its ``result``; fields set to None are left out."""
+        conn = self._connection()
+        request_id = self._take_id()
+        conn.send(_encode(_request_message(request_id, op, fields)))
+        response = conn.read_response()
+        _check_id(response, request_id)
+        return raise_for_response(response)
+
+    def pipeline(self, requests: Sequence[tuple[str, Mapping[str, Any]]]) -> list[dict[str, Any]]:
+        """Send every request, then read every response, in order.
+
+        Returns the raw responses (``{"v", "id", "ok", "result"}`` or ``{..., "ok": false, "error"}``),
+        one per request; a failed request does not stop the others. Use :func:`raise_for_response` to
+        turn one into its result or exception.
+        """
+        if not requests:
+            return []
+        conn = self._connection()
+        ids = [self._take_id() for _ in requests]
+        payload = b"".join(
+            _encode(_request_message(request_id, op, fields))
+            for request_id, (op, fields) in zip(ids, requests, strict=True)
+        )
+        conn.send(payload)
+        responses = []
+        for request_id in ids:
+            response = conn.read_response()
+            _check_id(response, request_id)
+            responses.append(response)
+        return responses
+
+    # ops
+
+    def ping(self) -> dict[str, Any]:
+        return self.request("ping")
+
+    def submit(
+        self,
+        bad: str,
+        good: str,
+        *,
+        voice: str = "default",
+        prompt: str | None = None,
+        quality: Mapping[str, float] | None = None,
+        key: str | None = None,
+    ) -> dict[str, Any]:
+        return self.request(
+            "submit", **_submit_fields(bad, good, voice=voice, prompt=prompt, quality=quality, key=key)
+        )
+
+    def status(self) -> dict[str, Any]:
+        return self.request("status")
+
+    def jobs(
+        self, voice: str | None = None, state: str | None = None, limit: int | None = None
+    ) -> dict[str, Any]:
+        return self.request("jobs", voice=voice, state=state, limit=limit)
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self.request("job", job_id=job_id)
+
+    def voices(self) -> dict[str, Any]:
+        return self.request("voices")
+
+    def train(self, voice: str) -> dict[str, Any]:
+        return self.request("train", voice=voice)
+
+    def rollback(self, voice: str, to: str | None = None) -> dict[str, Any]:
+        return self.request("rollback", voice=voice, to=to)
+
+    def pause(self) -> dict[str, Any]:
+        return self.request("pause")
+
+    def resume(self) -> dict[str, Any]:
+        return self.request("resume")
+
+    def watch(self, from_seq: int | None = None) -> Generator[dict[str, Any], None, None]:
+        """Yield each streamed message (``{"event": {...}}`` or ``{"progress": {...}}`` envelopes).
+
+        Runs on a connection of its own, with no read timeout; ends when the daemon closes the stream,
+        and closes that connection when the iteration is dropped. An error response raises. Any other
+        non-stream message (an acknowledgement with a ``result``) is skipped.
+        """
+        conn = _SyncConnection(self.socket_path, self.timeout)
+        try:
+            request_id = self._take_id()
+            conn.send(_encode(_request_message(request_id, "watch", {"from_seq": from_seq})))
+            if conn.sock is not None:
+                conn.sock.settimeout(None)
+            conn.timeout = None
+            while True:
+                message = conn.read_message()
+                if message is None:
+                    return
+                exc = error_from_response(message)
+                if exc is not None:
+                    raise exc
+                if _is_stream_message(message):
+                    yield message
+        finally:
+            conn.close()
+
+
+# --- trio client --------------------------------------------------------------------------------
+
+
+class _AsyncConnection:
+    def __init__(self, path: str, stream: trio.SocketStream) -> None:
+        self.path = path
+        self.stream: trio.SocketStream | None = stream
+        self._lines = _LineBuffer()
+
+    @classmethod
+    async def open(cls, path: str, connect_limit_s: float | None) -> _AsyncConnection:
+        try:
+            with trio.fail_after(_deadline(connect_limit_s)):
+                stream = await trio.open_unix_socket(path)
+        except trio.TooSlowError as e:
+            raise RequestTimeout(f"timed out connecting to {path}") from e
+        except OSError as e:
+            raise _not_running(path, e) from e
+        return cls(path, stream)
+
+    async def aclose(self) -> None:
+        if self.stream is not None:
+            stream, self.stream = self.stream, None
+            await stream.aclose()
+
+    def _drop(self) -> None:
+        # Closing a trio socket stream without checkpointing: safe from an except/finally block.
+        if self.stream is not None:
+            self.stream.socket.close()
+            self.stream = None
+
+    async def send(self, data: bytes) -> None:
+        if self.stream is None:
+            raise ConnectionLost(f"connection to {self.path} is closed")
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            self._drop()
+            raise ConnectionLost(f"connection to beagled at {self.path} lost: {e}") from e
+
+    async def read_message(self) -> dict[str, Any] | None:
+        while True:
+            line = self._lines.pop()
+            if line is not None:
+                if not line.strip():
+                    continue
+                return _decode(line)
+            if self.stream is None:
+                raise ConnectionLost(f"connection to {self.path} is closed")
+            try:
+                data = await self.stream.receive_some(_CHUNK)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+                self._drop()
+                raise ConnectionLost(f"connection to beagled at {self.path} lost: {e}") from e
+            if not data:
+                self._drop()
+                return None
+            self._lines.feed(data)
+
+    async def read_response(self) -> dict[str, Any]:
+        message = await self.read_message()
+        if message is None:
+            raise ConnectionLost(f"beagled at {self.path} closed the connection before answering")
+        return message
+
+
+def _deadline(timeout: float | None) -> float:
+    return math.inf if timeout is None else timeout
+
+
+class AsyncClient:
+    """trio client: ``async with await AsyncClient.connect(path) as client: await client.ping()``.
+
+    Requests from concurrent tasks are serialised on the one connection (a request and its response
+    hold a lock). ``timeout`` bounds each request; a timed-out request drops the connection and the
+    next one reconnects.
+    """
+
+    def __init__(self, socket_path: str, conn: _AsyncConnection, timeout: float | None) -> None:
+        self.socket_path = socket_path
+        self.timeout = timeout
+        self._conn: _AsyncConnection | None = conn
+        self._next_id = 1
+        self._lock = trio.Lock()
+
+    @classmethod
+    async def connect(
+        cls,
+        socket_path: str | Path | None = None,
+        *,
+        timeout: float | None = 30.0,  # noqa: ASYNC109 -- the client's per-request timeout, kept for later
+    ) -> Self:
+        path = str(socket_path if socket_path is not None else default_socket_path())
+        conn = await _AsyncConnection.open(path, timeout)
+        return cls(path, conn, timeout)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await conn.aclose()
+
+    def _take_id(self) -> int:
+        request_id = self._next_id
+        self._next_id += 1
+        return request_id
+
+    async def _connection(self) -> _AsyncConnection:
+        if self._conn is None or self._conn.stream is None:
+            self._conn = await _AsyncConnection.open(self.socket_path, self.timeout)
+        return self._conn
+
+    async def _exchange(self, messages: list[tuple[int, bytes]]) -> list[dict[str, Any]]:
+        async with self._lock:
+            conn = await self._connection()
+            ok = False
+            try:
+                with trio.fail_after(_deadline(self.timeout)):
+                    await conn.send(b"".join(data for _, data in messages))
+                    responses = []
+                    for request_id, _ in messages:
+                        response = await conn.read_response()
+                        _check_id(response, request_id)
+                        responses.append(response)
+                ok = True
+            except trio.TooSlowError as e:
+                raise RequestTimeout(
+                    f"no answer from beagled at {self.socket_path} within {self.timeout:g} s"
+                ) from e
+            finally:
+                if not ok:
+                    # Cancelled or failed mid-exchange: unread replies would answer later requests.
+                    conn._drop()
+            return responses
+
+    async def request(self, op: str, **fields: Any) -> dict[str, Any]:
+        request_id = self._take_id()
+        (response,) = await self._exchange([(request_id, _encode(_request_message(request_id, op, fields)))])
+        return raise_for_response(response)
+
+    async def pipeline(self, requests: Sequence[tuple[str, Mapping[str, Any]]]) -> list[dict[str, Any]]:
+        """Like :meth:`Client.pipeline`: raw responses, in order."""
+        if not requests:
+            return []
+        messages = []
+        for op, fields in requests:
+            request_id = self._take_id()
+            messages.append((request_id, _encode(_request_message(request_id, op, fields))))
+        return await self._exchange(messages)
+
+    async def ping(self) -> dict[str, Any]:
+        return await self.request("ping")
+
+    async def submit(
+        self,
+        bad: str,
+        good: str,
+        *,
+        voice: str = "default",
+        prompt: str | None = None,
+        quality: Mapping[str, float] | None = None,
+        key: str | None = None,
+    ) -> dict[str, Any]:
+        return await self.request(
+            "submit", **_submit_fields(bad, good, voice=voice, prompt=prompt, quality=quality, key=key)
+        )
+
+    async def status(self) -> dict[str, Any]:
+        return await self.request("status")
+
+    async def jobs(
+        self, voice: str | None = None, state: str | None = None, limit: int | None = None
+    ) -> dict[str, Any]:
+        return await self.request("jobs", voice=voice, state=state, limit=limit)
+
+    async def job(self, job_id: str) -> dict[str, Any]:
+        return await self.request("job", job_id=job_id)
+
+    async def voices(self) -> dict[str, Any]:
+        return await self.request("voices")
+
+    async def train(self, voice: str) -> dict[str, Any]:
+        return await self.request("train", voice=voice)
+
+    async def rollback(self, voice: str, to: str | None = None) -> dict[str, Any]:
+        return await self.request("rollback", voice=voice, to=to)
+
+    async def pause(self) -> dict[str, Any]:
+        return await self.request("pause")
+
+    async def resume(self) -> dict[str, Any]:
+        return await self.request("resume")
+
+    def watch(self, from_seq: int | None = None) -> AsyncWatch:
+        """An async iterator over streamed messages, on a connection of its own.
+
+        ``async with client.watch() as stream: async for message in stream: ...`` (the ``async with``
+        closes the connection; iterating without it is fine too, then call ``await stream.aclose()``).
+        """
+        return AsyncWatch(self.socket_path, self.timeout, self._take_id(), from_seq)
+
+
+class AsyncWatch:
+    """The stream of one ``watch`` request; see :meth:`AsyncClient.watch`."""
+
+    def __init__(self, path: str, timeout: float | None, request_id: int, from_seq: int | None) -> None:
+        self._path = path
+        self._timeout = timeout
+        self._request_id = request_id
+        self._from_seq = from_seq
+        self._conn: _AsyncConnection | None = None
+        self._done = False
+
+    async def __aenter__(self) -> Self:
+        await self._start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        self._done = True
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await conn.aclose()
+
+    async def _start(self) -> _AsyncConnection:
+        if self._conn is None:
+            if self._done:
+                raise ConnectionLost("watch stream is closed")
+            conn = await _AsyncConnection.open(self._path, self._timeout)
+            self._conn = conn
+            request = _request_message(self._request_id, "watch", {"from_seq": self._from_seq})
+            await conn.send(_encode(request))
+        return self._conn
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        if self._done:
+            raise StopAsyncIteration
+        conn = await self._start()
+        while True:
+            message = await conn.read_message()
+            if message is None:
+                await self.aclose()
+                raise StopAsyncIteration
+            exc = error_from_response(message)
+            if exc is not None:
+                await self.aclose()
+                raise exc
+            if _is_stream_message(message):
+                return message
