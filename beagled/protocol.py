@@ -31,14 +31,20 @@ MAX_ID_CHARS = 200
 
 
 class LineBuffer:
-    """Splits a byte stream into ``\\n``-terminated lines of at most ``max_bytes`` (newline excluded)."""
+    """Splits a byte stream into ``\\n``-terminated lines of at most ``max_bytes`` (newline excluded).
+
+    A line over the limit ends the stream: ``feed`` still returns the complete lines before it, and
+    ``overflow`` then holds the ``TooLarge`` error to answer with before closing.
+    """
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self._buf = bytearray()
+        self.overflow: TooLarge | None = None
 
     def feed(self, data: bytes) -> list[bytes]:
-        """Complete lines in ``data``; raises ``TooLarge`` once a line is longer than allowed."""
+        if self.overflow is not None:
+            return []
         self._buf += data
         lines: list[bytes] = []
         start = 0
@@ -48,12 +54,15 @@ class LineBuffer:
                 break
             line = bytes(self._buf[start:nl])
             if len(line) > self.max_bytes:
-                raise TooLarge(f"request line is {len(line)} bytes; the limit is {self.max_bytes}")
+                self.overflow = TooLarge(f"request line is {len(line)} bytes; the limit is {self.max_bytes}")
+                self._buf.clear()
+                return lines
             lines.append(line[:-1] if line.endswith(b"\r") else line)
             start = nl + 1
         del self._buf[:start]
         if len(self._buf) > self.max_bytes:
-            raise TooLarge(f"request line is over {self.max_bytes} bytes; the limit is {self.max_bytes}")
+            self.overflow = TooLarge(f"request line is over {self.max_bytes} bytes; the limit is {self.max_bytes}")
+            self._buf.clear()
         return lines
 
     @property

@@ -26,7 +26,7 @@ import trio
 
 from beagled import protocol
 from beagled.engine import Engine
-from beagled.errors import BeagledError, Conflict, Forbidden, TooLarge, Unavailable
+from beagled.errors import BeagledError, Conflict, Forbidden, Unavailable
 
 log = logging.getLogger("beagled.server")
 
@@ -221,20 +221,18 @@ class Server:
                         return
                     if not data:
                         break
-                    try:
-                        lines = buf.feed(data)
-                    except TooLarge as e:
-                        slot = _Slot()
-                        await slots_send.send(slot)
-                        async with slot.send:
-                            await slot.send.send(protocol.encode_error(None, e))
-                        break
-                    for line in lines:
+                    for line in buf.feed(data):
                         if not line.strip():
                             continue
                         slot = _Slot(size=256)
                         await slots_send.send(slot)  # blocks when too many requests are in flight
                         nursery.start_soon(handle, line, slot)
+                    if buf.overflow is not None:
+                        slot = _Slot()
+                        await slots_send.send(slot)
+                        async with slot.send:
+                            await slot.send.send(protocol.encode_error(None, buf.overflow))
+                        break
                 # the client finished sending: answer what is in flight, then close (watch runs on)
 
     async def _watch(self, req: protocol.Request, slot: _Slot) -> None:

@@ -1,0 +1,43 @@
+"""Shared fixtures: a real daemon process factory with the fake (subprocess) trainer by default."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.daemon_proc import DaemonProc, fake_backend
+
+
+@pytest.fixture
+def make_daemon(tmp_path: Path) -> Iterator[Callable[..., DaemonProc]]:
+    made: list[DaemonProc] = []
+
+    def make(tables: dict[str, dict[str, Any]] | None = None, *, start: bool = True,
+             env: dict[str, str] | None = None, backend: list[str] | None = None) -> DaemonProc:
+        t: dict[str, dict[str, Any]] = {
+            "training": {"backends": ["fake"]},  # base_model: an empty directory (the fake needs none)
+            "training.custom_backends": {"fake": backend or fake_backend("ok")},
+            "scheduler": {"min_pairs": 4, "max_wait_s": 300.0, "retry_backoff_s": 0.05},
+        }
+        for k, v in (tables or {}).items():
+            t.setdefault(k, {}).update(v)
+        root = tmp_path / f"d{len(made)}"
+        (root / "base").mkdir(parents=True)
+        t["training"].setdefault("base_model", str(root / "base"))
+        d = DaemonProc(root, t, env)
+        made.append(d)
+        if start:
+            d.start()
+        return d
+
+    yield make
+    for d in made:
+        d.close()
+
+
+@pytest.fixture
+def daemon(make_daemon: Callable[..., DaemonProc]) -> DaemonProc:
+    return make_daemon()
