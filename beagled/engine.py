@@ -489,18 +489,17 @@ class Engine:
         for v in self.state.voices.values():
             if v.reload_intent is not None:
                 return ("rollback", v.name)
-        for j in sorted(self.state.jobs.values(), key=lambda j: j.created_at):
-            if j.state == JobState.TRAINED:
-                return ("promote", j)
+        for trained in sorted(self.state.jobs.values(), key=lambda j: j.created_at):
+            if trained.state == JobState.TRAINED:
+                return ("promote", trained)
         if self.reloader.method == "none":
             return None
         for v in self.state.voices.values():
             if not v.current_job:
                 continue
-            cur = self.state.jobs.get(v.current_job)
-            if cur is None:
+            j = self.state.jobs.get(v.current_job)
+            if j is None:
                 continue
-            j = cur
             due = j.retry_at is None or j.retry_at <= now or j.pending_intent == "ReloadStarted"
             if (j.state == JobState.PROMOTED or v.served_job != j.job_id
                     or v.served_version != v.current_version) and due:

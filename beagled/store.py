@@ -234,11 +234,11 @@ class SqliteStore:
             if isinstance(step, tuple):
                 out.append(SubmitResult(pair_id=step[0], seq=step[1], duplicate=True, event=None))
             elif step >= 0:
-                e = stamped[step]
-                out.append(SubmitResult(pair_id=fresh[step].pair_id, seq=e.seq, duplicate=False, event=e))
+                new = stamped[step]
+                out.append(SubmitResult(pair_id=fresh[step].pair_id, seq=new.seq, duplicate=False, event=new))
             else:
-                e = stamped[-1 - step]
-                out.append(SubmitResult(pair_id=fresh[-1 - step].pair_id, seq=e.seq, duplicate=True, event=None))
+                first = stamped[-1 - step]
+                out.append(SubmitResult(pair_id=fresh[-1 - step].pair_id, seq=first.seq, duplicate=True, event=None))
         return out
 
     @staticmethod
