@@ -350,7 +350,9 @@ class Engine:
             return await coro
         except (BeagledError, OSError) as e:
             log.error("%s failed: %s", what, e, extra=ctx)
-            return None
+        except Exception:
+            log.exception("%s failed", what, extra=ctx)
+        return None
 
     async def _trainer_loop(self) -> None:
         await self.trainer.probe_all()
@@ -362,9 +364,9 @@ class Engine:
                 continue
             try:
                 await self._train(job)
-            except StoreError as e:  # the log cannot be written: wait and try again
-                log.error("training step not recorded: %s", e, extra={"job_id": job.job_id})
-                await trio.sleep(1.0)  # back-off for a failing disk; nothing to poll for
+            except Exception:  # one job's failure must never stop the loop (or the daemon)
+                log.exception("training step failed; retrying", extra={"job_id": job.job_id, "voice": job.voice})
+                await trio.sleep(1.0)  # back-off (a failing disk, a bug): nothing to poll for
 
     def _base_model_path(self) -> str:
         if self.cfg.training.base_model:
@@ -525,9 +527,9 @@ class Engine:
                     await self._promote(arg)
                 else:
                     await self._reload(arg, "rollback" if arg.state == JobState.RELOADED else "promotion")
-            except StoreError as e:
-                log.error("serving step not recorded: %s", e)
-                await trio.sleep(1.0)  # back-off for a failing disk; nothing to poll for
+            except Exception:  # one job's failure must never stop the loop (or the daemon)
+                log.exception("serving step failed; retrying", extra={"action": kind})
+                await trio.sleep(1.0)  # back-off (a failing disk, a bug): nothing to poll for
 
     async def _promote(self, job: jobs.Job) -> None:
         await self.execute(jobs.Gate(job.job_id, self.cfg.training.eval_tolerance))
@@ -567,7 +569,10 @@ class Engine:
             path = await trio.to_thread.run_sync(self.voices.promote, voice, target)
         except (AdapterError, OSError) as e:
             raise Conflict(f"cannot roll back to {target}: {e}") from e
-        await self.execute(jobs.FinishRollback(voice, str(path)))
+        try:
+            await self.execute(jobs.FinishRollback(voice, str(path)))
+        except IllegalTransition:
+            pass  # the serve loop finished this rollback first (the link swap is idempotent)
 
     async def _reload(self, job: jobs.Job, reason: str) -> None:
         r = self.cfg.reload
@@ -620,8 +625,8 @@ class Engine:
                 log.warning("server no longer serves the voice; serving it again", extra={"voice": v.name})
                 try:
                     await self._reload(j, "reconcile")
-                except (BeagledError, OSError) as e:
-                    log.error("reconcile failed: %s", e, extra={"voice": v.name})
+                except Exception:
+                    log.exception("reconcile failed", extra={"voice": v.name})
 
     # -- shutdown ----------------------------------------------------------------------------------
     def stop_accepting(self) -> None:

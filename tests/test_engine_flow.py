@@ -1,0 +1,203 @@
+"""Jobs end to end in a real daemon with the fake subprocess trainer: scheduling, fallback, timeouts,
+retries, crash-resume, promotion, rollback, retention, and the loop never blocked."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from beagled import manifest
+from tests.daemon_proc import DaemonProc, fake_backend, poll
+
+
+def submit_n(d: DaemonProc, n: int, voice: str = "default", start: int = 0) -> list[dict[str, Any]]:
+    with d.client() as c:
+        return [c.submit(bad=f"draft {i} plain", good=f"draft {i} in voice", voice=voice, key=f"{voice}-{i}")
+                for i in range(start, start + n)]
+
+
+def history(d: DaemonProc, job_id: str) -> list[str]:
+    with d.client() as c:
+        return [h["event"] for h in c.job(job_id)["job"]["history"]]
+
+
+def events(d: DaemonProc, from_seq: int = 0) -> list[dict[str, Any]]:
+    out = []
+    with d.client() as c:
+        last = c.status()["event_seq"]
+        for msg in c.watch(from_seq=from_seq):
+            if "event" in msg:
+                out.append(msg["event"])
+                if msg["event"]["seq"] >= last:
+                    break
+    return out
+
+
+def test_min_pairs_cuts_a_job_that_is_promoted(make_daemon: Any) -> None:
+    d = make_daemon({"training": {"heldout_share": 0.0}})
+    submit_n(d, 3)
+    with d.client() as c:
+        assert c.jobs()["jobs"] == []  # 3 < min_pairs
+    submit_n(d, 1, start=3)
+    (job,) = d.wait_jobs(lambda js: len(js) == 1 and js[0]["state"] == "promoted")
+    assert job["pairs"] == 4 and job["backend"] == "fake" and job["version"] == 1
+    assert history(d, job["job_id"]) == ["JobCreated", "TrainingStarted", "TrainingSucceeded", "PromotionStarted",
+                                         "Promoted"]
+    cur = d.state_dir / "voices" / "default" / "current"
+    assert cur.is_symlink() and cur.resolve().name == job["job_id"]
+    manifest.verify(cur.resolve())
+    with d.client() as c:
+        (v,) = c.voices()["voices"]
+    assert v["current_job"] == job["job_id"] and v["version"] == 1 and v["pending_pairs"] == 0
+
+
+def test_max_wait_and_train_and_pause(make_daemon: Any) -> None:
+    d = make_daemon({"scheduler": {"max_wait_s": 0.5}, "training": {"heldout_share": 0.0}})
+    with d.client() as c:
+        c.pause()
+        c.submit(bad="a", good="b", voice="slow")
+        time.sleep(1.0)  # longer than max_wait: paused, so nothing may be cut (an absence can only be waited out)
+        assert c.jobs()["jobs"] == []
+        c.resume()
+    (job,) = d.wait_jobs(lambda js: len(js) == 1)
+    with d.client() as c:
+        assert c.job(job["job_id"])["job"]["history"][0]["event"] == "JobCreated"
+        (created,) = [e for e in events(d) if e["type"] == "JobCreated"]
+        assert created["data"]["reason"] == "max_wait"
+        c.submit(bad="c", good="d", voice="manual")
+        jid = c.train("manual")["job_id"]
+    assert d.wait_job(jid, ("promoted",))["pairs"] == 1
+
+
+def test_fallback_to_the_next_backend_records_each_failure(make_daemon: Any) -> None:
+    d = make_daemon({
+        "training": {"backends": ["broken", "stuck", "fake"], "timeout_s": 1.0, "heldout_share": 0.0},
+        "training.custom_backends": {"broken": fake_backend("crash"), "stuck": fake_backend("hang")},
+    })
+    submit_n(d, 4)
+    (job,) = d.wait_jobs(lambda js: len(js) == 1 and js[0]["state"] == "promoted", timeout=60)
+    evs = [e for e in events(d) if e["type"] == "TrainingFailed"]
+    assert [(e["data"]["backend"], e["data"]["timeout"]) for e in evs] == [("broken", False), ("stuck", True)]
+    assert "status 3" in evs[0]["data"]["error"] and "crashing as told" in evs[0]["data"]["error"]
+    assert job["backend"] == "fake"
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{d.metrics_port}/metrics").read().decode()
+    assert 'beagled_backend_fallbacks_total{from_backend="broken",to_backend="stuck"} 1.0' in metrics
+    assert 'beagled_training_duration_seconds_count{backend="stuck",outcome="timeout"} 1.0' in metrics
+    assert 'beagled_training_duration_seconds_count{backend="fake",outcome="success"} 1.0' in metrics
+    # the hung trainer's whole process group is gone
+    assert not any("--mode hang" in _cmdline(p) for p in os.listdir("/proc") if p.isdigit())
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def test_attempts_retry_with_backoff_then_fail(make_daemon: Any) -> None:
+    d = make_daemon({"scheduler": {"max_attempts": 2, "retry_backoff_s": 0.2}, "training": {"heldout_share": 0.0}},
+                    backend=fake_backend("crash"))
+    submit_n(d, 4)
+    (job,) = d.wait_jobs(lambda js: len(js) == 1 and js[0]["state"] == "failed", timeout=60)
+    assert job["attempt"] == 2 and "attempt 2/2" in job["error"]
+    assert history(d, job["job_id"]) == ["JobCreated", "TrainingStarted", "TrainingFailed", "AttemptFailed",
+                                         "TrainingStarted", "TrainingFailed", "JobFailed"]
+    with d.client() as c:
+        assert c.ping()  # a failed job never takes the daemon down
+
+
+def test_an_adapter_that_does_not_match_its_manifest_is_never_promoted(make_daemon: Any) -> None:
+    d = make_daemon({"scheduler": {"max_attempts": 1}, "training": {"heldout_share": 0.0}},
+                    backend=fake_backend("garbage"))
+    submit_n(d, 4)
+    (job,) = d.wait_jobs(lambda js: len(js) == 1 and js[0]["state"] == "failed")
+    assert "invalid adapter" in job["error"] and "does not match its manifest" in job["error"]
+    assert not (d.state_dir / "voices" / "default" / "current").exists()
+
+
+def test_killed_mid_training_resumes_as_a_new_attempt(make_daemon: Any, tmp_path: Path) -> None:
+    mode = tmp_path / "mode"
+    mode.write_text("slow:30")
+    runs = tmp_path / "runs.log"
+    d = make_daemon({"training": {"heldout_share": 0.0}},
+                    backend=fake_backend("ok", "--mode-file", str(mode), "--log", str(runs)))
+    submit_n(d, 4)
+    (job,) = d.wait_jobs(lambda js: len(js) == 1 and js[0]["state"] == "training")
+    poll(lambda: runs.exists() and runs.read_text(), 10, what="trainer started")
+    d.kill()
+    mode.write_text("ok")
+    d.start()
+    done = d.wait_job(job["job_id"], ("promoted",))
+    assert done["attempt"] == 2
+    lines = runs.read_text().splitlines()
+    assert [ln.split()[1] for ln in lines] == ["1", "2"]
+    assert lines[0].split()[2] == lines[1].split()[2]  # the same pairs, once per attempt
+    assert len(lines[1].split()[2].split(",")) == 4
+    assert history(d, job["job_id"])[:3] == ["JobCreated", "TrainingStarted", "TrainingStarted"]
+
+
+def test_submit_is_fast_while_training_runs(make_daemon: Any) -> None:
+    d = make_daemon({"training": {"heldout_share": 0.0}}, backend=fake_backend("slow:5"))
+    submit_n(d, 4)
+    d.wait_jobs(lambda js: len(js) == 1 and js[0]["state"] == "training")
+    lat = []
+    with d.client() as c:
+        for i in range(50):
+            t0 = time.perf_counter()
+            c.submit(bad=f"x{i}", good=f"y{i}", voice="busy")
+            lat.append(time.perf_counter() - t0)
+    assert max(lat) < 0.5, lat
+
+
+def test_command_reloader_rollback_and_retention(make_daemon: Any, tmp_path: Path) -> None:
+    calls = tmp_path / "reloads.log"
+    script = tmp_path / "reload.sh"
+    script.write_text(f'#!/bin/sh\necho "$1 $2" >> {calls}\n')
+    script.chmod(0o755)
+    d = make_daemon({
+        "training": {"heldout_share": 0.0},
+        "voices": {"keep_versions": 2},
+        "reload": {"method": "command", "reconcile_interval_s": 3600.0},
+        "reload.command": {"argv": [str(script), "{voice}", "{adapter_dir}"]},
+    })
+    ids = []
+    for n in range(3):
+        submit_n(d, 4, start=4 * n)
+        js = d.wait_jobs(lambda js, n=n: len(js) == n + 1 and js[0]["state"] == "reloaded")
+        ids.append(js[0]["job_id"])
+    served = json.loads((d.state_dir / "voices" / "default" / "served.json").read_text())
+    assert served["served_name"] == "default-v0003" and served["job_id"] == ids[2]
+    adapters = sorted(p.name for p in (d.state_dir / "voices" / "default" / "adapters").iterdir()
+                      if not p.name.startswith("."))
+    assert adapters == sorted(ids[1:])  # keep_versions = 2
+    with d.client() as c:
+        rb = c.rollback("default")
+        assert rb["job_id"] == ids[1]
+        (v,) = c.voices()["voices"]
+        assert v["current_job"] == ids[1] and v["version"] == 2
+    poll(lambda: len(calls.read_text().splitlines()) == 4, 20, what="rollback reload")
+    assert calls.read_text().splitlines()[-1].endswith(ids[1])
+    assert (d.state_dir / "voices" / "default" / "current").resolve().name == ids[1]
+    d.kill()
+    d.start()
+    with d.client() as c:
+        (v,) = c.voices()["voices"]
+        assert v["current_job"] == ids[1] and v["served_name"] == "default-v0002"
+
+
+def test_sigterm_during_training_kills_the_trainer_and_exits_zero(make_daemon: Any, tmp_path: Path) -> None:
+    d = make_daemon({"training": {"heldout_share": 0.0}}, backend=fake_backend("hang"))
+    submit_n(d, 4)
+    d.wait_jobs(lambda js: len(js) == 1 and js[0]["state"] == "training")
+    poll(lambda: any("--mode hang" in _cmdline(p) for p in os.listdir("/proc") if p.isdigit()), 10)
+    t0 = time.monotonic()
+    assert d.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - t0 < 10
+    poll(lambda: not any("--mode hang" in _cmdline(p) for p in os.listdir("/proc") if p.isdigit()), 10,
+         what="trainer group killed")

@@ -1,0 +1,291 @@
+"""The pure core: the transition table, evolve/decide, and a crash-and-replay state machine."""
+
+from __future__ import annotations
+
+import copy
+
+import hypothesis.strategies as st
+import pytest
+from hypothesis import settings
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, precondition, rule
+
+from beagled import events as ev
+from beagled import jobs
+from beagled.errors import IllegalTransition, NotFound
+from beagled.jobs import JobState
+
+
+class Log:
+    """Stamps payloads the way the store does: global seq, per-stream version, a fake clock."""
+
+    def __init__(self) -> None:
+        self.events: list[ev.Event] = []
+        self.versions: dict[str, int] = {}
+        self.clock = 1000.0
+
+    def record(self, state: jobs.State, payloads: list[ev.Payload]) -> list[ev.Event]:
+        out = []
+        for p in payloads:
+            self.clock += 1
+            self.versions[p.stream()] = self.versions.get(p.stream(), 0) + 1
+            e = ev.Event(p, seq=len(self.events) + 1, version=self.versions[p.stream()], at=self.clock)
+            jobs.evolve(state, e)
+            self.events.append(e)
+            out.append(e)
+        return out
+
+
+def submit(state: jobs.State, log: Log, voice: str, pid: str, heldout: bool = False) -> None:
+    log.record(state, [ev.PairSubmitted(pair_id=pid, voice=voice, bad="b", good="g", key=pid, heldout=heldout)])
+
+
+def run(state: jobs.State, log: Log, cmd: jobs.Command) -> list[ev.Event]:
+    return log.record(state, jobs.decide(state, cmd))
+
+
+def test_happy_path_through_every_state() -> None:
+    s, log = jobs.State(), Log()
+    for i in range(3):
+        submit(s, log, "v", f"p{i}")
+    (created,) = run(s, log, jobs.CutJob("v", "j1", "manual"))
+    assert s.jobs["j1"].state == JobState.QUEUED and s.voices["v"].pending == ()
+    run(s, log, jobs.StartAttempt("j1", ("mlx",)))
+    run(s, log, jobs.FinishTraining("j1", "mlx", "/a", 0.5, 1.0, 2.0, 3.0, 1.0))
+    assert s.jobs["j1"].state == JobState.TRAINED
+    run(s, log, jobs.Gate("j1", 0.0))
+    assert s.jobs["j1"].version == 1 and s.jobs["j1"].pending_intent == "PromotionStarted"
+    run(s, log, jobs.FinishPromotion("j1", "/a"))
+    assert s.voices["v"].current_job == "j1" and s.voices["v"].current_version == 1
+    run(s, log, jobs.StartReload("j1", "vllm"))
+    run(s, log, jobs.FinishReload("j1", "vllm", "v-v0001", 0.1))
+    j = s.jobs["j1"]
+    assert j.state == JobState.RELOADED and s.voices["v"].served_name == "v-v0001"
+    assert [h[1] for h in j.history] == ["queued", "training", "trained", "trained", "promoted", "promoted",
+                                         "reloaded"]
+
+
+def test_gate_rejects_a_worse_adapter_with_both_figures() -> None:
+    s, log = jobs.State(), Log()
+    submit(s, log, "v", "p0")
+    run(s, log, jobs.CutJob("v", "j1", "manual"))
+    run(s, log, jobs.StartAttempt("j1", ("mlx",)))
+    run(s, log, jobs.FinishTraining("j1", "mlx", "/a", 0.5, 2.5, 2.0, 3.0, 1.0))
+    (rej,) = run(s, log, jobs.Gate("j1", 0.1))
+    assert isinstance(rej.payload, ev.JobRejected)
+    assert rej.payload.eval_loss == 2.5 and rej.payload.baseline_eval_loss == 2.0
+    assert s.jobs["j1"].state == JobState.REJECTED and s.voices["v"].current_job is None
+
+
+def test_attempts_back_off_then_fail() -> None:
+    s, log = jobs.State(), Log()
+    submit(s, log, "v", "p0")
+    run(s, log, jobs.CutJob("v", "j1", "manual"))
+    retry_ats = []
+    for _ in range(2):
+        run(s, log, jobs.StartAttempt("j1", ("mlx",)))
+        run(s, log, jobs.BackendFailed("j1", "mlx", "boom"))
+        (e,) = run(s, log, jobs.FailAttempt("j1", "all failed", 100.0, 3, 5.0, 300.0))
+        retry_ats.append(e.payload.retry_at)  # type: ignore[attr-defined]
+    assert retry_ats == [105.0, 110.0]
+    run(s, log, jobs.StartAttempt("j1", ("mlx",)))
+    (e,) = run(s, log, jobs.FailAttempt("j1", "all failed", 100.0, 3, 5.0, 300.0))
+    assert isinstance(e.payload, ev.JobFailed) and s.jobs["j1"].state == JobState.FAILED
+
+
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        jobs.FinishTraining("j1", "mlx", "/a", None, None, None, None, 0.0),
+        jobs.Gate("j1", 0.0),
+        jobs.FinishPromotion("j1", "/a"),
+        jobs.StartReload("j1", "vllm"),
+        jobs.FinishReload("j1", "vllm", "n", 0.0),
+        jobs.BackendFailed("j1", "mlx", "x"),
+    ],
+)
+def test_illegal_commands_raise_and_change_nothing(cmd: jobs.Command) -> None:
+    s, log = jobs.State(), Log()
+    submit(s, log, "v", "p0")
+    run(s, log, jobs.CutJob("v", "j1", "manual"))
+    before = copy.deepcopy(s)
+    with pytest.raises(IllegalTransition):
+        jobs.decide(s, cmd)
+    assert s == before
+
+
+def test_illegal_event_raises_and_changes_nothing() -> None:
+    s, log = jobs.State(), Log()
+    submit(s, log, "v", "p0")
+    run(s, log, jobs.CutJob("v", "j1", "manual"))
+    before = copy.deepcopy(s)
+    bad = ev.Event(ev.Promoted(job_id="j1", voice="v", version=1, adapter_path="/x"), seq=99, version=9, at=1.0)
+    with pytest.raises(IllegalTransition):
+        jobs.evolve(s, bad)
+    assert s == before
+    with pytest.raises(IllegalTransition):  # a pair cannot be cut into two jobs
+        jobs.evolve(s, ev.Event(ev.JobCreated(job_id="j2", voice="v", pair_ids=("p0",)), seq=100, at=2.0))
+    assert s == before
+
+
+def test_every_transition_in_the_table_is_forward_or_a_new_attempt() -> None:
+    order = [JobState.QUEUED, JobState.TRAINING, JobState.TRAINED, JobState.PROMOTED, JobState.RELOADED]
+    for (before, etype), after in jobs.TRANSITIONS.items():
+        if before is None or after in (JobState.FAILED, JobState.REJECTED):
+            continue
+        assert order.index(after) >= order.index(before), (before, etype, after)
+        if after == before:
+            assert etype in {"TrainingStarted", "TrainingFailed", "AttemptFailed", "PromotionStarted",
+                             "ReloadStarted", "ReloadFailed", "Reloaded"}
+
+
+def test_heldout_is_deterministic_and_near_its_share() -> None:
+    ids = [f"p-{i:05d}" for i in range(4000)]
+    share = sum(jobs.is_heldout(p, 0.2) for p in ids) / len(ids)
+    assert 0.17 < share < 0.23
+    assert [jobs.is_heldout(p, 0.2) for p in ids] == [jobs.is_heldout(p, 0.2) for p in ids]
+    assert not any(jobs.is_heldout(p, 0.0) for p in ids)
+
+
+def test_replay_sample_is_bounded_deterministic_and_from_earlier_pairs() -> None:
+    trained = tuple(f"p{i}" for i in range(100))
+    a = jobs.replay_sample(trained, 10, "j1")
+    assert len(a) == 10 and set(a) <= set(trained) and len(set(a)) == 10
+    assert a == jobs.replay_sample(trained, 10, "j1")
+    assert trained[-5:] == a[-5:]  # the newest half is always replayed
+    assert jobs.replay_sample(trained[:3], 10, "j") == trained[:3]
+    assert jobs.replay_sample(trained, 0, "j") == ()
+
+
+def test_rollback_targets_the_previous_version() -> None:
+    s, log = jobs.State(), Log()
+    for n in (1, 2):
+        submit(s, log, "v", f"p{n}")
+        run(s, log, jobs.CutJob("v", f"j{n}", "manual"))
+        run(s, log, jobs.StartAttempt(f"j{n}", ("mlx",)))
+        run(s, log, jobs.FinishTraining(f"j{n}", "mlx", "/a", None, None, None, None, 1.0))
+        run(s, log, jobs.Gate(f"j{n}", 0.0))
+        run(s, log, jobs.FinishPromotion(f"j{n}", f"/a{n}"))
+    (e,) = run(s, log, jobs.Rollback("v"))
+    assert e.payload == ev.RollbackStarted(voice="v", job_id="j1", version=1)
+    with pytest.raises(IllegalTransition):
+        jobs.decide(s, jobs.Rollback("v"))
+    run(s, log, jobs.FinishRollback("v", "/a1"))
+    assert s.voices["v"].current_job == "j1" and s.voices["v"].current_version == 1
+    with pytest.raises(NotFound):
+        jobs.decide(s, jobs.Rollback("v"))  # nothing earlier than v1
+
+
+# --- the crash-and-replay state machine -----------------------------------------------------------
+
+VOICES = st.sampled_from(["a", "b"])
+
+
+class JobMachine(RuleBasedStateMachine):
+    """Random commands through decide/evolve; ``crash`` rebuilds the state from the log alone."""
+
+    jobs_b = Bundle("jobs")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.state = jobs.State()
+        self.log = Log()
+        self.n = 0
+
+    def attempt(self, cmd: jobs.Command) -> None:
+        before = copy.deepcopy(self.state)
+        try:
+            payloads = jobs.decide(self.state, cmd)
+        except (IllegalTransition, NotFound):
+            assert self.state == before  # refused: nothing changed
+            return
+        assert self.state == before  # decide never mutates
+        self.log.record(self.state, payloads)
+
+    @rule(voice=VOICES, heldout=st.booleans())
+    def submit(self, voice: str, heldout: bool) -> None:
+        self.n += 1
+        submit(self.state, self.log, voice, f"p{self.n}", heldout)
+
+    @rule(target=jobs_b, voice=VOICES, replay=st.integers(0, 3))
+    def cut(self, voice: str, replay: int) -> str:
+        self.n += 1
+        jid = f"j{self.n}"
+        self.attempt(jobs.CutJob(voice, jid, "manual", replay))
+        return jid
+
+    @rule(j=jobs_b)
+    def start(self, j: str) -> None:
+        self.attempt(jobs.StartAttempt(j, ("mlx", "peft")))
+
+    @rule(j=jobs_b, timeout=st.booleans())
+    def backend_failed(self, j: str, timeout: bool) -> None:
+        self.attempt(jobs.BackendFailed(j, "mlx", "boom", timeout))
+
+    @rule(j=jobs_b, max_attempts=st.integers(1, 3))
+    def fail_attempt(self, j: str, max_attempts: int) -> None:
+        self.attempt(jobs.FailAttempt(j, "all failed", self.log.clock, max_attempts, 1.0, 10.0))
+
+    @rule(j=jobs_b, new=st.none() | st.floats(0, 5), old=st.none() | st.floats(0, 5))
+    def finish_training(self, j: str, new: float | None, old: float | None) -> None:
+        self.attempt(jobs.FinishTraining(j, "peft", f"/ad/{j}", 1.0, new, old, 4.0, 2.0))
+
+    @rule(j=jobs_b, tol=st.sampled_from([0.0, 0.5]))
+    def gate(self, j: str, tol: float) -> None:
+        self.attempt(jobs.Gate(j, tol))
+
+    @rule(j=jobs_b)
+    def promote(self, j: str) -> None:
+        self.attempt(jobs.FinishPromotion(j, f"/ad/{j}"))
+
+    @rule(j=jobs_b)
+    def start_reload(self, j: str) -> None:
+        self.attempt(jobs.StartReload(j, "vllm"))
+
+    @rule(j=jobs_b, ok=st.booleans())
+    def end_reload(self, j: str, ok: bool) -> None:
+        if ok:
+            self.attempt(jobs.FinishReload(j, "vllm", f"name-{j}", 0.1))
+        else:
+            self.attempt(jobs.FailReload(j, "vllm", "down", self.log.clock, 1.0, 10.0))
+
+    @rule(j=consumes(jobs_b))
+    def fail_job(self, j: str) -> None:
+        self.attempt(jobs.FailJob(j, "gave up"))
+
+    @rule(voice=VOICES)
+    def rollback(self, voice: str) -> None:
+        self.attempt(jobs.Rollback(voice))
+        self.attempt(jobs.FinishRollback(voice, "/ad/rolled"))
+
+    @rule(paused=st.booleans())
+    def pause(self, paused: bool) -> None:
+        self.attempt(jobs.SetPaused(paused))
+
+    @precondition(lambda self: bool(self.log.events))
+    @rule()
+    def crash_and_replay(self) -> None:
+        replayed = jobs.replay(self.log.events)
+        assert replayed == self.state
+        self.state = replayed
+
+    @invariant()
+    def pairs_are_in_one_place(self) -> None:
+        for v in self.state.voices.values():
+            pending = {p for p, _ in v.pending}
+            assert not pending & set(v.trained)
+            assert not pending & set(v.heldout)
+            assert len(v.trained) == len(set(v.trained))
+            assert v.current_version <= v.versions
+
+    @invariant()
+    def histories_follow_the_table(self) -> None:
+        for j in self.state.jobs.values():
+            prev: JobState | None = None
+            for etype, after, _at, _seq in j.history:
+                assert jobs.TRANSITIONS[(prev, etype)].value == after
+                prev = JobState(after)
+            assert prev == j.state
+
+
+TestJobMachine = JobMachine.TestCase
+TestJobMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)

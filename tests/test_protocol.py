@@ -1,0 +1,103 @@
+"""The sans-IO protocol layer: framing, validation, encoding — including property tests."""
+
+from __future__ import annotations
+
+import json
+
+import hypothesis.strategies as st
+import pytest
+from hypothesis import given, settings
+
+from beagled import protocol
+from beagled.errors import ERROR_CODES, TooLarge
+
+LIM = protocol.Limits(max_draft_bytes=1024)
+
+
+def test_line_buffer_splits_partial_and_many_lines() -> None:
+    b = protocol.LineBuffer(100)
+    assert b.feed(b'{"a"') == []
+    assert b.feed(b':1}\n{"b":2}\r\n{"c"') == [b'{"a":1}', b'{"b":2}']
+    assert b.pending == 4
+    assert b.feed(b"}\n") == [b'{"c"}']
+
+
+def test_line_buffer_overflow_keeps_earlier_lines() -> None:
+    b = protocol.LineBuffer(10)
+    assert b.feed(b"short\n" + b"x" * 11 + b"\nafter\n") == [b"short"]
+    assert isinstance(b.overflow, TooLarge)
+    assert b.feed(b"more\n") == []
+    b2 = protocol.LineBuffer(10)
+    assert b2.feed(b"y" * 11) == [] and b2.overflow is not None
+
+
+def test_valid_submit_is_normalised() -> None:
+    r = protocol.parse_request(
+        b'{"v":1,"id":"a","op":"submit","bad":"x","good":"y","quality":{"before":1,"after":2.5},"key":"k"}', LIM
+    )
+    assert r.id == "a" and r.op == "submit"
+    assert r.fields == {"voice": "default", "bad": "x", "good": "y", "quality": {"before": 1.0, "after": 2.5},
+                        "key": "k"}
+
+
+def test_error_keeps_the_request_id_when_readable() -> None:
+    with pytest.raises(protocol.RequestError) as e:
+        protocol.parse_request(b'{"v":1,"id":7,"op":"nope"}', LIM)
+    assert e.value.request_id == 7 and e.value.code == "unknown_op"
+    out = json.loads(protocol.encode_error(e.value.request_id, e.value))
+    assert out == {"v": 1, "id": 7, "ok": False, "error": {"code": "unknown_op", "message": str(e.value)}}
+
+
+def test_draft_size_is_measured_in_utf8_bytes() -> None:
+    body = json.dumps({"v": 1, "id": 1, "op": "submit", "bad": "é" * 513, "good": "y"}).encode()
+    with pytest.raises(protocol.RequestError) as e:
+        protocol.parse_request(body, LIM)
+    assert e.value.code == "too_large"
+
+
+def test_nan_and_deep_nesting_are_invalid_json() -> None:
+    for line in (b'{"v":1,"id":1,"op":"ping","x":NaN}', b"[" * 100_000 + b"]" * 100_000):
+        with pytest.raises(protocol.RequestError) as e:
+            protocol.parse_request(line, LIM)
+        assert e.value.code in ("invalid_json", "bad_request")
+
+
+def test_internal_errors_do_not_leak_details() -> None:
+    out = json.loads(protocol.encode_error(1, RuntimeError("secret path /root/.ssh/id_ed25519")))
+    assert out["error"] == {"code": "internal", "message": "internal error (see the daemon's log)"}
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.binary(max_size=300))
+def test_random_bytes_never_crash(data: bytes) -> None:
+    try:
+        protocol.parse_request(data, LIM)
+    except protocol.RequestError as e:
+        assert e.code in ERROR_CODES
+
+
+@settings(max_examples=1500, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["v", "id", "op", "bad", "good", "voice", "key", "job_id", "limit", "state", "to",
+                         "from_seq", "prompt", "quality"]) | st.text(max_size=5),
+        json_values,
+        max_size=8,
+    )
+)
+def test_random_objects_are_accepted_or_refused_with_a_contract_code(obj: dict[str, object]) -> None:
+    line = json.dumps(obj).encode()
+    try:
+        r = protocol.parse_request(line, LIM)
+    except protocol.RequestError as e:
+        assert e.code in ERROR_CODES and str(e)
+        return
+    assert r.op in protocol.OPS
+    json.loads(protocol.encode_ok(r.id, {"echo": r.fields}))  # whatever passed validation encodes
