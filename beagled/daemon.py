@@ -26,7 +26,7 @@ from beagled.notify import Notifier
 from beagled.reload import NoneReloader, Reloader
 from beagled.server import Server
 from beagled.store import SqliteStore
-from beagled.training.runner import SubprocessTrainer
+from beagled.training.runner import SubprocessTrainer, reap_orphans
 from beagled.voices import VoiceStore
 
 log = logging.getLogger("beagled.daemon")
@@ -100,6 +100,9 @@ class Daemon:
     async def run(self) -> None:
         started = time.monotonic()
         self.notifier.status("recovering")
+        reaped = await trio.to_thread.run_sync(reap_orphans, self.cfg.state_dir / "specs")
+        if reaped:
+            log.warning("killed training processes left by a previous run", extra={"groups": reaped})
         n = await trio.to_thread.run_sync(self.engine.recover)
         await self.engine.repair_links()
         log.info("recovered", extra={"events": n, "seconds": round(time.monotonic() - started, 3)})

@@ -476,9 +476,16 @@ class Engine:
                                             time.time(), s.max_attempts, s.retry_backoff_s, s.retry_backoff_max_s))
 
     def _progress_cb(self, job: jobs.Job, backend: str) -> Callable[[dict[str, Any]], None]:
+        started = time.monotonic()
+
         def on_progress(msg: dict[str, Any]) -> None:
             p = {k: msg.get(k) for k in ("step", "total", "loss", "tokens_per_s")}
-            p.update(job_id=job.job_id, voice=job.voice, backend=backend, attempt=job.attempt, at=time.time())
+            elapsed = time.monotonic() - started
+            step, total = p["step"], p["total"]
+            eta = elapsed / step * (total - step) if isinstance(step, int) and isinstance(total, int) and step > 0 \
+                else None
+            p.update(job_id=job.job_id, voice=job.voice, backend=backend, attempt=job.attempt, at=time.time(),
+                     elapsed_s=round(elapsed, 3), eta_s=None if eta is None else round(eta, 3))
             self.progress[job.job_id] = p
             self._publish({"progress": p})
             if fault_point_due(p):

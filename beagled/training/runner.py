@@ -9,7 +9,6 @@ once, in subprocesses, so the daemon never imports an ML library; their answers 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -53,10 +52,28 @@ class Trainer(Protocol):
     async def run(self, backend: str, spec: dict[str, Any], on_progress: Progress) -> dict[str, Any]: ...
 
 
-def _pdeathsig() -> None:  # pragma: no cover - runs in the child between fork and exec
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(Exception):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+def reap_orphans(spec_dir: Path) -> int:
+    """Kill training process groups left running by a daemon that died (SIGKILL, power loss).
+
+    Each try records its process group in ``<spec_dir>/<name>.pgid`` with the spec path it was given;
+    a group is killed only if its leader still runs with that spec path on its command line (a pid that
+    was reused by an unrelated process is left alone). Returns how many groups were killed.
+    (``PR_SET_PDEATHSIG`` cannot do this: it fires when the *thread* that forked exits, and trio forks
+    from worker threads that come and go.)
+    """
+    killed = 0
+    for rec in spec_dir.glob("*.pgid") if spec_dir.is_dir() else []:
+        try:
+            pgid_s, spec = rec.read_text().split("\n", 1)
+            pgid = int(pgid_s)
+            cmdline = Path(f"/proc/{pgid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if spec.strip() and spec.strip() in cmdline:
+                os.killpg(pgid, signal.SIGKILL)
+                killed += 1
+        except (OSError, ValueError):
+            pass
+        rec.unlink(missing_ok=True)
+    return killed
 
 
 def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -181,9 +198,10 @@ class SubprocessTrainer:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
-            preexec_fn=_pdeathsig,
-            env=worker_env(self.env),
+            env=worker_env({**self.env, "BEAGLED_PARENT_PID": str(os.getpid())}),
         )
+        pgid_file = spec_path.with_suffix(".pgid")
+        pgid_file.write_text(f"{proc.pid}\n{spec_path}")
         assert proc.stdout is not None and proc.stderr is not None
         stdout, stderr = proc.stdout, proc.stderr
 
@@ -224,6 +242,7 @@ class SubprocessTrainer:
         finally:
             await _kill_group(proc)
             spec_path.unlink(missing_ok=True)
+            pgid_file.unlink(missing_ok=True)
         duration = time.monotonic() - started
         if timed_out:
             raise TrainingError(f"timed out after {self.timeout_s:.0f}s", backend=backend, timeout=True)

@@ -10,13 +10,34 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
 BACKENDS = ("mlx", "unsloth", "peft")
+
+
+def watch_parent() -> None:
+    """Exit (with the whole process group) when the daemon that started us is gone."""
+    parent = int(os.environ.get("BEAGLED_PARENT_PID", "0") or 0)
+    if parent <= 0:
+        return
+
+    def loop() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                try:
+                    os.killpg(os.getpgid(0), signal.SIGKILL)
+                finally:
+                    os._exit(137)
+
+    threading.Thread(target=loop, name="watch-parent", daemon=True).start()
 
 
 def emit(obj: dict[str, Any]) -> None:
@@ -60,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         emit(probe(args[1]))
         return 0
     if len(args) == 2 and args[0] == "train":
+        watch_parent()
         return train(Path(args[1]))
     sys.stderr.write("usage: python -m beagled.training.worker probe BACKEND | train SPEC.json\n")
     return 2

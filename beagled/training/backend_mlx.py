@@ -1,0 +1,430 @@
+"""The MLX training backend: LoRA SFT with mlx-lm's LoRA layers and an own small training loop.
+
+Runs only inside a worker subprocess (``beagled.training.worker``). ``train`` follows the worker protocol
+of docs/internals.md: it loads the base model, measures the held-out completion NLL of the base and of
+the served adapter, applies fresh LoRA layers (or the ``init_adapter`` read back from PEFT), trains
+``steps`` Adam steps on the completion tokens only, measures again, writes the adapter in PEFT format
+(``convert.mlx_to_peft``) and finally the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import math
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+from mlx import nn as _nn
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm import load
+from mlx_lm.tuner.lora import LoRALinear
+from mlx_lm.tuner.utils import remove_lora_layers
+
+from beagled.errors import ConfigError, TrainingError
+from beagled.manifest import sha256_file, write_manifest
+from beagled.training.convert import PeftAdapter, mlx_to_peft, peft_to_mlx
+
+nn: Any = _nn  # mlx's stubs do not export everything mlx.nn holds
+
+
+def _flat(tree: Any) -> list[tuple[str, Any]]:
+    items: Any = tree_flatten(tree)
+    return list(items)
+
+
+Emit = Callable[[dict[str, Any]], None]
+BACKEND = "mlx"
+HYPER_KEYS = frozenset(
+    {"rank", "alpha", "dropout", "target_modules", "num_layers", "learning_rate", "steps", "batch_size",
+     "max_seq_len", "seed"}
+)  # fmt: skip
+
+
+def probe() -> tuple[bool, str]:
+    """Importing this module needs mlx and mlx-lm (the worker reports an ImportError as the reason)."""
+    try:
+        value: Any = (mx.array([1.0, 2.0]) * 2).sum().item()
+    except Exception as e:
+        return False, f"mlx cannot run an array op: {type(e).__name__}: {e}"
+    if value != 6.0:
+        return False, f"mlx computed 2*(1+2) = {value}"
+    return True, f"mlx-lm {importlib.metadata.version('mlx-lm')} on {mx.default_device()}"
+
+
+# --- spec validation --------------------------------------------------------------------------------
+
+
+def _int(hyper: dict[str, Any], key: str, low: int) -> int:
+    value = hyper.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"hyper.{key}", f"must be an integer >= {low} for the mlx backend, got {value!r}")
+    return value
+
+
+def _float(hyper: dict[str, Any], key: str, low: float, high: float, *, closed_low: bool) -> float:
+    value = hyper.get(key)
+    number = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
+    above = number >= low if closed_low else number > low
+    if not (math.isfinite(number) and above and number < high):
+        bound = "[" if closed_low else "("
+        raise ConfigError(f"hyper.{key}", f"must be a number in {bound}{low}, {high}), got {value!r}")
+    return number
+
+
+def check_hyper(hyper: dict[str, Any]) -> dict[str, Any]:
+    """The hyper-parameters this backend honours, validated; any other key is an error naming it."""
+    unknown = sorted(set(hyper) - HYPER_KEYS)
+    if unknown:
+        raise ConfigError(f"hyper.{unknown[0]}", "is not supported by the mlx backend")
+    missing = sorted(HYPER_KEYS - set(hyper))
+    if missing:
+        raise ConfigError(f"hyper.{missing[0]}", "is required")
+    targets = hyper["target_modules"]
+    if (
+        not isinstance(targets, list)
+        or not targets
+        or not all(isinstance(t, str) and t.isidentifier() for t in targets)
+    ):
+        raise ConfigError(
+            "hyper.target_modules", f"must be a non-empty list of module names, got {targets!r}"
+        )
+    num_layers = hyper["num_layers"]
+    if (
+        isinstance(num_layers, bool)
+        or not isinstance(num_layers, int)
+        or (num_layers < 1 and num_layers != -1)
+    ):
+        raise ConfigError("hyper.num_layers", f"must be -1 (all) or a positive integer, got {num_layers!r}")
+    return {
+        "rank": _int(hyper, "rank", 1),
+        "alpha": _float(hyper, "alpha", 0.0, math.inf, closed_low=False),
+        "dropout": _float(hyper, "dropout", 0.0, 1.0, closed_low=True),
+        "target_modules": sorted(set(targets)),
+        "num_layers": num_layers,
+        "learning_rate": _float(hyper, "learning_rate", 0.0, 1.0, closed_low=False),
+        "steps": _int(hyper, "steps", 1),
+        "batch_size": _int(hyper, "batch_size", 1),
+        "max_seq_len": _int(hyper, "max_seq_len", 8),
+        "seed": _int(hyper, "seed", 0),
+    }
+
+
+# --- data -------------------------------------------------------------------------------------------
+
+
+class Encoder:
+    """Turns (prompt, completion) into token ids and the number of prompt tokens (masked in the loss)."""
+
+    def __init__(self, tokenizer: Any, max_seq_len: int) -> None:
+        self.tok = getattr(tokenizer, "_tokenizer", tokenizer)  # mlx-lm's wrapper holds the HF tokenizer
+        self.max_seq_len = max_seq_len
+        self.chat = bool(getattr(self.tok, "chat_template", None))
+        eos = self.tok.eos_token_id
+        self.eos_id: int | None = int(eos) if eos is not None else None
+        pad = self.tok.pad_token_id
+        self.pad_id = int(pad) if pad is not None else (self.eos_id or 0)
+
+    def _ids(self, text: str, *, special: bool) -> list[int]:
+        return [int(i) for i in self.tok.encode(text, add_special_tokens=special)]
+
+    def encode(self, prompt: str, completion: str) -> tuple[list[int], int]:
+        if self.chat:
+            user = [{"role": "user", "content": prompt}]
+            head = self.tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+            full = self.tok.apply_chat_template(
+                [*user, {"role": "assistant", "content": completion}], tokenize=False
+            )
+            if not isinstance(head, str) or not isinstance(full, str) or not full.startswith(head):
+                raise TrainingError(
+                    "the chat template does not render the prompt as a prefix", backend=BACKEND
+                )
+            prompt_ids = self._ids(head, special=False)
+            completion_ids = self._ids(full[len(head) :], special=False)
+        else:
+            prompt_ids = self._ids(prompt, special=True)
+            completion_ids = self._ids(completion, special=False)
+            if self.eos_id is not None:
+                completion_ids.append(self.eos_id)
+        if not completion_ids:
+            raise TrainingError("a completion encodes to no tokens", backend=BACKEND)
+        limit = self.max_seq_len
+        if len(prompt_ids) + len(completion_ids) > limit:
+            completion_ids = completion_ids[: limit - min(len(prompt_ids), limit // 2)]
+            prompt_ids = prompt_ids[len(prompt_ids) - (limit - len(completion_ids)) :]
+        return prompt_ids + completion_ids, len(prompt_ids)
+
+
+def _batch(examples: list[tuple[list[int], int]], pad_id: int) -> tuple[Any, Any, Any]:
+    """Inputs, targets and the completion mask (B, L-1), right-padded."""
+
+    width = max(len(ids) for ids, _ in examples) - 1
+    inputs = np.full((len(examples), width), pad_id, dtype=np.int32)
+    targets = np.full((len(examples), width), pad_id, dtype=np.int32)
+    mask = np.zeros((len(examples), width), dtype=np.float32)
+    for row, (ids, prompt_len) in enumerate(examples):
+        n = len(ids) - 1
+        inputs[row, :n] = ids[:-1]
+        targets[row, :n] = ids[1:]
+        mask[row, max(prompt_len - 1, 0) : n] = 1.0  # position t predicts token t+1
+    return mx.array(inputs), mx.array(targets), mx.array(mask)
+
+
+def _nll_sum(model: Any, inputs: Any, targets: Any, mask: Any) -> Any:
+
+    logits = model(inputs).astype(mx.float32)
+    return (nn.losses.cross_entropy(logits, targets) * mask).sum()
+
+
+def mean_nll(model: Any, examples: list[tuple[list[int], int]], pad_id: int, batch_size: int) -> float | None:
+    """Mean completion-token NLL (token-weighted) of ``examples`` under ``model``; None if there are none."""
+
+    if not examples:
+        return None
+    model.eval()
+    total, count = 0.0, 0.0
+    for start in range(0, len(examples), batch_size):
+        inputs, targets, mask = _batch(examples[start : start + batch_size], pad_id)
+        nll = _nll_sum(model, inputs, targets, mask)
+        mx.eval(nll)
+        total += float(nll.item())
+        count += float(mask.sum().item())
+    return total / count if count else None
+
+
+# --- LoRA layers --------------------------------------------------------------------------------------
+
+
+def module_paths(model: Any, short_names: list[str] | tuple[str, ...]) -> list[str]:
+    """Map short names (q_proj) onto module paths inside a block (self_attn.q_proj)."""
+
+    block = model.layers[0]
+    linears = [k for k, m in block.named_modules() if isinstance(m, nn.Linear | nn.QuantizedLinear)]
+    paths = []
+    for short in short_names:
+        found = [k for k in linears if k.rsplit(".", 1)[-1] == short]
+        if not found:
+            names = sorted({k.rsplit(".", 1)[-1] for k in linears})
+            raise ConfigError(
+                "hyper.target_modules", f"{short!r} is not a linear layer of this model ({names})"
+            )
+        paths.extend(found)
+    return sorted(paths)
+
+
+def apply_lora(
+    model: Any, paths: list[str], layers: list[int], *, rank: int, scale: float, dropout: float
+) -> None:
+
+    for index in layers:
+        block = model.layers[index]
+        wanted = [(k, m) for k, m in block.named_modules() if k in paths]
+        lora = [(k, LoRALinear.from_base(m, r=rank, dropout=dropout, scale=scale)) for k, m in wanted]
+        block.update_modules(tree_unflatten(lora))
+
+
+def _load_lora_weights(model: Any, weights: dict[str, np.ndarray], what: str) -> None:
+
+    params = dict(_flat(model.parameters()))
+    for key, value in weights.items():
+        if key not in params:
+            raise TrainingError(f"{what}: {key} is not a LoRA weight of this model", backend=BACKEND)
+        if tuple(params[key].shape) != value.shape:
+            raise TrainingError(
+                f"{what}: {key} has shape {value.shape}, the model wants {tuple(params[key].shape)}",
+                backend=BACKEND,
+            )
+    model.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=False)
+    mx.eval(model.parameters())
+
+
+def _adapter_nll(
+    model: Any, adapter: PeftAdapter, examples: list[tuple[list[int], int]], pad: int, bs: int
+) -> float | None:
+    """Held-out NLL with a PEFT adapter applied temporarily (the served one)."""
+
+    apply_lora(
+        model,
+        list(adapter.modules),
+        list(adapter.layer_indices),
+        rank=adapter.rank,
+        scale=adapter.scale,
+        dropout=0.0,
+    )
+    try:
+        _load_lora_weights(model, adapter.weights, "served_adapter")
+        return mean_nll(model, examples, pad, bs)
+    finally:
+        remove_lora_layers(model)
+
+
+def base_model_sha256(base: Path) -> str:
+    """sha256 of ``model.safetensors``; for a sharded model, sha256 over the sorted shards' digests."""
+    single = base / "model.safetensors"
+    if single.is_file():
+        return sha256_file(single)
+    shards = sorted(base.glob("model*.safetensors"))
+    if not shards:
+        raise TrainingError(f"{base} holds no model*.safetensors", backend=BACKEND)
+    digest = hashlib.sha256()
+    for shard in shards:
+        digest.update(f"{shard.name}:{sha256_file(shard)}\n".encode())
+    return digest.hexdigest()
+
+
+# --- the job ----------------------------------------------------------------------------------------------
+
+
+def train(spec: dict[str, Any], emit: Emit) -> dict[str, Any]:
+    started = time.monotonic()
+    objective = spec.get("objective", "sft")
+    if objective != "sft":
+        raise TrainingError(f"objective {objective!r} is not supported by the mlx backend", backend=BACKEND)
+    hyper = check_hyper(dict(spec.get("hyper") or {}))
+    base = Path(spec["base_model"])
+    out_dir = Path(spec["out_dir"])
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise TrainingError(f"out_dir {out_dir} exists and is not empty", backend=BACKEND)
+    if not spec.get("train"):
+        raise TrainingError("the spec holds no training pairs", backend=BACKEND)
+
+    seed = hyper["seed"]
+    random.seed(seed)
+    np.random.seed(seed)
+    mx.random.seed(seed)
+
+    emit({"type": "log", "message": f"mlx: loading {base}"})
+    try:
+        loaded: Any = load(str(base))
+        model, tokenizer = loaded[0], loaded[1]
+    except Exception as e:
+        raise TrainingError(f"cannot load base model {base}: {type(e).__name__}: {e}", backend=BACKEND) from e
+    model.freeze()
+    encoder = Encoder(tokenizer, hyper["max_seq_len"])
+    train_set = [encoder.encode(p.get("prompt") or "", p["chosen"]) for p in spec["train"]]
+    heldout = [encoder.encode(p.get("prompt") or "", p["chosen"]) for p in spec.get("heldout") or []]
+    bs, pad = hyper["batch_size"], encoder.pad_id
+
+    base_eval = mean_nll(model, heldout, pad, bs)
+    baseline_eval = base_eval
+    served = spec.get("served_adapter")
+    if served and heldout:
+        baseline_eval = _adapter_nll(model, peft_to_mlx(Path(served)), heldout, pad, bs)
+
+    n_layers = len(model.layers)
+    if hyper["num_layers"] != -1 and hyper["num_layers"] > n_layers:
+        raise ConfigError("hyper.num_layers", f"is {hyper['num_layers']} but the model has {n_layers} layers")
+    layers = (
+        list(range(n_layers))
+        if hyper["num_layers"] == -1
+        else list(range(n_layers - hyper["num_layers"], n_layers))
+    )
+    paths = module_paths(model, hyper["target_modules"])
+    scale = hyper["alpha"] / hyper["rank"]
+    mx.random.seed(seed)
+    apply_lora(model, paths, layers, rank=hyper["rank"], scale=scale, dropout=hyper["dropout"])
+
+    init = spec.get("init_adapter")
+    if init:
+        adapter = peft_to_mlx(Path(init))
+        for what, have, want in (
+            ("rank", adapter.rank, hyper["rank"]),
+            ("target modules", list(adapter.modules), paths),
+            ("layers", list(adapter.layer_indices), layers),
+        ):
+            if have != want:
+                raise TrainingError(
+                    f"init_adapter {init} has {what} {have}, the hyper-parameters ask for {want}",
+                    backend=BACKEND,
+                )
+        weights = dict(adapter.weights)
+        for key, value in adapter.weights.items():  # same function under the new scale: b · old/new
+            if key.endswith(".lora_b"):
+                weights[key] = np.asarray(value * (adapter.scale / scale), dtype=np.float32)
+        _load_lora_weights(model, weights, "init_adapter")
+        emit({"type": "log", "message": f"mlx: continuing from {init}"})
+
+    trainable = sum(v.size for _, v in _flat(model.trainable_parameters()))
+    emit({"type": "log", "message": f"mlx: {len(train_set)} train / {len(heldout)} held-out examples, "
+          f"{trainable} trainable parameters, layers {layers}, modules {paths}"})  # fmt: skip
+
+    optimizer = optim.Adam(learning_rate=hyper["learning_rate"])
+
+    def loss_fn(m: Any, inputs: Any, targets: Any, mask: Any) -> Any:
+        return _nll_sum(m, inputs, targets, mask) / mx.maximum(mask.sum(), 1.0)
+
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    rng = np.random.default_rng(seed)
+    order: list[int] = []
+    steps = hyper["steps"]
+    model.train()
+    loop_started = time.monotonic()
+    for step in range(1, steps + 1):
+        batch_idx: list[int] = []
+        while len(batch_idx) < min(bs, len(train_set)):
+            if not order:
+                order = [int(i) for i in rng.permutation(len(train_set))]
+            batch_idx.append(order.pop())
+        t0 = time.perf_counter()
+        inputs, targets, mask = _batch([train_set[i] for i in batch_idx], pad)
+        loss, grads = loss_and_grad(model, inputs, targets, mask)
+        optimizer.update(model, grads)
+        mx.eval(model.parameters(), optimizer.state, loss)
+        step_loss = float(loss.item())
+        if not math.isfinite(step_loss):
+            raise TrainingError(f"loss is {step_loss} at step {step}", backend=BACKEND)
+        tokens = int(inputs.shape[0] * inputs.shape[1])
+        emit({"type": "progress", "step": step, "total": steps, "loss": step_loss,
+              "tokens_per_s": tokens / max(time.perf_counter() - t0, 1e-9)})  # fmt: skip
+
+    emit({"type": "log", "message": f"mlx: {steps} steps in {time.monotonic() - loop_started:.2f} s"})
+    eval_loss = mean_nll(model, heldout, pad, bs)
+    train_loss = mean_nll(model, train_set, pad, bs)
+
+    weights = {k: np.array(v, dtype=np.float32) for k, v in _flat(model.trainable_parameters())}
+    mlx_to_peft(
+        weights,
+        rank=hyper["rank"],
+        scale=scale,
+        target_modules=hyper["target_modules"],
+        layer_indices=layers,
+        base_model_path=base,
+        out_dir=out_dir,
+        dropout=hyper["dropout"],
+        num_hidden_layers=n_layers,
+    )
+    duration = time.monotonic() - started
+    result = {
+        "train_loss": train_loss,
+        "eval_loss": eval_loss,
+        "baseline_eval_loss": baseline_eval,
+        "base_eval_loss": base_eval,
+        "steps": steps,
+        "duration_s": duration,
+        "backend": BACKEND,
+    }
+    write_manifest(
+        out_dir,
+        {
+            "job_id": spec.get("job_id"),
+            "voice": spec.get("voice"),
+            "attempt": spec.get("attempt"),
+            "backend": BACKEND,
+            "objective": objective,
+            "base_model": str(base),
+            "base_model_sha256": base_model_sha256(base),
+            "pair_ids": [p.get("pair_id") for p in spec["train"]],
+            "heldout_pair_ids": [p.get("pair_id") for p in spec.get("heldout") or []],
+            "init_adapter": init,
+            "served_adapter": served,
+            "hyper": hyper,
+            **{k: v for k, v in result.items() if k != "backend"},
+        },
+    )
+    return result
