@@ -155,7 +155,9 @@ class Config:
 
     @property
     def socket_path(self) -> Path:
-        return Path(self.daemon.socket).expanduser() if self.daemon.socket else self.state_dir / "beagled.sock"
+        return (
+            Path(self.daemon.socket).expanduser() if self.daemon.socket else self.state_dir / "beagled.sock"
+        )
 
     @property
     def db_path(self) -> Path:
@@ -274,13 +276,15 @@ def validate(cfg: Config) -> Config:
     if cfg.metrics.listen:
         host, sep, port = cfg.metrics.listen.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-            raise ConfigError("metrics.listen", f"expected HOST:PORT or \"\", got {cfg.metrics.listen!r}")
+            raise ConfigError("metrics.listen", f'expected HOST:PORT or "", got {cfg.metrics.listen!r}')
     if not t.backends:
         raise ConfigError("training.backends", "name at least one backend")
     known = set(BUILTIN_BACKENDS) | set(t.custom_backends)
     for name in t.backends:
         if name not in known:
-            raise ConfigError("training.backends", f"unknown backend {name!r} (known: {', '.join(sorted(known))})")
+            raise ConfigError(
+                "training.backends", f"unknown backend {name!r} (known: {', '.join(sorted(known))})"
+            )
     if len(set(t.backends)) != len(t.backends):
         raise ConfigError("training.backends", "a backend is listed twice")
     for name, argv in t.custom_backends.items():
@@ -318,11 +322,11 @@ def validate(cfg: Config) -> Config:
     if r.method == "ssh":
         for key in ("host", "user", "identity_file", "known_hosts"):
             if not getattr(r.ssh, key):
-                raise ConfigError(f"reload.ssh.{key}", "required when reload.method = \"ssh\"")
+                raise ConfigError(f"reload.ssh.{key}", 'required when reload.method = "ssh"')
         if not r.ssh.command:
             raise ConfigError("reload.ssh.command", "must not be empty")
     if r.method == "command" and not r.command.argv:
-        raise ConfigError("reload.command.argv", "required when reload.method = \"command\"")
+        raise ConfigError("reload.command.argv", 'required when reload.method = "command"')
     if not 0 < r.ssh.port < 65536:
         raise ConfigError("reload.ssh.port", f"must be a TCP port, got {r.ssh.port}")
     return cfg

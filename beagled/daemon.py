@@ -57,9 +57,17 @@ def build_reloader(cfg: Config) -> Reloader:
 
         s = r.ssh
         return SshReloader(
-            s.host, s.port, s.user, s.identity_file, s.known_hosts,
-            remote_dir=s.remote_dir, command=list(s.command), workdir=s.workdir, health_url=s.health_url,
-            timeout_s=s.timeout_s, health_timeout_s=s.health_timeout_s,
+            s.host,
+            s.port,
+            s.user,
+            s.identity_file,
+            s.known_hosts,
+            remote_dir=s.remote_dir,
+            command=list(s.command),
+            workdir=s.workdir,
+            health_url=s.health_url,
+            timeout_s=s.timeout_s,
+            health_timeout_s=s.health_timeout_s,
         )
     raise ConfigError("reload.method", f"unknown method {r.method!r}")
 
@@ -70,10 +78,13 @@ def tiny_model_builder(cfg: Config) -> Path:
     if (target / "config.json").is_file():
         return target
     python = cfg.training.python or sys.executable
-    code = "import sys; from pathlib import Path; from beagled.training.tinymodel import ensure_tiny_model; " \
-           "print(ensure_tiny_model(Path(sys.argv[1])))"
-    done = subprocess.run([python, "-c", code, str(cfg.models_dir)], capture_output=True, text=True, check=False,
-                          timeout=600)
+    code = (
+        "import sys; from pathlib import Path; from beagled.training.tinymodel import ensure_tiny_model; "
+        "print(ensure_tiny_model(Path(sys.argv[1])))"
+    )
+    done = subprocess.run(
+        [python, "-c", code, str(cfg.models_dir)], capture_output=True, text=True, check=False, timeout=600
+    )
     if done.returncode != 0:
         raise TrainingError(f"cannot build the tiny model: {done.stderr.strip()[-500:]}")
     return Path(done.stdout.strip().splitlines()[-1])
@@ -87,12 +98,20 @@ class Daemon:
         self.store = SqliteStore(cfg.db_path)
         t = cfg.training
         self.trainer = SubprocessTrainer(
-            list(t.backends), custom=dict(t.custom_backends), python=t.python, timeout_s=t.timeout_s,
-            probe_timeout_s=t.probe_timeout_s, spec_dir=cfg.state_dir / "specs",
+            list(t.backends),
+            custom=dict(t.custom_backends),
+            python=t.python,
+            timeout_s=t.timeout_s,
+            probe_timeout_s=t.probe_timeout_s,
+            spec_dir=cfg.state_dir / "specs",
         )
         self.engine = Engine(
-            cfg, self.store, VoiceStore(cfg.voices_dir, keep_versions=cfg.voices.keep_versions), self.trainer,
-            build_reloader(cfg), base_model=lambda: tiny_model_builder(cfg),
+            cfg,
+            self.store,
+            VoiceStore(cfg.voices_dir, keep_versions=cfg.voices.keep_versions),
+            self.trainer,
+            build_reloader(cfg),
+            base_model=lambda: tiny_model_builder(cfg),
         )
         self.server = Server(self.engine)
         self.metrics_address: tuple[str, int] | None = None
@@ -119,8 +138,15 @@ class Daemon:
                 await nursery.start(self.notifier.run_watchdog)
                 nursery.start_soon(self._status_line)
                 ready = time.monotonic() - started
-                log.info("ready", extra={"socket": str(self.cfg.socket_path), "startup_s": round(ready, 3),
-                                         "metrics": self.cfg.metrics.listen, "pid": os.getpid()})
+                log.info(
+                    "ready",
+                    extra={
+                        "socket": str(self.cfg.socket_path),
+                        "startup_s": round(ready, 3),
+                        "metrics": self.cfg.metrics.listen,
+                        "pid": os.getpid(),
+                    },
+                )
                 self.notifier.ready(self._summary())
         finally:
             await trio.to_thread.run_sync(self.store.close)
@@ -129,9 +155,13 @@ class Daemon:
 
     def _summary(self) -> str:
         c = self.engine.state.counts()
-        busy = ", ".join(f"{k} {v}" for k, v in c.items() if v and k not in ("reloaded", "failed", "rejected"))
+        busy = ", ".join(
+            f"{k} {v}" for k, v in c.items() if v and k not in ("reloaded", "failed", "rejected")
+        )
         pending = sum(len(v.pending) for v in self.engine.state.voices.values())
-        return f"{len(self.engine.state.voices)} voices, {pending} pending pairs" + (f", jobs: {busy}" if busy else "")
+        return f"{len(self.engine.state.voices)} voices, {pending} pending pairs" + (
+            f", jobs: {busy}" if busy else ""
+        )
 
     async def _status_line(self) -> None:
         last = ""
@@ -142,7 +172,9 @@ class Daemon:
                 last = s
             await trio.sleep(5)
 
-    async def _signals(self, scope: trio.CancelScope, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def _signals(
+        self, scope: trio.CancelScope, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             task_status.started()
             async for sig in signals:

@@ -53,7 +53,11 @@ def run_demo(*, state_dir: str | None = None, jobs: int = 2, backends: list[str]
     sockdir = Path(tempfile.mkdtemp(prefix="bgdemo", dir="/tmp"))
     started = time.monotonic()
     table = {
-        "daemon": {"state_dir": str(root / "state"), "socket": str(sockdir / "beagled.sock"), "log_format": "json"},
+        "daemon": {
+            "state_dir": str(root / "state"),
+            "socket": str(sockdir / "beagled.sock"),
+            "log_format": "json",
+        },
         "metrics": {"listen": ""},
         "scheduler": {"min_pairs": PAIRS_PER_JOB, "max_wait_s": 3600.0},
         "training": {"backends": backends or ["mlx", "peft"], "heldout_share": 0.25, "replay_pairs": 8},
@@ -70,15 +74,19 @@ def run_demo(*, state_dir: str | None = None, jobs: int = 2, backends: list[str]
 
     _say("2/4 starting the daemon …")
     log = (root / "daemon.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "beagled", "serve", "--config", str(cfg_path)],
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "beagled", "serve", "--config", str(cfg_path)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     results: list[dict[str, Any]] = []
     try:
         _wait(lambda: Client(cfg.socket_path, timeout=2).ping(), 60, "the daemon to answer")
         with Client(cfg.socket_path) as c:
             _wait(lambda: any(b["available"] for b in c.status()["backends"]), 120, "a training backend")
             for b in c.status()["backends"]:
-                _say(f"    backend {b['name']:8} {'available' if b['available'] else 'unavailable'}: {b['reason']}")
+                state = "available" if b["available"] else "unavailable"
+                _say(f"    backend {b['name']:8} {state}: {b['reason']}")
             pairs = voice_pairs(PAIRS_PER_JOB * jobs * 2, seed=7, style="plain")
             _say(f"3/4 the writing loop sends pairs in one voice; a job is cut every {PAIRS_PER_JOB} pairs")
             _say(f"    e.g. worse: {pairs[0][1]!r}\n         better: {pairs[0][2]!r}")
@@ -95,16 +103,22 @@ def run_demo(*, state_dir: str | None = None, jobs: int = 2, backends: list[str]
         _say("4/4 results (held-out loss: mean NLL of the voice's better drafts never trained on)")
         _say(f"    {'job':28} {'backend':8} {'train s':>8} {'base':>7} {'served':>7} {'new':>7}  state")
         for j in results:
-            _say(f"    {j['job_id']:28} {j.get('backend') or '-':8} {_fmt(j.get('train_s')):>8} "
-                 f"{_fmt(j.get('base_eval_loss')):>7} {_fmt(j.get('baseline_eval_loss')):>7} "
-                 f"{_fmt(j.get('eval_loss')):>7}  {j['state']}")
+            _say(
+                f"    {j['job_id']:28} {j.get('backend') or '-':8} {_fmt(j.get('train_s')):>8} "
+                f"{_fmt(j.get('base_eval_loss')):>7} {_fmt(j.get('baseline_eval_loss')):>7} "
+                f"{_fmt(j.get('eval_loss')):>7}  {j['state']}"
+            )
         with Client(cfg.socket_path) as c:
             (v,) = c.voices()["voices"]
         first, last = results[0], results[-1]
         _say(f"voice 'demo' is at version {v['version']} ({v['adapter_path']})")
-        _say(f"held-out loss: base model {_fmt(first.get('base_eval_loss'))} → now served {_fmt(v['eval_loss'])}")
-        ok = all(j["state"] == "promoted" for j in results) and last.get("eval_loss") is not None \
+        base, served = _fmt(first.get("base_eval_loss")), _fmt(v["eval_loss"])
+        _say(f"held-out loss: base model {base} → now served {served}")
+        ok = (
+            all(j["state"] == "promoted" for j in results)
+            and last.get("eval_loss") is not None
             and last["eval_loss"] < (first.get("base_eval_loss") or 0)
+        )
         _say(f"demo {'finished' if ok else 'FAILED'} in {time.monotonic() - started:.1f}s")
         return 0 if ok else 1
     finally:
@@ -133,7 +147,13 @@ def _follow(socket_path: Path, job_id: str) -> dict[str, Any]:
                 e = msg["event"]
                 if e["type"] == "TrainingSucceeded":
                     train_s = e["data"].get("duration_s")
-                if e["type"] in ("TrainingSucceeded", "TrainingFailed", "Promoted", "JobRejected", "JobFailed"):
+                if e["type"] in (
+                    "TrainingSucceeded",
+                    "TrainingFailed",
+                    "Promoted",
+                    "JobRejected",
+                    "JobFailed",
+                ):
                     board.event(e)
                 if e["type"] in ("Promoted", "JobRejected", "JobFailed"):
                     board.close()

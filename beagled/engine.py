@@ -16,6 +16,7 @@ Loops (each a task in the daemon's nursery):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -27,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import trio
+import trio.lowlevel
 
-from beagled import __version__
+from beagled import __version__, jobs
 from beagled import events as ev
-from beagled import jobs
 from beagled.config import Config
 from beagled.errors import (
     AdapterError,
@@ -102,8 +103,8 @@ class Engine:
         voices: VoiceStore,
         trainer: Trainer,
         reloader: Reloader,
-        metrics: Metrics | None = None,
         *,
+        metrics: Metrics | None = None,
         base_model: Callable[[], Path] | None = None,
     ) -> None:
         self.cfg = cfg
@@ -215,7 +216,9 @@ class Engine:
             try:
                 async with self._lock:
                     results = await trio.to_thread.run_sync(
-                        self.store.submit_batch, [b.payload for b in batch], time.time(),
+                        self.store.submit_batch,
+                        [b.payload for b in batch],
+                        time.time(),
                         limiter=self._store_limiter,
                     )
                     self._apply([r.event for r in results if r.event is not None])
@@ -241,7 +244,7 @@ class Engine:
         voices = {}
         for name, v in sorted(self.state.voices.items()):
             voices[name] = {**v.public(), "last_verified_at": self.verified_at.get(name)}
-        running = {jid: p for jid, p in self.progress.items()}
+        running = dict(self.progress)
         return {
             "event_seq": self.state.seq,
             "paused": self.state.paused,
@@ -254,9 +257,12 @@ class Engine:
             "uptime_s": time.monotonic() - self.started_at,
         }
 
-    def list_jobs(self, voice: str | None = None, state: str | None = None, limit: int = 100) -> dict[str, Any]:
+    def list_jobs(
+        self, voice: str | None = None, state: str | None = None, limit: int = 100
+    ) -> dict[str, Any]:
         sel = [
-            j for j in self.state.jobs.values()
+            j
+            for j in self.state.jobs.values()
             if (voice is None or j.voice == voice) and (state is None or j.state.value == state)
         ]
         sel.sort(key=lambda j: (j.created_at, j.job_id), reverse=True)
@@ -265,9 +271,17 @@ class Engine:
     def job(self, job_id: str) -> dict[str, Any]:
         j = self.state.job(job_id)
         history = [{"event": t, "state": s, "at": at, "seq": seq} for t, s, at, seq in j.history]
-        return {"job": {**j.public(), "pair_ids": list(j.pair_ids), "replay_ids": list(j.replay_ids),
-                        "adapter_dir": j.adapter_dir, "base_eval_loss": j.base_eval_loss,
-                        "progress": self.progress.get(job_id), "history": history}}
+        return {
+            "job": {
+                **j.public(),
+                "pair_ids": list(j.pair_ids),
+                "replay_ids": list(j.replay_ids),
+                "adapter_dir": j.adapter_dir,
+                "base_eval_loss": j.base_eval_loss,
+                "progress": self.progress.get(job_id),
+                "history": history,
+            }
+        }
 
     def list_voices(self) -> dict[str, Any]:
         return {"voices": [v.public() for _, v in sorted(self.state.voices.items())]}
@@ -277,7 +291,9 @@ class Engine:
         if voice not in self.state.voices:
             raise NotFound(f"no voice {voice!r}")
         try:
-            events = await self.execute(jobs.CutJob(voice, new_id("j"), "manual", self.cfg.training.replay_pairs))
+            events = await self.execute(
+                jobs.CutJob(voice, new_id("j"), "manual", self.cfg.training.replay_pairs)
+            )
         except IllegalTransition as e:
             raise Conflict(str(e)) from None
         return {"job_id": events[0].payload.job_id}  # type: ignore[attr-defined]
@@ -338,8 +354,11 @@ class Engine:
                     reason = jobs.cut_reason(v, now=now, min_pairs=s.min_pairs, max_wait_s=s.max_wait_s)
                     if reason and v.name not in queued_voices:
                         await self._guarded(
-                            self.execute(jobs.CutJob(v.name, new_id("j"), reason, self.cfg.training.replay_pairs)),
-                            "cut job", voice=v.name,
+                            self.execute(
+                                jobs.CutJob(v.name, new_id("j"), reason, self.cfg.training.replay_pairs)
+                            ),
+                            "cut job",
+                            voice=v.name,
                         )
             deadline = None if self.state.paused else jobs.next_cut_deadline(self.state, s.max_wait_s)
             await self._sched_wakeup.wait(deadline)
@@ -365,7 +384,9 @@ class Engine:
             try:
                 await self._train(job)
             except Exception:  # one job's failure must never stop the loop (or the daemon)
-                log.exception("training step failed; retrying", extra={"job_id": job.job_id, "voice": job.voice})
+                log.exception(
+                    "training step failed; retrying", extra={"job_id": job.job_id, "voice": job.voice}
+                )
                 await trio.sleep(1.0)  # back-off (a failing disk, a bug): nothing to poll for
 
     def _base_model_path(self) -> str:
@@ -419,22 +440,48 @@ class Engine:
             reasons = "; ".join(f"{b.name}: {b.reason}" for b in self.trainer.statuses())
             if job.state == JobState.QUEUED or job.pending_intent:
                 await self.execute(jobs.StartAttempt(job.job_id, ()))
-            await self.execute(jobs.FailAttempt(job.job_id, f"no training backend is available ({reasons})",
-                                                time.time(), s.max_attempts, s.retry_backoff_s, s.retry_backoff_max_s))
+            await self.execute(
+                jobs.FailAttempt(
+                    job.job_id,
+                    f"no training backend is available ({reasons})",
+                    time.time(),
+                    s.max_attempts,
+                    s.retry_backoff_s,
+                    s.retry_backoff_max_s,
+                )
+            )
             return
         if job.pending_intent == "TrainingStarted":
-            log.warning("training was interrupted; starting a new attempt",
-                        extra={"job_id": job.job_id, "voice": job.voice, "attempt": job.attempt})
+            log.warning(
+                "training was interrupted; starting a new attempt",
+                extra={"job_id": job.job_id, "voice": job.voice, "attempt": job.attempt},
+            )
         await self.execute(jobs.StartAttempt(job.job_id, tuple(backends)))
         job = self.state.job(job.job_id)
-        log.info("training started", extra={"job_id": job.job_id, "voice": job.voice, "attempt": job.attempt,
-                                            "pairs": len(job.pair_ids), "backends": backends})
+        log.info(
+            "training started",
+            extra={
+                "job_id": job.job_id,
+                "voice": job.voice,
+                "attempt": job.attempt,
+                "pairs": len(job.pair_ids),
+                "backends": backends,
+            },
+        )
         fault("after_training_intent")
         try:
             spec = await self._build_spec(job)
         except (TrainingError, OSError) as e:
-            await self.execute(jobs.FailAttempt(job.job_id, f"cannot prepare training: {e}", time.time(),
-                                                s.max_attempts, s.retry_backoff_s, s.retry_backoff_max_s))
+            await self.execute(
+                jobs.FailAttempt(
+                    job.job_id,
+                    f"cannot prepare training: {e}",
+                    time.time(),
+                    s.max_attempts,
+                    s.retry_backoff_s,
+                    s.retry_backoff_max_s,
+                )
+            )
             return
         errors = []
         for i, backend in enumerate(backends):
@@ -452,11 +499,16 @@ class Engine:
             except (TrainingError, AdapterError, OSError) as e:
                 timeout = isinstance(e, TrainingError) and e.timeout
                 elapsed = time.monotonic() - started
-                self.metrics.training_duration.labels(backend, "timeout" if timeout else "failure").observe(elapsed)
+                self.metrics.training_duration.labels(backend, "timeout" if timeout else "failure").observe(
+                    elapsed
+                )
                 msg = str(e) if not isinstance(e, AdapterError) else f"wrote an invalid adapter: {e}"
                 errors.append(f"{backend}: {msg}")
-                log.warning("backend failed: %s", msg, extra={"job_id": job.job_id, "voice": job.voice,
-                                                              "backend": backend})
+                log.warning(
+                    "backend failed: %s",
+                    msg,
+                    extra={"job_id": job.job_id, "voice": job.voice, "backend": backend},
+                )
                 await self.execute(jobs.BackendFailed(job.job_id, backend, msg[:2000], timeout, elapsed))
                 if i + 1 < len(backends):
                     self.metrics.fallbacks.labels(backend, backends[i + 1]).inc()
@@ -465,15 +517,39 @@ class Engine:
                 self.progress.pop(job.job_id, None)
             elapsed = time.monotonic() - started
             self.metrics.training_duration.labels(backend, "success").observe(elapsed)
-            await self.execute(jobs.FinishTraining(
-                job.job_id, backend, str(final), _num(result.get("train_loss")), _num(result.get("eval_loss")),
-                _num(result.get("baseline_eval_loss")), _num(result.get("base_eval_loss")), elapsed))
-            log.info("training finished", extra={"job_id": job.job_id, "voice": job.voice, "backend": backend,
-                                                 "duration_s": round(elapsed, 3),
-                                                 "eval_loss": result.get("eval_loss")})
+            await self.execute(
+                jobs.FinishTraining(
+                    job.job_id,
+                    backend,
+                    str(final),
+                    _num(result.get("train_loss")),
+                    _num(result.get("eval_loss")),
+                    _num(result.get("baseline_eval_loss")),
+                    _num(result.get("base_eval_loss")),
+                    elapsed,
+                )
+            )
+            log.info(
+                "training finished",
+                extra={
+                    "job_id": job.job_id,
+                    "voice": job.voice,
+                    "backend": backend,
+                    "duration_s": round(elapsed, 3),
+                    "eval_loss": result.get("eval_loss"),
+                },
+            )
             return
-        await self.execute(jobs.FailAttempt(job.job_id, "every backend failed: " + " | ".join(errors)[:4000],
-                                            time.time(), s.max_attempts, s.retry_backoff_s, s.retry_backoff_max_s))
+        await self.execute(
+            jobs.FailAttempt(
+                job.job_id,
+                "every backend failed: " + " | ".join(errors)[:4000],
+                time.time(),
+                s.max_attempts,
+                s.retry_backoff_s,
+                s.retry_backoff_max_s,
+            )
+        )
 
     def _progress_cb(self, job: jobs.Job, backend: str) -> Callable[[dict[str, Any]], None]:
         started = time.monotonic()
@@ -482,10 +558,20 @@ class Engine:
             p = {k: msg.get(k) for k in ("step", "total", "loss", "tokens_per_s")}
             elapsed = time.monotonic() - started
             step, total = p["step"], p["total"]
-            eta = elapsed / step * (total - step) if isinstance(step, int) and isinstance(total, int) and step > 0 \
+            eta = (
+                elapsed / step * (total - step)
+                if isinstance(step, int) and isinstance(total, int) and step > 0
                 else None
-            p.update(job_id=job.job_id, voice=job.voice, backend=backend, attempt=job.attempt, at=time.time(),
-                     elapsed_s=round(elapsed, 3), eta_s=None if eta is None else round(eta, 3))
+            )
+            p.update(
+                job_id=job.job_id,
+                voice=job.voice,
+                backend=backend,
+                attempt=job.attempt,
+                at=time.time(),
+                elapsed_s=round(elapsed, 3),
+                eta_s=None if eta is None else round(eta, 3),
+            )
             self.progress[job.job_id] = p
             self._publish({"progress": p})
             if fault_point_due(p):
@@ -510,14 +596,20 @@ class Engine:
             if j is None:
                 continue
             due = j.retry_at is None or j.retry_at <= now or j.pending_intent == "ReloadStarted"
-            if (j.state == JobState.PROMOTED or v.served_job != j.job_id
-                    or v.served_version != v.current_version) and due:
+            if (
+                j.state == JobState.PROMOTED
+                or v.served_job != j.job_id
+                or v.served_version != v.current_version
+            ) and due:
                 return ("reload", j)
         return None
 
     def _next_serve_deadline(self) -> float | None:
-        times = [j.retry_at for j in self.state.jobs.values()
-                 if j.retry_at is not None and j.state in (JobState.PROMOTED, JobState.RELOADED)]
+        times = [
+            j.retry_at
+            for j in self.state.jobs.values()
+            if j.retry_at is not None and j.state in (JobState.PROMOTED, JobState.RELOADED)
+        ]
         return min(times) if times else None
 
     async def _serve_loop(self) -> None:
@@ -542,8 +634,11 @@ class Engine:
         await self.execute(jobs.Gate(job.job_id, self.cfg.training.eval_tolerance))
         job = self.state.job(job.job_id)
         if job.state == JobState.REJECTED:
-            log.info("job rejected by the evaluation gate: %s", job.error,
-                     extra={"job_id": job.job_id, "voice": job.voice})
+            log.info(
+                "job rejected by the evaluation gate: %s",
+                job.error,
+                extra={"job_id": job.job_id, "voice": job.voice},
+            )
             return
         try:
             path = await trio.to_thread.run_sync(self.voices.promote, job.voice, job.job_id)
@@ -552,8 +647,15 @@ class Engine:
             return
         fault("after_promotion_before_event")
         await self.execute(jobs.FinishPromotion(job.job_id, str(path)))
-        log.info("voice updated", extra={"job_id": job.job_id, "voice": job.voice, "version": job.version,
-                                         "eval_loss": job.eval_loss})
+        log.info(
+            "voice updated",
+            extra={
+                "job_id": job.job_id,
+                "voice": job.voice,
+                "version": job.version,
+                "eval_loss": job.eval_loss,
+            },
+        )
         await self._prune(job.voice)
 
     async def _prune(self, voice: str) -> None:
@@ -562,8 +664,11 @@ class Engine:
             key=lambda j: j.version or 0,
         )
         keep = [j.job_id for j in promoted[-self.cfg.voices.keep_versions :]]
-        keep += [j.job_id for j in self.state.jobs.values()
-                 if j.voice == voice and j.state in (JobState.TRAINED, JobState.TRAINING, JobState.QUEUED)]
+        keep += [
+            j.job_id
+            for j in self.state.jobs.values()
+            if j.voice == voice and j.state in (JobState.TRAINED, JobState.TRAINING, JobState.QUEUED)
+        ]
         await trio.to_thread.run_sync(self.voices.prune, voice, keep)
 
     async def _finish_rollback(self, voice: str) -> None:
@@ -576,16 +681,16 @@ class Engine:
             path = await trio.to_thread.run_sync(self.voices.promote, voice, target)
         except (AdapterError, OSError) as e:
             raise Conflict(f"cannot roll back to {target}: {e}") from e
-        try:
+        with contextlib.suppress(IllegalTransition):  # the serve loop may have finished it first
             await self.execute(jobs.FinishRollback(voice, str(path)))
-        except IllegalTransition:
-            pass  # the serve loop finished this rollback first (the link swap is idempotent)
 
     async def _reload(self, job: jobs.Job, reason: str) -> None:
         r = self.cfg.reload
         await self.execute(jobs.StartReload(job.job_id, self.reloader.method, reason))
         job = self.state.job(job.job_id)
-        target = ServeTarget(job.voice, job.version or 0, job.job_id, self.voices.adapter_dir(job.voice, job.job_id))
+        target = ServeTarget(
+            job.voice, job.version or 0, job.job_id, self.voices.adapter_dir(job.voice, job.job_id)
+        )
         fault("mid_reload")
         started = time.monotonic()
         try:
@@ -596,20 +701,44 @@ class Engine:
             self.metrics.reload_duration.labels(self.reloader.method, "failure").observe(elapsed)
             msg = str(e) if isinstance(e, ReloadError) else "reload timed out"
             log.warning("reload failed: %s", msg, extra={"job_id": job.job_id, "voice": job.voice})
-            await self.execute(jobs.FailReload(job.job_id, self.reloader.method, msg[:2000], time.time(),
-                                               r.retry_backoff_s, r.retry_backoff_max_s))
+            await self.execute(
+                jobs.FailReload(
+                    job.job_id,
+                    self.reloader.method,
+                    msg[:2000],
+                    time.time(),
+                    r.retry_backoff_s,
+                    r.retry_backoff_max_s,
+                )
+            )
             return
         elapsed = time.monotonic() - started
         fault("after_reload_before_event")
         self.metrics.reload_duration.labels(self.reloader.method, "success").observe(elapsed)
         await self.execute(jobs.FinishReload(job.job_id, self.reloader.method, served, elapsed, reason))
         self.verified_at[job.voice] = time.time()
-        await trio.to_thread.run_sync(self.voices.write_served, job.voice, {
-            "voice": job.voice, "served_name": served, "version": job.version, "job_id": job.job_id,
-            "adapter_path": str(target.adapter_dir), "method": self.reloader.method, "at": time.time(),
-        })
-        log.info("voice served", extra={"job_id": job.job_id, "voice": job.voice, "served_name": served,
-                                        "duration_s": round(elapsed, 3)})
+        await trio.to_thread.run_sync(
+            self.voices.write_served,
+            job.voice,
+            {
+                "voice": job.voice,
+                "served_name": served,
+                "version": job.version,
+                "job_id": job.job_id,
+                "adapter_path": str(target.adapter_dir),
+                "method": self.reloader.method,
+                "at": time.time(),
+            },
+        )
+        log.info(
+            "voice served",
+            extra={
+                "job_id": job.job_id,
+                "voice": job.voice,
+                "served_name": served,
+                "duration_s": round(elapsed, 3),
+            },
+        )
 
     async def _reconcile_loop(self) -> None:
         interval = self.cfg.reload.reconcile_interval_s
@@ -619,7 +748,9 @@ class Engine:
                 if not v.served_job or v.served_job != v.current_job:
                     continue
                 j = self.state.jobs[v.served_job]
-                target = ServeTarget(v.name, j.version or 0, j.job_id, self.voices.adapter_dir(v.name, j.job_id))
+                target = ServeTarget(
+                    v.name, j.version or 0, j.job_id, self.voices.adapter_dir(v.name, j.job_id)
+                )
                 try:
                     with trio.fail_after(_reload_timeout(self.cfg)):
                         ok = await self.reloader.verify(target)
@@ -644,7 +775,7 @@ class Engine:
         while self._submits or self._lock.locked():
             async with self._lock:
                 pass
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
 
 
 def _reload_timeout(cfg: Config) -> float:

@@ -35,7 +35,9 @@ def _parse(spec: str) -> dict[str, tuple[str, int]]:
         name, action = parts[0], parts[1] if len(parts) > 1 else "kill"
         nth = int(parts[2]) if len(parts) > 2 else 1
         if name not in POINTS or action not in ("kill", "raise"):
-            raise ValueError(f"bad BEAGLED_FAULTS entry {item!r} (points: {', '.join(POINTS)}; actions: kill, raise)")
+            raise ValueError(
+                f"bad BEAGLED_FAULTS entry {item!r} (points: {', '.join(POINTS)}; actions: kill, raise)"
+            )
         out[name] = (action, nth)
     return out
 

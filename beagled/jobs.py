@@ -9,12 +9,12 @@ to record, or raises ``IllegalTransition`` (a ``ClientError``-mapped conflict) a
 
 Every side effect is bracketed: an *intent* event (``TrainingStarted``, ``PromotionStarted``,
 ``ReloadStarted``, ``RollbackStarted``) is committed before it, an *outcome* event after it. After a
-crash the engine replays the log and finds intents without outcomes (``next_actions``); each effect is
-idempotent, so it is simply run again:
+crash the engine replays the log and finds intents without outcomes (``pending_intent``, and the
+queries at the end of this module); each effect is idempotent, so it is simply run again:
 
-    queued --TrainingStarted--> training --TrainingSucceeded--> trained --Promoted--> promoted --Reloaded--> reloaded
-                                 |  ^ AttemptFailed / TrainingStarted (new attempt)      |
-                                 +--JobFailed--> failed          trained --JobRejected--> rejected
+    queued -TrainingStarted-> training -TrainingSucceeded-> trained -Promoted-> promoted -Reloaded-> reloaded
+                                |  ^ AttemptFailed, then TrainingStarted (a new attempt)
+                                +--JobFailed--> failed        trained --JobRejected--> rejected
 
 Only forward transitions exist, except ``training --TrainingStarted--> training``: a new attempt after a
 failed or crash-interrupted one. ``State`` is a mutable projection owned by one writer (the engine),
@@ -229,7 +229,9 @@ def evolve(state: State, event: ev.Event) -> State:
             heldout = (*v.heldout, p.pair_id)[-state.heldout_max :]
             v = dataclasses.replace(v, heldout=heldout, pairs_total=v.pairs_total + 1)
         else:
-            v = dataclasses.replace(v, pending=(*v.pending, (p.pair_id, event.at)), pairs_total=v.pairs_total + 1)
+            v = dataclasses.replace(
+                v, pending=(*v.pending, (p.pair_id, event.at)), pairs_total=v.pairs_total + 1
+            )
         state.voices[p.voice] = v
     elif isinstance(p, ev.JobCreated):
         if p.job_id in state.jobs:
@@ -327,10 +329,17 @@ def _evolve_job(state: State, event: ev.Event, p: ev.JobEvent) -> None:
         job = _job_update(job, event, pending_intent=p.TYPE)
     elif isinstance(p, ev.ReloadFailed):
         job = _job_update(
-            job, event, error=p.error, retry_at=p.retry_at, reload_attempts=job.reload_attempts + 1, pending_intent=None
+            job,
+            event,
+            error=p.error,
+            retry_at=p.retry_at,
+            reload_attempts=job.reload_attempts + 1,
+            pending_intent=None,
         )
     elif isinstance(p, ev.Reloaded):
-        job = _job_update(job, event, served_name=p.served_name, error=None, retry_at=None, pending_intent=None)
+        job = _job_update(
+            job, event, served_name=p.served_name, error=None, retry_at=None, pending_intent=None
+        )
         v = state.voice(job.voice)
         state.voices[job.voice] = dataclasses.replace(
             v, served_job=job.job_id, served_version=p.version, served_name=p.served_name
@@ -516,8 +525,14 @@ def decide(state: State, cmd: Command) -> list[ev.Payload]:
         if v.reload_intent is None:
             raise IllegalTransition(f"voice {cmd.voice!r} has no rollback in progress")
         target = state.job(v.reload_intent)
-        return [ev.RolledBack(voice=cmd.voice, job_id=target.job_id, version=target.version or 0,
-                              adapter_path=cmd.adapter_path)]
+        return [
+            ev.RolledBack(
+                voice=cmd.voice,
+                job_id=target.job_id,
+                version=target.version or 0,
+                adapter_path=cmd.adapter_path,
+            )
+        ]
 
     job = state.job(cmd.job_id)
     if isinstance(cmd, StartAttempt):
@@ -525,48 +540,104 @@ def decide(state: State, cmd: Command) -> list[ev.Payload]:
         return [ev.TrainingStarted(job_id=job.job_id, attempt=job.attempt + 1, backends=cmd.backends)]
     if isinstance(cmd, BackendFailed):
         _require(job, JobState.TRAINING)
-        return [ev.TrainingFailed(job_id=job.job_id, attempt=job.attempt, backend=cmd.backend, error=cmd.error,
-                                  timeout=cmd.timeout, duration_s=cmd.duration_s)]
+        return [
+            ev.TrainingFailed(
+                job_id=job.job_id,
+                attempt=job.attempt,
+                backend=cmd.backend,
+                error=cmd.error,
+                timeout=cmd.timeout,
+                duration_s=cmd.duration_s,
+            )
+        ]
     if isinstance(cmd, FailAttempt):
         _require(job, JobState.TRAINING)
         if job.attempt >= cmd.max_attempts:
-            return [ev.JobFailed(job_id=job.job_id, error=f"attempt {job.attempt}/{cmd.max_attempts}: {cmd.error}")]
+            return [
+                ev.JobFailed(
+                    job_id=job.job_id, error=f"attempt {job.attempt}/{cmd.max_attempts}: {cmd.error}"
+                )
+            ]
         retry_at = cmd.now + backoff(job.attempt, cmd.backoff_s, cmd.backoff_max_s)
         return [ev.AttemptFailed(job_id=job.job_id, attempt=job.attempt, error=cmd.error, retry_at=retry_at)]
     if isinstance(cmd, FinishTraining):
         _require(job, JobState.TRAINING)
-        return [ev.TrainingSucceeded(job_id=job.job_id, attempt=job.attempt, backend=cmd.backend,
-                                     adapter_dir=cmd.adapter_dir, train_loss=cmd.train_loss,
-                                     eval_loss=cmd.eval_loss, baseline_eval_loss=cmd.baseline_eval_loss,
-                                     base_eval_loss=cmd.base_eval_loss, duration_s=cmd.duration_s)]
+        return [
+            ev.TrainingSucceeded(
+                job_id=job.job_id,
+                attempt=job.attempt,
+                backend=cmd.backend,
+                adapter_dir=cmd.adapter_dir,
+                train_loss=cmd.train_loss,
+                eval_loss=cmd.eval_loss,
+                baseline_eval_loss=cmd.baseline_eval_loss,
+                base_eval_loss=cmd.base_eval_loss,
+                duration_s=cmd.duration_s,
+            )
+        ]
     if isinstance(cmd, Gate):
         _require(job, JobState.TRAINED)
         if job.pending_intent == "PromotionStarted":
             return []  # already past the gate; the promotion is being redone
         new, old = job.eval_loss, job.baseline_eval_loss
         if new is not None and old is not None and new > old + cmd.tolerance:
-            return [ev.JobRejected(job_id=job.job_id, eval_loss=new, baseline_eval_loss=old, tolerance=cmd.tolerance,
-                                   reason=f"held-out loss {new:.4f} > served {old:.4f} + tolerance {cmd.tolerance}")]
+            return [
+                ev.JobRejected(
+                    job_id=job.job_id,
+                    eval_loss=new,
+                    baseline_eval_loss=old,
+                    tolerance=cmd.tolerance,
+                    reason=f"held-out loss {new:.4f} > served {old:.4f} + tolerance {cmd.tolerance}",
+                )
+            ]
         v = state.voice(job.voice)
         return [ev.PromotionStarted(job_id=job.job_id, voice=job.voice, version=v.versions + 1)]
     if isinstance(cmd, FinishPromotion):
         _require(job, JobState.TRAINED)
         if job.pending_intent != "PromotionStarted" or job.version is None:
             raise IllegalTransition(f"job {job.job_id} has no promotion in progress")
-        return [ev.Promoted(job_id=job.job_id, voice=job.voice, version=job.version, adapter_path=cmd.adapter_path)]
+        return [
+            ev.Promoted(
+                job_id=job.job_id, voice=job.voice, version=job.version, adapter_path=cmd.adapter_path
+            )
+        ]
     if isinstance(cmd, StartReload):
         _require(job, JobState.PROMOTED, JobState.RELOADED)
-        return [ev.ReloadStarted(job_id=job.job_id, voice=job.voice, version=job.version or 0, method=cmd.method,
-                                 reason=cmd.reason)]
+        return [
+            ev.ReloadStarted(
+                job_id=job.job_id,
+                voice=job.voice,
+                version=job.version or 0,
+                method=cmd.method,
+                reason=cmd.reason,
+            )
+        ]
     if isinstance(cmd, FinishReload):
         _require(job, JobState.PROMOTED, JobState.RELOADED)
-        return [ev.Reloaded(job_id=job.job_id, voice=job.voice, version=job.version or 0, method=cmd.method,
-                            served_name=cmd.served_name, duration_s=cmd.duration_s, reason=cmd.reason)]
+        return [
+            ev.Reloaded(
+                job_id=job.job_id,
+                voice=job.voice,
+                version=job.version or 0,
+                method=cmd.method,
+                served_name=cmd.served_name,
+                duration_s=cmd.duration_s,
+                reason=cmd.reason,
+            )
+        ]
     if isinstance(cmd, FailReload):
         _require(job, JobState.PROMOTED, JobState.RELOADED)
         retry_at = cmd.now + backoff(job.reload_attempts + 1, cmd.backoff_s, cmd.backoff_max_s)
-        return [ev.ReloadFailed(job_id=job.job_id, voice=job.voice, version=job.version or 0, method=cmd.method,
-                                error=cmd.error, retry_at=retry_at)]
+        return [
+            ev.ReloadFailed(
+                job_id=job.job_id,
+                voice=job.voice,
+                version=job.version or 0,
+                method=cmd.method,
+                error=cmd.error,
+                retry_at=retry_at,
+            )
+        ]
     if isinstance(cmd, FailJob):
         if job.state in TERMINAL or job.state == JobState.PROMOTED:
             raise IllegalTransition(f"job {job.job_id} is {job.state.value}: it cannot fail now")
@@ -581,8 +652,11 @@ def _decide_rollback(state: State, cmd: Rollback) -> list[ev.Payload]:
     if v.reload_intent is not None:
         raise IllegalTransition(f"voice {cmd.voice!r} is already being rolled back")
     promoted = sorted(
-        (j for j in state.jobs.values() if j.voice == cmd.voice and j.version and j.state in (
-            JobState.PROMOTED, JobState.RELOADED)),
+        (
+            j
+            for j in state.jobs.values()
+            if j.voice == cmd.voice and j.version and j.state in (JobState.PROMOTED, JobState.RELOADED)
+        ),
         key=lambda j: j.version or 0,
     )
     if cmd.to is not None:
@@ -626,9 +700,13 @@ def next_training(state: State, now: float) -> Job | None:
     ]
     if not ready:
         return None
-    return min(ready, key=lambda j: (j.pending_intent is None, state.voice(j.voice).last_trained_at, j.created_at))
+    return min(
+        ready, key=lambda j: (j.pending_intent is None, state.voice(j.voice).last_trained_at, j.created_at)
+    )
 
 
 def next_training_deadline(state: State) -> float | None:
-    times = [j.retry_at for j in state.jobs.values() if j.state == JobState.TRAINING and j.retry_at is not None]
+    times = [
+        j.retry_at for j in state.jobs.values() if j.state == JobState.TRAINING and j.retry_at is not None
+    ]
     return min(times) if times else None

@@ -39,8 +39,12 @@ class _StateCollector(Collector):
         jobs = GaugeMetricFamily("beagled_jobs", "Jobs by state.", labels=["state"])
         for s, n in state.counts().items():
             jobs.add_metric([s], n)
-        pending = GaugeMetricFamily("beagled_pending_pairs", "Pairs not yet in a job, by voice.", labels=["voice"])
-        version = GaugeMetricFamily("beagled_voice_version", "Version of the voice's current adapter.", labels=["voice"])
+        pending = GaugeMetricFamily(
+            "beagled_pending_pairs", "Pairs not yet in a job, by voice.", labels=["voice"]
+        )
+        version = GaugeMetricFamily(
+            "beagled_voice_version", "Version of the voice's current adapter.", labels=["voice"]
+        )
         loss = GaugeMetricFamily(
             "beagled_eval_loss", "Held-out loss of the voice now served.", labels=["voice"]
         )
@@ -78,14 +82,20 @@ class Metrics:
             registry=r,
         )
         self.submit_ack = Histogram(
-            "beagled_submit_ack_seconds", "From a submit's arrival to its durable acknowledgement.",
-            buckets=ACK_BUCKETS, registry=r,
+            "beagled_submit_ack_seconds",
+            "From a submit's arrival to its durable acknowledgement.",
+            buckets=ACK_BUCKETS,
+            registry=r,
         )
-        self.submissions = Counter("beagled_submissions", "Submitted pairs by outcome.", ["outcome"], registry=r)
+        self.submissions = Counter(
+            "beagled_submissions", "Submitted pairs by outcome.", ["outcome"], registry=r
+        )
         self.events = Counter("beagled_events", "Events appended to the log, by type.", ["type"], registry=r)
         self.fallbacks = Counter(
-            "beagled_backend_fallbacks", "Moves to the next backend after one failed.",
-            ["from_backend", "to_backend"], registry=r,
+            "beagled_backend_fallbacks",
+            "Moves to the next backend after one failed.",
+            ["from_backend", "to_backend"],
+            registry=r,
         )
         Info("beagled_build", "beagled build.", registry=r).info({"version": __version__})
         for outcome in ("accepted", "duplicate", "rejected"):
@@ -114,7 +124,11 @@ async def serve_metrics(
                         break
                     data += chunk
                 parts = data.split(b"\r\n", 1)[0].split()
-                if len(parts) >= 2 and parts[0] in (b"GET", b"HEAD") and parts[1].split(b"?")[0] in (b"/metrics", b"/"):
+                if (
+                    len(parts) >= 2
+                    and parts[0] in (b"GET", b"HEAD")
+                    and parts[1].split(b"?")[0] in (b"/metrics", b"/")
+                ):
                     body = metrics.exposition()
                     head = (
                         f"HTTP/1.1 200 OK\r\nContent-Type: {CONTENT_TYPE_LATEST}\r\n"
@@ -122,7 +136,9 @@ async def serve_metrics(
                     ).encode()
                     await stream.send_all(head + (body if parts[0] == b"GET" else b""))
                 else:
-                    await stream.send_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    await stream.send_all(
+                        b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    )
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:

@@ -61,7 +61,9 @@ class LineBuffer:
             start = nl + 1
         del self._buf[:start]
         if len(self._buf) > self.max_bytes:
-            self.overflow = TooLarge(f"request line is over {self.max_bytes} bytes; the limit is {self.max_bytes}")
+            self.overflow = TooLarge(
+                f"request line is over {self.max_bytes} bytes; the limit is {self.max_bytes}"
+            )
             self._buf.clear()
         return lines
 
@@ -99,14 +101,18 @@ def _int(name: str, v: Any, *, lo: int = 0, hi: int | None = None) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
         raise BadRequest(f"{name} must be an integer")
     if v < lo or (hi is not None and v > hi):
-        raise BadRequest(f"{name} must be between {lo} and {hi}" if hi is not None else f"{name} must be ≥ {lo}")
+        raise BadRequest(
+            f"{name} must be between {lo} and {hi}" if hi is not None else f"{name} must be ≥ {lo}"
+        )
     return v
 
 
 def voice_name(v: Any, name: str = "voice") -> str:
     s = _str(name, v)
     if not VOICE_RE.fullmatch(s):
-        raise BadRequest(f"{name} must match [a-z0-9][a-z0-9_-]{{0,63}} (lower case, no '/' or '..'), got {s[:80]!r}")
+        raise BadRequest(
+            f"{name} must match [a-z0-9][a-z0-9_-]{{0,63}} (lower case, no '/' or '..'), got {s[:80]!r}"
+        )
     return s
 
 
@@ -245,7 +251,11 @@ def parse_request(line: bytes, limits: Limits) -> Request:
     if not isinstance(obj, dict):
         raise RequestError(BadRequest("request must be a JSON object"), None)
     rid = obj.get("id")
-    if isinstance(rid, bool) or not isinstance(rid, str | int) or (isinstance(rid, str) and len(rid) > MAX_ID_CHARS):
+    if (
+        isinstance(rid, bool)
+        or not isinstance(rid, str | int)
+        or (isinstance(rid, str) and len(rid) > MAX_ID_CHARS)
+    ):
         raise RequestError(BadRequest("id must be a string (≤ 200 characters) or an integer"), None)
     try:
         if "v" not in obj:
@@ -286,5 +296,7 @@ def error_code(exc: BaseException) -> str:
 
 def encode_error(request_id: str | int | None, exc: BaseException) -> bytes:
     code = error_code(exc)
-    message = str(exc) if isinstance(exc, ClientError | BeagledError) else "internal error (see the daemon's log)"
+    message = (
+        str(exc) if isinstance(exc, ClientError | BeagledError) else "internal error (see the daemon's log)"
+    )
     return _line({"v": VERSION, "id": request_id, "ok": False, "error": {"code": code, "message": message}})

@@ -114,7 +114,9 @@ class Server:
         }
 
     @staticmethod
-    def _sync(fn: Callable[[dict[str, Any]], dict[str, Any]]) -> Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]:
+    def _sync(
+        fn: Callable[[dict[str, Any]], dict[str, Any]],
+    ) -> Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]:
         async def call(fields: dict[str, Any]) -> dict[str, Any]:
             return fn(fields)
 
@@ -243,4 +245,6 @@ class Server:
                 await slot.send.send(protocol.encode_stream(req.id, key, msg[key]))
         finally:
             await gen.aclose()  # type: ignore[attr-defined]
-        await slot.send.send(protocol.encode_error(req.id, Unavailable("watch stream ended: the client fell behind")))
+        await slot.send.send(
+            protocol.encode_error(req.id, Unavailable("watch stream ended: the client fell behind"))
+        )

@@ -114,7 +114,9 @@ class _Sequencer:
         for p in payloads:
             stream = p.stream()
             if stream not in staged:
-                staged[stream] = self.versions[stream] if stream in self.versions else self._version_of(stream)
+                staged[stream] = (
+                    self.versions[stream] if stream in self.versions else self._version_of(stream)
+                )
             staged[stream] += 1
             seq += 1
             out.append(ev.Event(payload=p, seq=seq, version=staged[stream], at=at, schema=p.SCHEMA))
@@ -136,7 +138,9 @@ class SqliteStore:
             metadata.create_all(self._writer)
             with self._writer.begin() as c:
                 c.execute(
-                    sa.insert(meta_t).prefix_with("OR IGNORE").values(key="schema_version", value=str(SCHEMA_VERSION))
+                    sa.insert(meta_t)
+                    .prefix_with("OR IGNORE")
+                    .values(key="schema_version", value=str(SCHEMA_VERSION))
                 )
                 last = c.execute(sa.select(sa.func.max(events_t.c.seq))).scalar()
         except SQLAlchemyError as e:
@@ -170,7 +174,9 @@ class SqliteStore:
 
     def _stream_version(self, stream: str) -> int:
         with self._reader.connect() as c:
-            v = c.execute(sa.select(sa.func.max(events_t.c.version)).where(events_t.c.stream == stream)).scalar()
+            v = c.execute(
+                sa.select(sa.func.max(events_t.c.version)).where(events_t.c.stream == stream)
+            ).scalar()
         return int(v or 0)
 
     def _write(self, payloads: Sequence[ev.Payload], at: float, extra: Any = None) -> list[ev.Event]:
@@ -199,10 +205,14 @@ class SqliteStore:
         with self._lock:
             try:
                 with self._reader.connect() as c:
-                    found = {
-                        r.key: (r.pair_id, r.seq)
-                        for r in c.execute(sa.select(keys_t).where(keys_t.c.key.in_(keys)))
-                    } if len(keys) <= 900 else self._find_many(c, keys)
+                    found = (
+                        {
+                            r.key: (r.pair_id, r.seq)
+                            for r in c.execute(sa.select(keys_t).where(keys_t.c.key.in_(keys)))
+                        }
+                        if len(keys) <= 900
+                        else self._find_many(c, keys)
+                    )
             except SQLAlchemyError as e:
                 raise StoreError(f"the event log could not be read: {e}") from e
         fresh: list[ev.PairSubmitted] = []
@@ -219,14 +229,9 @@ class SqliteStore:
                 fresh.append(p)
 
         def extra(c: Connection, stamped: list[ev.Event]) -> None:
-            if stamped:
-                c.execute(sa.insert(keys_t), [
-                    {"key": e.payload.key, "pair_id": e.payload.pair_id, "seq": e.seq}  # type: ignore[attr-defined]
-                    for e in stamped
-                ])
-                c.execute(sa.insert(pairs_t), [
-                    {"pair_id": e.payload.pair_id, "seq": e.seq} for e in stamped  # type: ignore[attr-defined]
-                ])
+            rows = [(p.key, p.pair_id, e.seq) for p, e in zip(fresh, stamped, strict=True)]
+            c.execute(sa.insert(keys_t), [{"key": k, "pair_id": pid, "seq": seq} for k, pid, seq in rows])
+            c.execute(sa.insert(pairs_t), [{"pair_id": pid, "seq": seq} for _k, pid, seq in rows])
 
         stamped = self._write(fresh, at, extra) if fresh else []
         out: list[SubmitResult] = []
@@ -238,7 +243,9 @@ class SqliteStore:
                 out.append(SubmitResult(pair_id=fresh[step].pair_id, seq=new.seq, duplicate=False, event=new))
             else:
                 first = stamped[-1 - step]
-                out.append(SubmitResult(pair_id=fresh[-1 - step].pair_id, seq=first.seq, duplicate=True, event=None))
+                out.append(
+                    SubmitResult(pair_id=fresh[-1 - step].pair_id, seq=first.seq, duplicate=True, event=None)
+                )
         return out
 
     @staticmethod

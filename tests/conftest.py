@@ -15,8 +15,13 @@ from tests.daemon_proc import DaemonProc, fake_backend
 def make_daemon(tmp_path: Path) -> Iterator[Callable[..., DaemonProc]]:
     made: list[DaemonProc] = []
 
-    def make(tables: dict[str, dict[str, Any]] | None = None, *, start: bool = True,
-             env: dict[str, str] | None = None, backend: list[str] | None = None) -> DaemonProc:
+    def make(
+        tables: dict[str, dict[str, Any]] | None = None,
+        *,
+        start: bool = True,
+        env: dict[str, str] | None = None,
+        backend: list[str] | None = None,
+    ) -> DaemonProc:
         t: dict[str, dict[str, Any]] = {
             "training": {"backends": ["fake"]},  # base_model: an empty directory (the fake needs none)
             "training.custom_backends": {"fake": backend or fake_backend("ok")},

@@ -59,7 +59,9 @@ def poll(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 
         except Exception as e:  # the condition may not be checkable yet
             last_exc = e
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}; last error: {last_exc!r}")
+    raise AssertionError(
+        f"timed out after {timeout}s waiting for {what or predicate}; last error: {last_exc!r}"
+    )
 
 
 def fake_backend(mode: str = "ok", *extra: str) -> list[str]:
@@ -67,7 +69,9 @@ def fake_backend(mode: str = "ok", *extra: str) -> list[str]:
 
 
 class DaemonProc:
-    def __init__(self, root: Path, tables: dict[str, dict[str, Any]], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, root: Path, tables: dict[str, dict[str, Any]], env: dict[str, str] | None = None
+    ) -> None:
         self.root = root
         self.sockdir = Path(tempfile.mkdtemp(prefix="bgd", dir="/tmp"))
         self.socket = self.sockdir / "s.sock"
@@ -92,7 +96,10 @@ class DaemonProc:
         with log.open("wb") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "beagled", "serve", "--config", str(self.config)],
-                stdout=out, stderr=subprocess.STDOUT, env={**self.env, **(env or {})}, cwd=self.root,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**self.env, **(env or {})},
+                cwd=self.root,
             )
         if wait:
             self.wait_ready()
@@ -146,7 +153,9 @@ class DaemonProc:
 
         return poll(done, timeout, 0.05, f"job {job_id} in {states}")  # type: ignore[no-any-return]
 
-    def wait_jobs(self, predicate: Callable[[list[dict[str, Any]]], bool], timeout: float = 60.0) -> list[dict[str, Any]]:
+    def wait_jobs(
+        self, predicate: Callable[[list[dict[str, Any]]], bool], timeout: float = 60.0
+    ) -> list[dict[str, Any]]:
         def check() -> list[dict[str, Any]] | None:
             with self.client() as c:
                 js = c.jobs(limit=1000)["jobs"]

@@ -29,14 +29,24 @@ def emit(obj: dict[str, object]) -> None:
 def write_adapter(out: Path, spec: dict) -> None:  # type: ignore[type-arg]
     out.mkdir(parents=True)
     r = spec["hyper"]["rank"]
-    (out / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": spec["hyper"]["alpha"],
-        "target_modules": spec["hyper"]["target_modules"], "base_model_name_or_path": spec["base_model"],
-    }))
+    (out / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "r": r,
+                "lora_alpha": spec["hyper"]["alpha"],
+                "target_modules": spec["hyper"]["target_modules"],
+                "base_model_name_or_path": spec["base_model"],
+            }
+        )
+    )
     tensors = {}
     blob = b""
-    for name, shape in ((f"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", [r, 4]),
-                        (f"base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight", [4, r])):
+    for name, shape in (
+        ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", [r, 4]),
+        ("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight", [4, r]),
+    ):
         n = shape[0] * shape[1]
         data = struct.pack(f"<{n}f", *([0.01] * n))
         tensors[name] = {"dtype": "F32", "shape": shape, "data_offsets": [len(blob), len(blob) + len(data)]}
@@ -73,16 +83,35 @@ def main() -> int:
         secs = float(mode.split(":")[1])
         for step in range(2, total + 1):
             time.sleep(secs / total)
-            emit({"type": "progress", "step": step, "total": total, "loss": 2.0 / step, "tokens_per_s": 100.0})
+            emit(
+                {"type": "progress", "step": step, "total": total, "loss": 2.0 / step, "tokens_per_s": 100.0}
+            )
     out = Path(spec["out_dir"])
     write_adapter(out, spec)
-    write_manifest(out, {"job_id": spec["job_id"], "voice": spec["voice"], "backend": "fake",
-                         "pair_ids": [p["pair_id"] for p in spec["train"]]})
+    write_manifest(
+        out,
+        {
+            "job_id": spec["job_id"],
+            "voice": spec["voice"],
+            "backend": "fake",
+            "pair_ids": [p["pair_id"] for p in spec["train"]],
+        },
+    )
     if mode == "garbage":
         (out / "adapter_model.safetensors").write_bytes(b"not what the manifest says")
-    baseline = a.baseline_loss if a.baseline_loss is not None else (a.eval_loss + 0.5 if spec["heldout"] else None)
-    emit({"type": "result", "train_loss": 0.5, "eval_loss": a.eval_loss if spec["heldout"] else None,
-          "baseline_eval_loss": baseline, "base_eval_loss": 3.0, "steps": total})
+    baseline = (
+        a.baseline_loss if a.baseline_loss is not None else (a.eval_loss + 0.5 if spec["heldout"] else None)
+    )
+    emit(
+        {
+            "type": "result",
+            "train_loss": 0.5,
+            "eval_loss": a.eval_loss if spec["heldout"] else None,
+            "baseline_eval_loss": baseline,
+            "base_eval_loss": 3.0,
+            "steps": total,
+        }
+    )
     return 0
 
 

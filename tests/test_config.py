@@ -77,20 +77,30 @@ def test_bad_values_name_their_key(table: dict[str, Any], key: str) -> None:
 def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     import os
 
-    return subprocess.run([sys.executable, "-m", "beagled", *args], capture_output=True, text=True, cwd=cwd,
-                          env={**os.environ, **(env or {})}, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "beagled", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
 
 
 def test_check_config_cli_exit_codes_and_lookup_order(tmp_path: Path) -> None:
-    (tmp_path / "config.toml").write_text('[scheduler]\nmin_pairs = 7\n')
+    (tmp_path / "config.toml").write_text("[scheduler]\nmin_pairs = 7\n")
     env_cfg = tmp_path / "env.toml"
-    env_cfg.write_text('[scheduler]\nmin_pairs = 9\n')
+    env_cfg.write_text("[scheduler]\nmin_pairs = 9\n")
     explicit = tmp_path / "explicit.toml"
-    explicit.write_text('[scheduler]\nmin_pairs = 11\n')
+    explicit.write_text("[scheduler]\nmin_pairs = 11\n")
     env = {"BEAGLED_CONFIG": ""}
     assert "min_pairs = 7" in run_cli("check-config", cwd=tmp_path, env=env).stdout
-    assert "min_pairs = 9" in run_cli("check-config", cwd=tmp_path, env={"BEAGLED_CONFIG": str(env_cfg)}).stdout
-    out = run_cli("check-config", "--config", str(explicit), cwd=tmp_path, env={"BEAGLED_CONFIG": str(env_cfg)})
+    assert (
+        "min_pairs = 9" in run_cli("check-config", cwd=tmp_path, env={"BEAGLED_CONFIG": str(env_cfg)}).stdout
+    )
+    out = run_cli(
+        "check-config", "--config", str(explicit), cwd=tmp_path, env={"BEAGLED_CONFIG": str(env_cfg)}
+    )
     assert out.returncode == 0 and "min_pairs = 11" in out.stdout
     printed = out.stdout.split("\n", 1)[1]
     assert config.from_mapping(tomllib.loads(printed)).scheduler.min_pairs == 11  # the output is valid TOML

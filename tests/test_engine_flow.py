@@ -17,8 +17,10 @@ from tests.daemon_proc import DaemonProc, fake_backend, poll
 
 def submit_n(d: DaemonProc, n: int, voice: str = "default", start: int = 0) -> list[dict[str, Any]]:
     with d.client() as c:
-        return [c.submit(bad=f"draft {i} plain", good=f"draft {i} in voice", voice=voice, key=f"{voice}-{i}")
-                for i in range(start, start + n)]
+        return [
+            c.submit(bad=f"draft {i} plain", good=f"draft {i} in voice", voice=voice, key=f"{voice}-{i}")
+            for i in range(start, start + n)
+        ]
 
 
 def history(d: DaemonProc, job_id: str) -> list[str]:
@@ -46,8 +48,13 @@ def test_min_pairs_cuts_a_job_that_is_promoted(make_daemon: Any) -> None:
     submit_n(d, 1, start=3)
     (job,) = d.wait_jobs(lambda js: len(js) == 1 and js[0]["state"] == "promoted")
     assert job["pairs"] == 4 and job["backend"] == "fake" and job["version"] == 1
-    assert history(d, job["job_id"]) == ["JobCreated", "TrainingStarted", "TrainingSucceeded", "PromotionStarted",
-                                         "Promoted"]
+    assert history(d, job["job_id"]) == [
+        "JobCreated",
+        "TrainingStarted",
+        "TrainingSucceeded",
+        "PromotionStarted",
+        "Promoted",
+    ]
     cur = d.state_dir / "voices" / "default" / "current"
     assert cur.is_symlink() and cur.resolve().name == job["job_id"]
     manifest.verify(cur.resolve())
@@ -61,7 +68,9 @@ def test_max_wait_and_train_and_pause(make_daemon: Any) -> None:
     with d.client() as c:
         c.pause()
         c.submit(bad="a", good="b", voice="slow")
-        time.sleep(1.0)  # longer than max_wait: paused, so nothing may be cut (an absence can only be waited out)
+        time.sleep(
+            1.0
+        )  # longer than max_wait: paused, so nothing may be cut (an absence can only be waited out)
         assert c.jobs()["jobs"] == []
         c.resume()
     (job,) = d.wait_jobs(lambda js: len(js) == 1)
@@ -75,10 +84,12 @@ def test_max_wait_and_train_and_pause(make_daemon: Any) -> None:
 
 
 def test_fallback_to_the_next_backend_records_each_failure(make_daemon: Any) -> None:
-    d = make_daemon({
-        "training": {"backends": ["broken", "stuck", "fake"], "timeout_s": 1.0, "heldout_share": 0.0},
-        "training.custom_backends": {"broken": fake_backend("crash"), "stuck": fake_backend("hang")},
-    })
+    d = make_daemon(
+        {
+            "training": {"backends": ["broken", "stuck", "fake"], "timeout_s": 1.0, "heldout_share": 0.0},
+            "training.custom_backends": {"broken": fake_backend("crash"), "stuck": fake_backend("hang")},
+        }
+    )
     submit_n(d, 4)
     (job,) = d.wait_jobs(lambda js: len(js) == 1 and js[0]["state"] == "promoted", timeout=60)
     evs = [e for e in events(d) if e["type"] == "TrainingFailed"]
@@ -101,20 +112,31 @@ def _cmdline(pid: str) -> str:
 
 
 def test_attempts_retry_with_backoff_then_fail(make_daemon: Any) -> None:
-    d = make_daemon({"scheduler": {"max_attempts": 2, "retry_backoff_s": 0.2}, "training": {"heldout_share": 0.0}},
-                    backend=fake_backend("crash"))
+    d = make_daemon(
+        {"scheduler": {"max_attempts": 2, "retry_backoff_s": 0.2}, "training": {"heldout_share": 0.0}},
+        backend=fake_backend("crash"),
+    )
     submit_n(d, 4)
     (job,) = d.wait_jobs(lambda js: len(js) == 1 and js[0]["state"] == "failed", timeout=60)
     assert job["attempt"] == 2 and "attempt 2/2" in job["error"]
-    assert history(d, job["job_id"]) == ["JobCreated", "TrainingStarted", "TrainingFailed", "AttemptFailed",
-                                         "TrainingStarted", "TrainingFailed", "JobFailed"]
+    assert history(d, job["job_id"]) == [
+        "JobCreated",
+        "TrainingStarted",
+        "TrainingFailed",
+        "AttemptFailed",
+        "TrainingStarted",
+        "TrainingFailed",
+        "JobFailed",
+    ]
     with d.client() as c:
         assert c.ping()  # a failed job never takes the daemon down
 
 
 def test_an_adapter_that_does_not_match_its_manifest_is_never_promoted(make_daemon: Any) -> None:
-    d = make_daemon({"scheduler": {"max_attempts": 1}, "training": {"heldout_share": 0.0}},
-                    backend=fake_backend("garbage"))
+    d = make_daemon(
+        {"scheduler": {"max_attempts": 1}, "training": {"heldout_share": 0.0}},
+        backend=fake_backend("garbage"),
+    )
     submit_n(d, 4)
     (job,) = d.wait_jobs(lambda js: len(js) == 1 and js[0]["state"] == "failed")
     assert "invalid adapter" in job["error"] and "does not match its manifest" in job["error"]
@@ -125,8 +147,10 @@ def test_killed_mid_training_resumes_as_a_new_attempt(make_daemon: Any, tmp_path
     mode = tmp_path / "mode"
     mode.write_text("slow:30")
     runs = tmp_path / "runs.log"
-    d = make_daemon({"training": {"heldout_share": 0.0}},
-                    backend=fake_backend("ok", "--mode-file", str(mode), "--log", str(runs)))
+    d = make_daemon(
+        {"training": {"heldout_share": 0.0}},
+        backend=fake_backend("ok", "--mode-file", str(mode), "--log", str(runs)),
+    )
     submit_n(d, 4)
     (job,) = d.wait_jobs(lambda js: len(js) == 1 and js[0]["state"] == "training")
     poll(lambda: runs.exists() and runs.read_text(), 10, what="trainer started")
@@ -160,12 +184,14 @@ def test_command_reloader_rollback_and_retention(make_daemon: Any, tmp_path: Pat
     script = tmp_path / "reload.sh"
     script.write_text(f'#!/bin/sh\necho "$1 $2" >> {calls}\n')
     script.chmod(0o755)
-    d = make_daemon({
-        "training": {"heldout_share": 0.0},
-        "voices": {"keep_versions": 2},
-        "reload": {"method": "command", "reconcile_interval_s": 3600.0},
-        "reload.command": {"argv": [str(script), "{voice}", "{adapter_dir}"]},
-    })
+    d = make_daemon(
+        {
+            "training": {"heldout_share": 0.0},
+            "voices": {"keep_versions": 2},
+            "reload": {"method": "command", "reconcile_interval_s": 3600.0},
+            "reload.command": {"argv": [str(script), "{voice}", "{adapter_dir}"]},
+        }
+    )
     ids = []
     for n in range(3):
         submit_n(d, 4, start=4 * n)
@@ -173,8 +199,11 @@ def test_command_reloader_rollback_and_retention(make_daemon: Any, tmp_path: Pat
         ids.append(js[0]["job_id"])
     served = json.loads((d.state_dir / "voices" / "default" / "served.json").read_text())
     assert served["served_name"] == "default-v0003" and served["job_id"] == ids[2]
-    adapters = sorted(p.name for p in (d.state_dir / "voices" / "default" / "adapters").iterdir()
-                      if not p.name.startswith("."))
+    adapters = sorted(
+        p.name
+        for p in (d.state_dir / "voices" / "default" / "adapters").iterdir()
+        if not p.name.startswith(".")
+    )
     assert adapters == sorted(ids[1:])  # keep_versions = 2
     with d.client() as c:
         rb = c.rollback("default")
@@ -199,5 +228,8 @@ def test_sigterm_during_training_kills_the_trainer_and_exits_zero(make_daemon: A
     t0 = time.monotonic()
     assert d.stop(signal.SIGTERM) == 0
     assert time.monotonic() - t0 < 10
-    poll(lambda: not any("--mode hang" in _cmdline(p) for p in os.listdir("/proc") if p.isdigit()), 10,
-         what="trainer group killed")
+    poll(
+        lambda: not any("--mode hang" in _cmdline(p) for p in os.listdir("/proc") if p.isdigit()),
+        10,
+        what="trainer group killed",
+    )

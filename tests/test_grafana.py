@@ -269,8 +269,8 @@ def metrics_target() -> Iterator[str]:
     """
     try:
         # Imported here, not at the top: a missing or different module skips instead of failing.
-        from beagled import jobs as jobs_mod  # noqa: PLC0415
-        from beagled.metrics import Metrics  # noqa: PLC0415
+        from beagled import jobs as jobs_mod
+        from beagled.metrics import Metrics
 
         state = jobs_mod.State()
         state.voices["default"] = jobs_mod.Voice(

@@ -36,7 +36,9 @@ class Log:
 
 
 def submit(state: jobs.State, log: Log, voice: str, pid: str, heldout: bool = False) -> None:
-    log.record(state, [ev.PairSubmitted(pair_id=pid, voice=voice, bad="b", good="g", key=pid, heldout=heldout)])
+    log.record(
+        state, [ev.PairSubmitted(pair_id=pid, voice=voice, bad="b", good="g", key=pid, heldout=heldout)]
+    )
 
 
 def run(state: jobs.State, log: Log, cmd: jobs.Command) -> list[ev.Event]:
@@ -47,7 +49,7 @@ def test_happy_path_through_every_state() -> None:
     s, log = jobs.State(), Log()
     for i in range(3):
         submit(s, log, "v", f"p{i}")
-    (created,) = run(s, log, jobs.CutJob("v", "j1", "manual"))
+    run(s, log, jobs.CutJob("v", "j1", "manual"))
     assert s.jobs["j1"].state == JobState.QUEUED and s.voices["v"].pending == ()
     run(s, log, jobs.StartAttempt("j1", ("mlx",)))
     run(s, log, jobs.FinishTraining("j1", "mlx", "/a", 0.5, 1.0, 2.0, 3.0, 1.0))
@@ -60,8 +62,15 @@ def test_happy_path_through_every_state() -> None:
     run(s, log, jobs.FinishReload("j1", "vllm", "v-v0001", 0.1))
     j = s.jobs["j1"]
     assert j.state == JobState.RELOADED and s.voices["v"].served_name == "v-v0001"
-    assert [h[1] for h in j.history] == ["queued", "training", "trained", "trained", "promoted", "promoted",
-                                         "reloaded"]
+    assert [h[1] for h in j.history] == [
+        "queued",
+        "training",
+        "trained",
+        "trained",
+        "promoted",
+        "promoted",
+        "reloaded",
+    ]
 
 
 def test_gate_rejects_a_worse_adapter_with_both_figures() -> None:
@@ -118,7 +127,9 @@ def test_illegal_event_raises_and_changes_nothing() -> None:
     submit(s, log, "v", "p0")
     run(s, log, jobs.CutJob("v", "j1", "manual"))
     before = copy.deepcopy(s)
-    bad = ev.Event(ev.Promoted(job_id="j1", voice="v", version=1, adapter_path="/x"), seq=99, version=9, at=1.0)
+    bad = ev.Event(
+        ev.Promoted(job_id="j1", voice="v", version=1, adapter_path="/x"), seq=99, version=9, at=1.0
+    )
     with pytest.raises(IllegalTransition):
         jobs.evolve(s, bad)
     assert s == before
@@ -134,8 +145,15 @@ def test_every_transition_in_the_table_is_forward_or_a_new_attempt() -> None:
             continue
         assert order.index(after) >= order.index(before), (before, etype, after)
         if after == before:
-            assert etype in {"TrainingStarted", "TrainingFailed", "AttemptFailed", "PromotionStarted",
-                             "ReloadStarted", "ReloadFailed", "Reloaded"}
+            assert etype in {
+                "TrainingStarted",
+                "TrainingFailed",
+                "AttemptFailed",
+                "PromotionStarted",
+                "ReloadStarted",
+                "ReloadFailed",
+                "Reloaded",
+            }
 
 
 def test_heldout_is_deterministic_and_near_its_share() -> None:

@@ -33,11 +33,17 @@ def test_line_buffer_overflow_keeps_earlier_lines() -> None:
 
 def test_valid_submit_is_normalised() -> None:
     r = protocol.parse_request(
-        b'{"v":1,"id":"a","op":"submit","bad":"x","good":"y","quality":{"before":1,"after":2.5},"key":"k"}', LIM
+        b'{"v":1,"id":"a","op":"submit","bad":"x","good":"y","quality":{"before":1,"after":2.5},"key":"k"}',
+        LIM,
     )
     assert r.id == "a" and r.op == "submit"
-    assert r.fields == {"voice": "default", "bad": "x", "good": "y", "quality": {"before": 1.0, "after": 2.5},
-                        "key": "k"}
+    assert r.fields == {
+        "voice": "default",
+        "bad": "x",
+        "good": "y",
+        "quality": {"before": 1.0, "after": 2.5},
+        "key": "k",
+    }
 
 
 def test_error_keeps_the_request_id_when_readable() -> None:
@@ -86,8 +92,25 @@ def test_random_bytes_never_crash(data: bytes) -> None:
 @settings(max_examples=1500, deadline=None)
 @given(
     st.dictionaries(
-        st.sampled_from(["v", "id", "op", "bad", "good", "voice", "key", "job_id", "limit", "state", "to",
-                         "from_seq", "prompt", "quality"]) | st.text(max_size=5),
+        st.sampled_from(
+            [
+                "v",
+                "id",
+                "op",
+                "bad",
+                "good",
+                "voice",
+                "key",
+                "job_id",
+                "limit",
+                "state",
+                "to",
+                "from_seq",
+                "prompt",
+                "quality",
+            ]
+        )
+        | st.text(max_size=5),
         json_values,
         max_size=8,
     )

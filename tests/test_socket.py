@@ -77,7 +77,9 @@ def test_pipelined_requests_answered_in_order(daemon: DaemonProc) -> None:
     lines = b"".join(
         (json.dumps({"v": 1, "id": i, "op": op, **f}) + "\n").encode()
         for i, (op, f) in enumerate(
-            [("ping", {})] + [("submit", {"bad": f"b{i}", "good": f"g{i}"}) for i in range(40)] + [("status", {})]
+            [("ping", {})]
+            + [("submit", {"bad": f"b{i}", "good": f"g{i}"}) for i in range(40)]
+            + [("status", {})]
         )
     )
     out = raw(daemon, lines, n=42)

@@ -22,14 +22,21 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
 
 
 def pair(i: int, key: str | None = None, voice: str = "v") -> ev.PairSubmitted:
-    return ev.PairSubmitted(pair_id=f"p{i}", voice=voice, bad=f"bad {i}", good=f"good {i}", key=key or f"k{i}")
+    return ev.PairSubmitted(
+        pair_id=f"p{i}", voice=voice, bad=f"bad {i}", good=f"good {i}", key=key or f"k{i}"
+    )
 
 
 def test_append_assigns_global_seq_and_stream_versions(store: Store) -> None:
     a = store.append([ev.Paused(), ev.JobCreated(job_id="j1", voice="v", pair_ids=())], 1.0)
     b = store.append([ev.Resumed(), ev.JobFailed(job_id="j1", error="x")], 2.0)
     assert [e.seq for e in a + b] == [1, 2, 3, 4]
-    assert [(e.stream, e.version) for e in a + b] == [("daemon", 1), ("job:j1", 1), ("daemon", 2), ("job:j1", 2)]
+    assert [(e.stream, e.version) for e in a + b] == [
+        ("daemon", 1),
+        ("job:j1", 1),
+        ("daemon", 2),
+        ("job:j1", 2),
+    ]
     assert [e.payload for e in store.read(0)] == [e.payload for e in a + b]
     assert [e.seq for e in store.read(2)] == [3, 4]
     assert store.last_seq() == 4

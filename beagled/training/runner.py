@@ -149,7 +149,7 @@ class SubprocessTrainer:
     async def _probe_one(self, name: str) -> None:
         if name in self.custom:
             exe = self.custom[name][0]
-            found = shutil.which(exe) or (Path(exe).is_file() and exe)
+            found = await trio.to_thread.run_sync(lambda: shutil.which(exe) or os.path.isfile(exe))
             self._status[name] = BackendStatus(
                 name, bool(found), f"custom command {exe}" if found else f"custom command {exe} not found"
             )
@@ -172,7 +172,9 @@ class SubprocessTrainer:
         except (OSError, ValueError) as e:
             status = BackendStatus(name, False, f"probe failed: {e}")
         self._status[name] = status
-        log.info("backend probed", extra={"backend": name, "available": status.available, "reason": status.reason})
+        log.info(
+            "backend probed", extra={"backend": name, "available": status.available, "reason": status.reason}
+        )
 
     def statuses(self) -> list[BackendStatus]:
         return [self._status[n] for n in self.order]
@@ -185,9 +187,11 @@ class SubprocessTrainer:
         self.spec_dir.mkdir(parents=True, exist_ok=True)
         spec_path = self.spec_dir / f"{spec['job_id']}-a{spec['attempt']}-{backend}.json"
         spec_path.write_text(json.dumps({**spec, "backend": backend}), encoding="utf-8")
-        argv = [*self.argv(backend), "train", str(spec_path)] if backend not in self.custom else [
-            *self.argv(backend), str(spec_path)
-        ]
+        argv = (
+            [*self.argv(backend), "train", str(spec_path)]
+            if backend not in self.custom
+            else [*self.argv(backend), str(spec_path)]
+        )
         started = time.monotonic()
         result: dict[str, Any] | None = None
         error: str | None = None
@@ -202,7 +206,8 @@ class SubprocessTrainer:
         )
         pgid_file = spec_path.with_suffix(".pgid")
         pgid_file.write_text(f"{proc.pid}\n{spec_path}")
-        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout is not None
+        assert proc.stderr is not None
         stdout, stderr = proc.stdout, proc.stderr
 
         async def read_stdout() -> None:
@@ -222,7 +227,9 @@ class SubprocessTrainer:
                     elif msg.get("type") == "error":
                         error = str(msg.get("message", "error"))[:2000]
                     elif msg.get("type") == "log":
-                        log.debug("worker: %s", str(msg.get("message", ""))[:2000], extra={"backend": backend})
+                        log.debug(
+                            "worker: %s", str(msg.get("message", ""))[:2000], extra={"backend": backend}
+                        )
 
         async def read_stderr() -> None:
             buf = b""
@@ -248,7 +255,8 @@ class SubprocessTrainer:
             raise TrainingError(f"timed out after {self.timeout_s:.0f}s", backend=backend, timeout=True)
         if proc.returncode != 0 or result is None:
             how = (
-                f"killed by signal {-proc.returncode}" if proc.returncode and proc.returncode < 0
+                f"killed by signal {-proc.returncode}"
+                if proc.returncode and proc.returncode < 0
                 else f"exited with status {proc.returncode}"
             )
             detail = error or (" | ".join(list(stderr_tail)[-5:]) or "no output")

@@ -62,7 +62,7 @@ def _config(
 
 
 def _train_tokenizer(vocab_size: int, seed: int) -> Any:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: PLC0415 (ML libraries load only when a model is built)
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -79,8 +79,8 @@ def _train_tokenizer(vocab_size: int, seed: int) -> Any:
 
 
 def _weights(model: Any, seed: int, std: float, head_std: float) -> dict[str, Any]:
-    import numpy as np  # noqa: PLC0415 (ML libraries load only when a model is built)
-    from mlx.utils import tree_flatten  # noqa: PLC0415 (ML libraries load only when a model is built)
+    import numpy as np
+    from mlx.utils import tree_flatten
 
     rng = np.random.default_rng(seed)
     out: dict[str, Any] = {}
@@ -111,9 +111,9 @@ def build_tiny_model(
     head_std: float | None = None,
 ) -> Path:
     """Write a tiny seeded Llama model with its tokenizer to ``out_dir`` (created) and return it."""
-    import mlx.core as mx  # noqa: PLC0415 (ML libraries load only when a model is built)
-    from mlx_lm.models.llama import Model, ModelArgs  # noqa: PLC0415 (ML libraries load only when a model is built)
-    from safetensors.numpy import save_file  # noqa: PLC0415 (ML libraries load only when a model is built)
+    import mlx.core as mx
+    from mlx_lm.models.llama import Model, ModelArgs
+    from safetensors.numpy import save_file
 
     if hidden_size % num_heads or num_heads % num_kv_heads:
         raise ValueError("hidden_size must divide by num_heads, and num_heads by num_kv_heads")
