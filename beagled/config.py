@@ -42,6 +42,9 @@ class DaemonConfig:
     max_inflight_per_connection: int = 64
     log_format: str = "auto"  # auto | json | text
     log_level: str = "info"
+    snapshot_every: int = (
+        10_000  # events between snapshots of the projected state (recovery replays the tail)
+    )
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,9 @@ class TrainingConfig:
     timeout_s: float = 900.0
     probe_timeout_s: float = 120.0
     python: str = ""  # interpreter for built-in backends; "" → the daemon's own
+    memory_limit_mb: int = 0  # RLIMIT_AS of a training subprocess; 0 → no limit
+    warm: bool = True  # keep a worker per backend with the base model loaded between jobs
+    warm_max_jobs: int = 20  # a warm worker is replaced after this many jobs (memory hygiene)
     custom_backends: dict[str, list[str]] = field(default_factory=dict)
     hyper: HyperConfig = field(default_factory=HyperConfig)
 
@@ -104,6 +110,7 @@ class VllmConfig:
     path_map: list[list[str]] = field(default_factory=list)  # [[daemon_prefix, server_prefix], …]
     max_lora_rank: int = 16
     timeout_s: float = 30.0
+    api_key: str = ""  # sent as a bearer token when the server was started with --api-key
 
 
 @dataclass(frozen=True)
@@ -125,6 +132,7 @@ class SshConfig:
 class CommandConfig:
     argv: list[str] = field(default_factory=list)
     timeout_s: float = 120.0
+    verify_argv: list[str] = field(default_factory=list)  # exit 0 = the adapter is served (reconcile)
 
 
 @dataclass(frozen=True)
@@ -238,6 +246,8 @@ def validate(cfg: Config) -> Config:
         ("daemon.idle_timeout_s", d.idle_timeout_s),
         ("daemon.write_timeout_s", d.write_timeout_s),
         ("daemon.max_inflight_per_connection", d.max_inflight_per_connection),
+        ("daemon.snapshot_every", d.snapshot_every),
+        ("training.warm_max_jobs", t.warm_max_jobs),
         ("scheduler.min_pairs", s.min_pairs),
         ("scheduler.max_wait_s", s.max_wait_s),
         ("scheduler.max_attempts", s.max_attempts),
@@ -263,6 +273,7 @@ def validate(cfg: Config) -> Config:
         ("training.eval_tolerance", t.eval_tolerance),
         ("training.replay_pairs", t.replay_pairs),
         ("training.hyper.seed", h.seed),
+        ("training.memory_limit_mb", t.memory_limit_mb),
     ):
         _positive(key, v, zero_ok=True)
     if d.max_draft_bytes >= d.max_message_bytes:

@@ -39,7 +39,9 @@ def build_reloader(cfg: Config) -> Reloader:
     if r.method == "command":
         from beagled.reload.command import CommandReloader
 
-        return CommandReloader(list(r.command.argv), timeout_s=r.command.timeout_s)
+        return CommandReloader(
+            list(r.command.argv), timeout_s=r.command.timeout_s, verify_argv=list(r.command.verify_argv)
+        )
     if r.method == "vllm":
         from beagled.reload.vllm import VllmReloader
 
@@ -51,6 +53,7 @@ def build_reloader(cfg: Config) -> Reloader:
             path_map=[(a, b) for a, b in r.vllm.path_map],
             timeout_s=r.vllm.timeout_s,
             max_lora_rank=r.vllm.max_lora_rank,
+            api_key=r.vllm.api_key,
         )
     if r.method == "ssh":
         from beagled.reload.ssh import SshReloader
@@ -104,6 +107,7 @@ class Daemon:
             timeout_s=t.timeout_s,
             probe_timeout_s=t.probe_timeout_s,
             spec_dir=cfg.state_dir / "specs",
+            memory_limit_mb=t.memory_limit_mb,
         )
         self.engine = Engine(
             cfg,

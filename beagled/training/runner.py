@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -50,6 +51,14 @@ class Trainer(Protocol):
     def statuses(self) -> list[BackendStatus]: ...
     def available(self) -> list[str]: ...
     async def run(self, backend: str, spec: dict[str, Any], on_progress: Progress) -> dict[str, Any]: ...
+
+
+def _limit_memory(mb: int) -> Callable[[], None]:
+    def apply() -> None:  # pragma: no cover - runs in the child between fork and exec
+        limit = mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    return apply
 
 
 def reap_orphans(spec_dir: Path) -> int:
@@ -120,7 +129,9 @@ class SubprocessTrainer:
         probe_timeout_s: float = 120.0,
         spec_dir: Path,
         env: dict[str, str] | None = None,
+        memory_limit_mb: int = 0,
     ) -> None:
+        self.memory_limit_mb = memory_limit_mb
         self.order = list(backends)
         self.custom = dict(custom or {})
         self.python = python or sys.executable
@@ -202,6 +213,7 @@ class SubprocessTrainer:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
+            preexec_fn=_limit_memory(self.memory_limit_mb) if self.memory_limit_mb else None,
             env=worker_env({**self.env, "BEAGLED_PARENT_PID": str(os.getpid())}),
         )
         pgid_file = spec_path.with_suffix(".pgid")
