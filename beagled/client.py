@@ -442,11 +442,16 @@ class Client:
     def rollback(self, voice: str, to: str | None = None) -> dict[str, Any]:
         return self.request("rollback", voice=voice, to=to)
 
-    def pause(self) -> dict[str, Any]:
-        return self.request("pause")
+    def pause(self, voice: str | None = None) -> dict[str, Any]:
+        """Stop cutting new jobs: for the whole daemon, or for one voice."""
+        return self.request("pause", voice=voice)
 
-    def resume(self) -> dict[str, Any]:
-        return self.request("resume")
+    def resume(self, voice: str | None = None) -> dict[str, Any]:
+        return self.request("resume", voice=voice)
+
+    def delete_voice(self, voice: str, *, remove_adapters: bool = False) -> dict[str, Any]:
+        """Remove a voice from the listing (its events stay); its adapters too if asked."""
+        return self.request("delete_voice", voice=voice, remove_adapters=remove_adapters)
 
     def watch(self, from_seq: int | None = None) -> Generator[dict[str, Any], None, None]:
         """Yield each streamed message (``{"event": {...}}`` or ``{"progress": {...}}`` envelopes).
@@ -672,11 +677,14 @@ class AsyncClient:
     async def rollback(self, voice: str, to: str | None = None) -> dict[str, Any]:
         return await self.request("rollback", voice=voice, to=to)
 
-    async def pause(self) -> dict[str, Any]:
-        return await self.request("pause")
+    async def pause(self, voice: str | None = None) -> dict[str, Any]:
+        return await self.request("pause", voice=voice)
 
-    async def resume(self) -> dict[str, Any]:
-        return await self.request("resume")
+    async def resume(self, voice: str | None = None) -> dict[str, Any]:
+        return await self.request("resume", voice=voice)
+
+    async def delete_voice(self, voice: str, *, remove_adapters: bool = False) -> dict[str, Any]:
+        return await self.request("delete_voice", voice=voice, remove_adapters=remove_adapters)
 
     def watch(self, from_seq: int | None = None) -> AsyncWatch:
         """An async iterator over streamed messages, on a connection of its own.

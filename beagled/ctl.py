@@ -542,8 +542,13 @@ def _build_parser() -> argparse.ArgumentParser:
     p = add("rollback", "serve a voice's previous (or a given) adapter")
     p.add_argument("voice", metavar="VOICE")
     p.add_argument("--to", metavar="JOB", help="the job whose adapter to serve")
-    add("pause", "stop cutting new jobs (running work finishes)")
-    add("resume", "start cutting new jobs again")
+    p = add("pause", "stop cutting new jobs (running work finishes), for all voices or one")
+    p.add_argument("voice", metavar="VOICE", nargs="?")
+    p = add("resume", "start cutting new jobs again, for all voices or one")
+    p.add_argument("voice", metavar="VOICE", nargs="?")
+    p = add("delete", "delete a voice from the listing (its events stay in the log)")
+    p.add_argument("voice", metavar="VOICE")
+    p.add_argument("--remove-adapters", action="store_true", help="also delete its adapter files")
     p = add("watch", "follow events and live training progress (Ctrl-C to stop)")
     p.add_argument("--from-seq", type=int, metavar="SEQ", help="replay events from this seq")
     return parser
@@ -586,8 +591,17 @@ def _run(client: Client, args: argparse.Namespace) -> int:
         result = client.rollback(args.voice, to=args.to)
         text = f"voice {_clean(args.voice)} now serves job {_clean(result.get('job_id'))}"
     elif command in ("pause", "resume"):
-        result = client.pause() if command == "pause" else client.resume()
-        text = "paused: no new jobs are cut" if result.get("paused") else "running: new jobs are cut"
+        result = client.pause(args.voice) if command == "pause" else client.resume(args.voice)
+        who = f"voice {_clean(args.voice)}" if args.voice else "all voices"
+        text = (
+            f"{who} paused: no new jobs are cut"
+            if result.get("paused")
+            else f"{who} running: new jobs are cut"
+        )
+    elif command == "delete":
+        result = client.delete_voice(args.voice, remove_adapters=args.remove_adapters)
+        removed = " and its adapters" if result.get("adapters_removed") else ""
+        text = f"voice {_clean(args.voice)}{removed} deleted (its events stay in the log)"
     else:  # pragma: no cover - argparse only lets known commands through
         raise UsageError(f"unknown command {command}")
     if args.json:

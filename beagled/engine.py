@@ -308,9 +308,23 @@ class Engine:
         await self._finish_rollback(voice)
         return {"job_id": p.job_id, "version": p.version}
 
-    async def set_paused(self, paused: bool) -> dict[str, Any]:
-        await self.execute(jobs.SetPaused(paused))
+    async def set_paused(self, paused: bool, voice: str | None = None) -> dict[str, Any]:
+        await self.execute(jobs.SetPaused(paused, voice))
+        if voice is not None:
+            return {"paused": self.state.voices[voice].paused, "voice": voice}
         return {"paused": self.state.paused}
+
+    async def delete_voice(self, voice: str, remove_adapters: bool) -> dict[str, Any]:
+        try:
+            await self.execute(jobs.DeleteVoice(voice, remove_adapters))
+        except IllegalTransition as e:
+            raise Conflict(str(e)) from None
+        removed = False
+        if remove_adapters:
+            removed = await trio.to_thread.run_sync(self.voices.remove, voice)
+        self.verified_at.pop(voice, None)
+        log.info("voice deleted", extra={"voice": voice, "adapters_removed": removed})
+        return {"voice": voice, "deleted": True, "adapters_removed": removed}
 
     async def watch(self, from_seq: int | None) -> AsyncIterator[dict[str, Any]]:
         """History from ``from_seq`` (exclusive), then live events and progress, until the caller stops."""

@@ -211,6 +211,38 @@ class RolledBack(Payload):
 
 
 @dataclass(frozen=True)
+class VoicePaused(Payload):
+    """No new jobs are cut for this voice (pairs are still accepted)."""
+
+    TYPE: ClassVar[str] = "VoicePaused"
+    voice: str
+
+    def stream(self) -> str:
+        return f"voice:{self.voice}"
+
+
+@dataclass(frozen=True)
+class VoiceResumed(Payload):
+    TYPE: ClassVar[str] = "VoiceResumed"
+    voice: str
+
+    def stream(self) -> str:
+        return f"voice:{self.voice}"
+
+
+@dataclass(frozen=True)
+class VoiceDeleted(Payload):
+    """The voice leaves the listing; its events stay in the log, its adapters go only if asked."""
+
+    TYPE: ClassVar[str] = "VoiceDeleted"
+    voice: str
+    remove_adapters: bool = False
+
+    def stream(self) -> str:
+        return f"voice:{self.voice}"
+
+
+@dataclass(frozen=True)
 class Paused(Payload):
     TYPE: ClassVar[str] = "Paused"
 
@@ -244,6 +276,9 @@ PAYLOAD_TYPES: dict[str, type[Payload]] = {
         JobFailed,
         RollbackStarted,
         RolledBack,
+        VoicePaused,
+        VoiceResumed,
+        VoiceDeleted,
         Paused,
         Resumed,
     )

@@ -141,6 +141,7 @@ class Voice:
     served_name: str | None = None
     last_trained_at: float = 0.0
     reload_intent: str | None = None  # job id of a rollback intent without its outcome
+    paused: bool = False  # no new jobs are cut for this voice
 
     def public(self) -> dict[str, Any]:
         return {
@@ -154,6 +155,7 @@ class Voice:
             "served_name": self.served_name,
             "served_version": self.served_version,
             "eval_loss": self.eval_loss,
+            "paused": self.paused,
         }
 
 
@@ -273,6 +275,12 @@ def evolve(state: State, event: ev.Event) -> State:
             eval_loss=target.eval_loss if target else None,
             reload_intent=None,
         )
+    elif isinstance(p, ev.VoicePaused | ev.VoiceResumed):
+        state.voices[p.voice] = dataclasses.replace(
+            state.voice(p.voice), paused=isinstance(p, ev.VoicePaused)
+        )
+    elif isinstance(p, ev.VoiceDeleted):
+        state.voices.pop(p.voice, None)
     elif isinstance(p, ev.Paused):
         state.paused = True
     elif isinstance(p, ev.Resumed):
@@ -468,6 +476,13 @@ class FinishRollback:
 @dataclass(frozen=True)
 class SetPaused:
     paused: bool
+    voice: str | None = None  # None: the whole daemon
+
+
+@dataclass(frozen=True)
+class DeleteVoice:
+    voice: str
+    remove_adapters: bool = False
 
 
 Command = (
@@ -485,6 +500,7 @@ Command = (
     | Rollback
     | FinishRollback
     | SetPaused
+    | DeleteVoice
 )
 
 
@@ -515,9 +531,32 @@ def decide(state: State, cmd: Command) -> list[ev.Payload]:
             )
         ]
     if isinstance(cmd, SetPaused):
+        if cmd.voice is not None:
+            if cmd.voice not in state.voices:
+                raise NotFound(f"no voice {cmd.voice!r}")
+            if state.voices[cmd.voice].paused == cmd.paused:
+                return []
+            return [ev.VoicePaused(voice=cmd.voice) if cmd.paused else ev.VoiceResumed(voice=cmd.voice)]
         if cmd.paused == state.paused:
             return []
         return [ev.Paused() if cmd.paused else ev.Resumed()]
+    if isinstance(cmd, DeleteVoice):
+        if cmd.voice not in state.voices:
+            raise NotFound(f"no voice {cmd.voice!r}")
+        busy = [
+            j.job_id
+            for j in state.jobs.values()
+            if j.voice == cmd.voice
+            and (
+                j.state in (JobState.QUEUED, JobState.TRAINING, JobState.TRAINED)
+                or j.pending_intent is not None
+            )
+        ]
+        if busy or state.voices[cmd.voice].reload_intent is not None:
+            raise IllegalTransition(
+                f"voice {cmd.voice!r} has work in progress ({', '.join(busy) or 'a rollback'})"
+            )
+        return [ev.VoiceDeleted(voice=cmd.voice, remove_adapters=cmd.remove_adapters)]
     if isinstance(cmd, Rollback):
         return _decide_rollback(state, cmd)
     if isinstance(cmd, FinishRollback):
@@ -675,8 +714,8 @@ def _decide_rollback(state: State, cmd: Rollback) -> list[ev.Payload]:
 
 
 def cut_reason(v: Voice, *, now: float, min_pairs: int, max_wait_s: float) -> str | None:
-    """Why the voice's pending pairs should become a job now, or None."""
-    if not v.pending:
+    """Why the voice's pending pairs should become a job now, or None (never for a paused voice)."""
+    if not v.pending or v.paused:
         return None
     if len(v.pending) >= min_pairs:
         return "min_pairs"
@@ -686,7 +725,7 @@ def cut_reason(v: Voice, *, now: float, min_pairs: int, max_wait_s: float) -> st
 
 
 def next_cut_deadline(state: State, max_wait_s: float) -> float | None:
-    deadlines = [v.pending[0][1] + max_wait_s for v in state.voices.values() if v.pending]
+    deadlines = [v.pending[0][1] + max_wait_s for v in state.voices.values() if v.pending and not v.paused]
     return min(deadlines) if deadlines else None
 
 

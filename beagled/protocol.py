@@ -199,6 +199,19 @@ def _none(_f: dict[str, Any], _limits: Limits) -> dict[str, Any]:
     return {}
 
 
+def _pause(f: dict[str, Any], _limits: Limits) -> dict[str, Any]:
+    return {"voice": voice_name(f["voice"])} if f.get("voice") is not None else {}
+
+
+def _delete_voice(f: dict[str, Any], _limits: Limits) -> dict[str, Any]:
+    if "voice" not in f:
+        raise BadRequest("delete_voice needs voice")
+    remove = f.get("remove_adapters", False)
+    if not isinstance(remove, bool):
+        raise BadRequest("remove_adapters must be true or false")
+    return {"voice": voice_name(f["voice"]), "remove_adapters": remove}
+
+
 Validator = Callable[[dict[str, Any], Limits], dict[str, Any]]
 OPS: dict[str, tuple[frozenset[str], Validator]] = {
     "ping": (frozenset(), _none),
@@ -209,8 +222,9 @@ OPS: dict[str, tuple[frozenset[str], Validator]] = {
     "voices": (frozenset(), _none),
     "train": (frozenset({"voice"}), _train),
     "rollback": (frozenset({"voice", "to"}), _rollback),
-    "pause": (frozenset(), _none),
-    "resume": (frozenset(), _none),
+    "pause": (frozenset({"voice"}), _pause),
+    "resume": (frozenset({"voice"}), _pause),
+    "delete_voice": (frozenset({"voice", "remove_adapters"}), _delete_voice),
     "watch": (frozenset({"from_seq"}), _watch),
 }
 ENVELOPE = frozenset({"v", "id", "op"})

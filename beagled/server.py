@@ -67,13 +67,24 @@ def _remove_stale(path: Path) -> None:
     raise Conflict(f"another beagled is listening on {path}")
 
 
-def bind_unix(path: Path) -> stdsocket.socket:
+def bind_unix(path: Path, *, shared: bool = False) -> stdsocket.socket:
+    """Bind ``path`` with mode 0600 from the first instant, in a directory only the owner can enter.
+
+    ``shared`` (``allowed_uids`` names a uid other than the daemon's own): once bound, and before
+    ``listen``, the socket is widened to 0666 and its directory (when the daemon owns it) to 0711 —
+    traverse, not list — so that those users can connect at all; the SO_PEERCRED check on every
+    connection is then what keeps everyone else out (they are answered ``forbidden``).
+    """
     _prepare_dir(path.parent)
     _remove_stale(path)
     sock = stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
     old = os.umask(0o177)  # the socket is 0600 from the moment it exists
     try:
         sock.bind(str(path))
+        if shared:
+            os.chmod(path, 0o666)
+            if path.parent.stat().st_uid == os.getuid():
+                os.chmod(path.parent, 0o711)
     except OSError:
         sock.close()
         raise
@@ -109,8 +120,9 @@ class Server:
             "voices": self._sync(lambda f: engine.list_voices()),
             "train": lambda f: engine.train_now(f["voice"]),
             "rollback": lambda f: engine.rollback(f["voice"], f.get("to")),
-            "pause": lambda f: engine.set_paused(True),
-            "resume": lambda f: engine.set_paused(False),
+            "pause": lambda f: engine.set_paused(True, f.get("voice")),
+            "resume": lambda f: engine.set_paused(False, f.get("voice")),
+            "delete_voice": lambda f: engine.delete_voice(f["voice"], f["remove_adapters"]),
         }
 
     @staticmethod
@@ -123,7 +135,13 @@ class Server:
         return call
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        sock = bind_unix(self.path)
+        shared = bool(self.allowed - {os.getuid()})
+        sock = bind_unix(self.path, shared=shared)
+        if shared:
+            log.warning(
+                "socket opened to other uids; each peer is checked against allowed_uids",
+                extra={"socket": str(self.path), "allowed_uids": sorted(self.allowed)},
+            )
         self.listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         log.info("listening", extra={"socket": str(self.path)})
         try:

@@ -116,6 +116,15 @@ class VoiceStore:
             removed.append(d.name)
         return removed
 
+    def remove(self, voice: str) -> bool:
+        """Delete every adapter of the voice (its events stay in the log). True if anything was there."""
+        vdir = self.voice_dir(voice)
+        if not vdir.exists():
+            return False
+        shutil.rmtree(vdir)
+        manifest.fsync_dir(self.root)
+        return True
+
     def clean_staging(self) -> None:
         for vdir in self.root.iterdir() if self.root.is_dir() else []:
             staging = vdir / "adapters" / ".staging"

@@ -233,3 +233,58 @@ def test_sigterm_during_training_kills_the_trainer_and_exits_zero(make_daemon: A
         10,
         what="trainer group killed",
     )
+
+
+def test_voices_pause_and_delete(make_daemon: Any) -> None:
+    d = make_daemon({"training": {"heldout_share": 0.0}})
+    with d.client() as c:
+        c.submit(bad="q", good="r", voice="held")
+        assert c.pause("held") == {"paused": True, "voice": "held"}
+        assert c.status()["paused"] is False  # only that voice
+    submit_n(d, 4, voice="held", start=1)
+    submit_n(d, 4, voice="other")
+    d.wait_jobs(lambda js: [j["voice"] for j in js if j["state"] == "promoted"] == ["other"])
+    with d.client() as c:
+        assert c.voices()["voices"][0]["pending_pairs"] == 5  # "held" keeps its pairs, uncut
+        c.resume("held")
+    d.wait_jobs(lambda js: sorted(j["voice"] for j in js if j["state"] == "promoted") == ["held", "other"])
+    adapters = d.state_dir / "voices" / "other"
+    assert adapters.is_dir()
+    with d.client() as c:
+        assert c.delete_voice("held") == {"voice": "held", "deleted": True, "adapters_removed": False}
+        assert (d.state_dir / "voices" / "held").is_dir()  # adapters stay unless asked
+        assert c.delete_voice("other", remove_adapters=True)["adapters_removed"] is True
+        assert c.voices()["voices"] == []
+        assert len(c.jobs()["jobs"]) == 2  # the events, and so the jobs' history, stay
+    assert not adapters.exists()
+    d.kill()
+    d.start()
+    with d.client() as c:
+        assert c.voices()["voices"] == []
+        c.submit(bad="new", good="life", voice="other")  # a voice comes back with its first pair
+        assert [v["voice"] for v in c.voices()["voices"]] == ["other"]
+
+
+def test_fair_between_voices_and_no_voice_sees_another_s_pairs(make_daemon: Any, tmp_path: Path) -> None:
+    """A voice that floods never starves another; each job trains only on its own voice's pairs."""
+    runs = tmp_path / "runs.log"
+    d = make_daemon(
+        {"training": {"heldout_share": 0.0, "replay_pairs": 4}},
+        backend=fake_backend("slow:0.3", "--log", str(runs)),
+    )
+    mine: dict[str, set[str]] = {"flood": set(), "quiet": set()}
+    mine["flood"] |= {r["pair_id"] for r in submit_n(d, 4, voice="flood")}
+    d.wait_jobs(lambda js: len(js) == 1 and js[0]["state"] == "training")
+    mine["flood"] |= {r["pair_id"] for r in submit_n(d, 40, voice="flood", start=4)}
+    mine["quiet"] |= {r["pair_id"] for r in submit_n(d, 4, voice="quiet")}
+    js = d.wait_jobs(lambda js: sum(j["state"] == "promoted" for j in js) >= 3, timeout=60)
+    order = [j["voice"] for j in sorted(js, key=lambda j: j["updated_at"]) if j["state"] == "promoted"]
+    assert order.index("quiet") <= 2, order  # right after the flood's first or second job, not last
+    with d.client() as c:
+        for j in c.jobs(limit=100)["jobs"]:
+            detail = c.job(j["job_id"])["job"]
+            assert set(detail["pair_ids"]) | set(detail["replay_ids"]) <= mine[j["voice"]]
+    voice_of = {pid: v for v, ids in mine.items() for pid in ids}
+    for line in runs.read_text().splitlines():
+        trained = line.split()[2].split(",")
+        assert len({voice_of[p] for p in trained}) == 1, line  # what the trainer saw: one voice only

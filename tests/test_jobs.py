@@ -275,9 +275,13 @@ class JobMachine(RuleBasedStateMachine):
         self.attempt(jobs.Rollback(voice))
         self.attempt(jobs.FinishRollback(voice, "/ad/rolled"))
 
-    @rule(paused=st.booleans())
-    def pause(self, paused: bool) -> None:
-        self.attempt(jobs.SetPaused(paused))
+    @rule(paused=st.booleans(), voice=st.none() | VOICES)
+    def pause(self, paused: bool, voice: str | None) -> None:
+        self.attempt(jobs.SetPaused(paused, voice))
+
+    @rule(voice=VOICES, remove=st.booleans())
+    def delete_voice(self, voice: str, remove: bool) -> None:
+        self.attempt(jobs.DeleteVoice(voice, remove))
 
     @precondition(lambda self: bool(self.log.events))
     @rule()
