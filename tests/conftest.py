@@ -46,3 +46,11 @@ def make_daemon(tmp_path: Path) -> Iterator[Callable[..., DaemonProc]]:
 @pytest.fixture
 def daemon(make_daemon: Callable[..., DaemonProc]) -> DaemonProc:
     return make_daemon()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny local model (MLX-built, Hugging Face layout), built once per test session."""
+    from beagled.training.tinymodel import ensure_tiny_model
+
+    return ensure_tiny_model(tmp_path_factory.getbasetemp() / "tiny-model-cache")

@@ -21,9 +21,9 @@ pytest.importorskip("torch")
 pytest.importorskip("peft")
 pytest.importorskip("trl")
 
-from beagled import manifest  # noqa: E402
-from beagled.training.corpus import voice_pairs  # noqa: E402
-from beagled.training.tinymodel import ensure_tiny_model  # noqa: E402
+from beagled import manifest
+from beagled.training.corpus import voice_pairs
+from beagled.training.tinymodel import ensure_tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -155,7 +155,8 @@ def test_sft_learns_the_voice(sft_run: Run) -> None:
     assert result["steps"] == 24
     assert result["eval_loss"] < result["base_eval_loss"], result
     assert result["baseline_eval_loss"] == result["base_eval_loss"]  # no served adapter: the base
-    assert result["train_loss"] > 0
+    assert 0 < result["train_loss"] < result["base_eval_loss"]  # mean completion NLL over the train pairs
+    assert result["objective_loss"] > 0  # the trainer's own mean loss
     assert result["duration_s"] > 0
 
 
@@ -221,6 +222,24 @@ def test_sft_adapter_loads_with_peft_and_reproduces_eval_loss(
         )
 
 
+def test_encode_example_masks_the_prompt_and_truncates_like_mlx(base_model: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from beagled.training.torch_common import IGNORE, encode_example
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base_model), local_files_only=True)
+    ids, labels = encode_example(tokenizer, "Write to Ana.", "Hey Ana", 256)
+    n_prompt = labels.count(IGNORE)
+    assert labels[:n_prompt] == [IGNORE] * n_prompt
+    assert labels[n_prompt:] == ids[n_prompt:]
+    assert tokenizer.decode(ids[n_prompt:]).startswith("Hey Ana")  # the chat template's assistant turn
+    assert tokenizer.decode(ids[n_prompt:]).rstrip().endswith(tokenizer.eos_token)
+
+    long_ids, long_labels = encode_example(tokenizer, "word " * 200, "more " * 200, 64)
+    assert len(long_ids) == len(long_labels) == 64
+    assert long_labels.count(IGNORE) == 32  # the prompt's end keeps half, the completion's start the rest
+
+
 def test_continue_from_init_adapter(
     sft_run: Run, base_model: Path, data: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -233,7 +252,7 @@ def test_continue_from_init_adapter(
         "j-next",
         init_adapter=str(sft_run.out_dir),
         served_adapter=str(sft_run.out_dir),
-        hyper={"steps": 12},
+        hyper={"steps": 8},
     )
     run = run_worker(tmp_path, spec)
     assert run.rc == 0, run.stderr[-3000:]
@@ -254,12 +273,12 @@ def test_dpo_raises_the_heldout_margin(base_model: Path, data: dict[str, Any], t
         data,
         "j-dpo",
         objective="dpo",
-        hyper={"num_layers": 1, "steps": 20, "learning_rate": 0.001},
+        hyper={"num_layers": 1, "steps": 16, "learning_rate": 0.001},
     )
     run = run_worker(tmp_path, spec)
     assert run.rc == 0, run.stderr[-3000:]
     result = run.result
-    assert len(run.of_type("progress")) == 20
+    assert len(run.of_type("progress")) == 16
     assert result["eval_margin"] > result["base_eval_margin"], result
     assert result["baseline_eval_margin"] == result["base_eval_margin"]
     info = manifest.verify(run.out_dir)

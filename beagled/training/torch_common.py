@@ -1,0 +1,799 @@
+"""What the torch backends (``peft``, ``unsloth``) share: hyper-parameters, data, TRL training, eval, output.
+
+A backend only says how to load the base model and how to put LoRA on it (``TorchLoader``);
+``run_training`` does the rest of the worker protocol (docs/internals.md):
+
+- **data**: every pair is encoded once by ``encode_example``: the tokenizer's chat template when it has
+  one (user = prompt, assistant = completion), else ``prompt + completion + eos``; the completion starts
+  where the tokenized prompt and prompt+completion diverge (TRL's rule), labels are ``-100`` on the
+  prompt; a pair longer than ``max_seq_len`` keeps the prompt's end and the completion's start (the mlx
+  backend's rule). SFT gets this pre-tokenized dataset (``input_ids`` + ``labels``), so training and
+  evaluation see exactly the same tokens whatever trainer patches a backend brings.
+- **training**: TRL ``SFTTrainer`` (completion-only loss through the labels) or ``DPOTrainer``
+  (chosen = better draft, rejected = worse; ``ref_model=None``, so the reference is the model with its
+  adapters disabled, or a frozen copy of ``init_adapter`` when continuing from one; ``beta`` 0.1 unless
+  ``hyper.beta``), ``max_steps=steps``, constant learning rate, no hub, no checkpoints, no reports, the
+  trainer's output directory a temp dir.
+- **eval**: as the mlx backend, every loss is a mean completion-token NLL (the sum of ``-log p`` over
+  every completion token, divided by their number): ``train_loss`` over ``train`` after training;
+  ``eval_loss``, ``baseline_eval_loss``, ``base_eval_loss`` over ``heldout`` under the new adapter, the
+  served adapter (the base when there is none) and the base. DPO adds the mean held-out margin
+  ``log p(chosen) - log p(rejected)`` (each summed over its completion) under the same three.
+  ``objective_loss`` is the trainer's own mean loss over the run (cross-entropy or DPO loss).
+- **output**: the PEFT adapter alone (``adapter_config.json`` + ``adapter_model.safetensors``), then
+  ``manifest.json`` by ``beagled.manifest.write_manifest``.
+
+stdout is the protocol channel: while training, file descriptor 1 and ``sys.stdout`` point at stderr,
+and only ``emit`` writes JSON lines to the real stdout. torch and friends are imported inside the
+functions, so the unsloth backend can import ``unsloth`` before any of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import importlib.metadata
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from beagled.manifest import MANIFEST, PEFT_FILES, sha256_file, write_manifest
+
+# them, and Unsloth must be imported before any of them)
+
+Emit = Callable[[dict[str, Any]], None]
+Example = tuple[list[int], list[int]]  # input_ids, labels (-100 where no loss)
+
+IGNORE = -100
+OUT_DIR_LEFTOVERS = (*PEFT_FILES, "README.md", MANIFEST + ".tmp")
+
+
+class SpecError(ValueError):
+    """The spec asks for something impossible (bad hyper-parameter, missing data): the job's fault."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Hyper-parameters
+
+
+@dataclass(frozen=True)
+class Hyper:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    num_layers: int = -1
+    learning_rate: float = 1e-3
+    steps: int = 40
+    batch_size: int = 4
+    max_seq_len: int = 256
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_spec(cls, raw: Any) -> Hyper:
+        if not isinstance(raw, dict):
+            raise SpecError("hyper must be an object")
+        known = {f for f in cls.__dataclass_fields__ if f != "extra"}
+        default = cls()
+
+        def num(name: str, kind: type, lo: float, lo_ok: bool = True, hi: float = math.inf) -> Any:
+            value = raw.get(name, getattr(default, name))
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise SpecError(f"hyper.{name} must be a number, got {value!r}")
+            if kind is int and value != int(value):
+                raise SpecError(f"hyper.{name} must be an integer, got {value!r}")
+            value = kind(value)
+            if not math.isfinite(value) or value < lo or (value == lo and not lo_ok) or value > hi:
+                bound = f"{'>=' if lo_ok else '>'} {lo}" + (f" and <= {hi}" if hi != math.inf else "")
+                raise SpecError(f"hyper.{name} must be {bound}, got {value!r}")
+            return value
+
+        targets = raw.get("target_modules", list(default.target_modules))
+        if (
+            not isinstance(targets, list | tuple)
+            or not targets
+            or not all(isinstance(t, str) and t for t in targets)
+        ):
+            raise SpecError(f"hyper.target_modules must be a non-empty list of module names, got {targets!r}")
+        num_layers = num("num_layers", int, -1)
+        if num_layers == 0:
+            raise SpecError("hyper.num_layers must be -1 (all layers) or >= 1, got 0")
+        return cls(
+            rank=num("rank", int, 1),
+            alpha=num("alpha", float, 0.0, lo_ok=False),
+            dropout=num("dropout", float, 0.0, hi=0.99),
+            target_modules=tuple(targets),
+            num_layers=num_layers,
+            learning_rate=num("learning_rate", float, 0.0, lo_ok=False),
+            steps=num("steps", int, 1),
+            batch_size=num("batch_size", int, 1),
+            max_seq_len=num("max_seq_len", int, 8),
+            seed=num("seed", int, 0),
+            extra={k: v for k, v in raw.items() if k not in known},
+        )
+
+    def layers_to_transform(self, n_model_layers: int) -> list[int] | None:
+        """The last ``num_layers`` blocks (mlx-lm's convention), or ``None`` for all of them."""
+        if self.num_layers == -1 or self.num_layers >= n_model_layers:
+            return None
+        return list(range(n_model_layers - self.num_layers, n_model_layers))
+
+    def lora_kwargs(self, n_model_layers: int) -> dict[str, Any]:
+        """Keyword arguments for ``peft.LoraConfig`` (and Unsloth's ``get_peft_model``)."""
+        if self.num_layers > n_model_layers:
+            raise SpecError(
+                f"hyper.num_layers is {self.num_layers} but the base model has {n_model_layers} layers"
+            )
+        return {
+            "r": self.rank,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "target_modules": list(self.target_modules),
+            "layers_to_transform": self.layers_to_transform(n_model_layers),
+            "bias": "none",
+        }
+
+    def as_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["target_modules"] = list(self.target_modules)
+        extra = out.pop("extra")
+        return {**extra, **out}
+
+
+@dataclass(frozen=True)
+class Pair:
+    pair_id: str
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+def parse_pairs(raw: Any, what: str) -> list[Pair]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise SpecError(f"{what} must be a list of pairs")
+    out = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise SpecError(f"{what}[{i}] must be an object")
+        prompt = item.get("prompt") or ""
+        chosen, rejected = item.get("chosen"), item.get("rejected")
+        if not isinstance(prompt, str) or not isinstance(chosen, str) or not isinstance(rejected, str):
+            raise SpecError(f"{what}[{i}] needs string prompt, chosen and rejected")
+        out.append(Pair(str(item.get("pair_id", i)), prompt, chosen, rejected))
+    return out
+
+
+def config_layers(base: Path) -> int | None:
+    """``num_hidden_layers`` from the model's config.json (its text config for multimodal ones)."""
+    try:
+        config = json.loads((base / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for section in (config, config.get("text_config") or {}):
+        value = section.get("num_hidden_layers")
+        if isinstance(value, int):
+            return value
+    return None
+
+
+@dataclass(frozen=True)
+class Spec:
+    job_id: str
+    voice: str
+    backend: str
+    base_model: Path
+    out_dir: Path
+    init_adapter: Path | None
+    served_adapter: Path | None
+    objective: str
+    train: list[Pair]
+    heldout: list[Pair]
+    hyper: Hyper
+    raw: dict[str, Any]
+
+    @classmethod
+    def parse(cls, raw: dict[str, Any], backend: str) -> Spec:
+        def path(key: str, *, required: bool) -> Path | None:
+            value = raw.get(key)
+            if value is None and not required:
+                return None
+            if not isinstance(value, str) or not value:
+                raise SpecError(f"{key} must be a path")
+            return Path(value)
+
+        base = path("base_model", required=True)
+        out_dir = path("out_dir", required=True)
+        assert base is not None
+        assert out_dir is not None
+        if not (base / "config.json").is_file():
+            raise SpecError(f"base_model {base} is not a local model directory (no config.json)")
+        init, served = path("init_adapter", required=False), path("served_adapter", required=False)
+        for key, adapter in (("init_adapter", init), ("served_adapter", served)):
+            if adapter is not None and not (adapter / "adapter_config.json").is_file():
+                raise SpecError(f"{key} {adapter} is not a PEFT adapter (no adapter_config.json)")
+        hyper = Hyper.from_spec(raw.get("hyper", {}))
+        layers = config_layers(base)
+        if layers is not None and hyper.num_layers > layers:
+            raise SpecError(f"hyper.num_layers is {hyper.num_layers} but the base model has {layers} layers")
+        objective = raw.get("objective", "sft")
+        if objective not in ("sft", "dpo"):
+            raise SpecError(f"objective must be 'sft' or 'dpo', got {objective!r}")
+        train = parse_pairs(raw.get("train"), "train")
+        if not train:
+            raise SpecError("train has no pairs")
+        return cls(
+            job_id=str(raw.get("job_id", "")),
+            voice=str(raw.get("voice", "default")),
+            backend=backend,
+            base_model=base,
+            out_dir=out_dir,
+            init_adapter=init,
+            served_adapter=served,
+            objective=objective,
+            train=train,
+            heldout=parse_pairs(raw.get("heldout"), "heldout"),
+            hyper=hyper,
+            raw=raw,
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Process hygiene: quiet libraries, stdout kept for the protocol
+
+
+def quiet_environment() -> None:
+    """Set before transformers/datasets are imported: offline, no telemetry, no tokenizer threads."""
+    for key, value in (
+        ("HF_HUB_OFFLINE", "1"),
+        ("HF_DATASETS_OFFLINE", "1"),
+        ("TRANSFORMERS_OFFLINE", "1"),
+        ("HF_HUB_DISABLE_TELEMETRY", "1"),
+        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+        ("DISABLE_TQDM", "1"),
+        ("TOKENIZERS_PARALLELISM", "false"),
+        ("WANDB_DISABLED", "true"),
+        ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"),
+    ):
+        os.environ.setdefault(key, value)
+
+
+def lib(name: str) -> Any:
+    """Import a third-party module as ``Any``: the typed boundary of this package stops here."""
+    return importlib.import_module(name)
+
+
+def quiet_libraries() -> None:
+    """Library logging at error level, no progress bars (they would go to stderr anyway)."""
+    datasets, transformers = lib("datasets"), lib("transformers")
+    # TRL's configs set the field transformers 5 renamed; the warning is theirs, not ours.
+    warnings.filterwarnings(
+        "ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning
+    )
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[Any]:
+    """Point fd 1 and ``sys.stdout`` at stderr for the duration; yield a stream on the real stdout.
+
+    Libraries print (the Trainer's log dicts, Unsloth's banner, C-level messages); none of it may reach
+    the protocol channel.
+    """
+    sys.stdout.flush()
+    saved_fd = os.dup(1)
+    channel = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
+    saved_stdout = sys.stdout
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    try:
+        yield channel
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os.dup2(saved_fd, 1)
+        os.close(saved_fd)
+        channel.close()
+        sys.stdout = saved_stdout
+
+
+@contextlib.contextmanager
+def protocol_stdout(emit: Emit) -> Iterator[Emit]:
+    """``stdout_to_stderr`` for the duration; the yielded emit writes through ``emit`` to the real stdout."""
+    with stdout_to_stderr() as channel:
+
+        def safe_emit(obj: dict[str, Any]) -> None:
+            previous = sys.stdout
+            sys.stdout = channel
+            try:
+                emit(obj)
+            finally:
+                channel.flush()
+                sys.stdout = previous
+
+        yield safe_emit
+
+
+def library_versions(names: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for name in names:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            out[name] = importlib.metadata.version(name)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+
+
+def _ids(encoded: Any) -> list[int]:
+    """``apply_chat_template``/``__call__`` return a list or a dict-like with ``input_ids``, by version."""
+    if hasattr(encoded, "keys") and "input_ids" in encoded:
+        encoded = encoded["input_ids"]
+    if hasattr(encoded, "tolist"):
+        encoded = encoded.tolist()
+    if encoded and isinstance(encoded[0], list):  # a batch of one
+        encoded = encoded[0]
+    return [int(t) for t in encoded]
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def encode_example(tokenizer: Any, prompt: str, completion: str, max_len: int) -> Example:
+    """``(input_ids, labels)`` with labels ``-100`` on the prompt, at most ``max_len`` tokens.
+
+    Too long: the completion keeps its first ``max_len - min(len(prompt), max_len // 2)`` tokens and the
+    prompt its last ones (the mlx backend's rule).
+    """
+    if has_chat_template(tokenizer):
+        user = [{"role": "user", "content": prompt}]
+        both = [*user, {"role": "assistant", "content": completion}]
+        prompt_ids = _ids(tokenizer.apply_chat_template(user, tokenize=True, add_generation_prompt=True))
+        full_ids = _ids(tokenizer.apply_chat_template(both, tokenize=True))
+    else:
+        eos = tokenizer.eos_token or ""
+        prompt_ids = _ids(tokenizer(prompt))
+        text = prompt + completion
+        full_ids = _ids(tokenizer(text if text.endswith(eos) else text + eos))
+    n_prompt = common_prefix_length(prompt_ids, full_ids)
+    head, tail = full_ids[:n_prompt], full_ids[n_prompt:]
+    if len(head) + len(tail) > max_len:  # as the mlx backend: keep the prompt's end, the completion's start
+        tail = tail[: max_len - min(len(head), max_len // 2)]
+        head = head[len(head) - (max_len - len(tail)) :]
+    return head + tail, [IGNORE] * len(head) + tail
+
+
+def n_loss_tokens(example: Example) -> int:
+    return sum(1 for t in example[1][1:] if t != IGNORE)  # the first token is never predicted
+
+
+def conversational(tokenizer: Any, pair: Pair) -> dict[str, Any]:
+    """A DPO row in TRL's format: conversational with a chat template, else plain strings."""
+    if has_chat_template(tokenizer):
+        return {
+            "prompt": [{"role": "user", "content": pair.prompt}],
+            "chosen": [{"role": "assistant", "content": pair.chosen}],
+            "rejected": [{"role": "assistant", "content": pair.rejected}],
+        }
+    return {"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected}
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def completion_logprobs(model: Any, examples: Sequence[Example], pad_id: int, batch_size: int) -> list[float]:
+    """Sum of ``log p`` over the completion tokens of each example (0.0 for one with none)."""
+    import torch
+    import torch.nn.functional as F
+
+    device = next(p for p in model.parameters()).device
+    out: list[float] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(examples), batch_size):
+                chunk = examples[start : start + batch_size]
+                width = max(len(ids) for ids, _ in chunk)
+                ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+                labels = torch.full((len(chunk), width), IGNORE, dtype=torch.long)
+                mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for row, (x, y) in enumerate(chunk):
+                    ids[row, : len(x)] = torch.tensor(x)
+                    labels[row, : len(y)] = torch.tensor(y)
+                    mask[row, : len(x)] = 1
+                ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
+                logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+                target = labels[:, 1:]
+                nll = F.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]),
+                    target.reshape(-1),
+                    ignore_index=IGNORE,
+                    reduction="none",
+                ).view(target.shape)
+                out.extend((-nll.sum(dim=1)).tolist())
+    finally:
+        if was_training:
+            model.train()
+    return out
+
+
+def mean_nll(model: Any, examples: Sequence[Example], pad_id: int, batch_size: int) -> float | None:
+    n = sum(n_loss_tokens(e) for e in examples)
+    if n == 0:
+        return None
+    return -sum(completion_logprobs(model, examples, pad_id, batch_size)) / n
+
+
+def mean_margin(
+    model: Any, chosen: Sequence[Example], rejected: Sequence[Example], pad_id: int, batch_size: int
+) -> float | None:
+    if not chosen:
+        return None
+    good = completion_logprobs(model, chosen, pad_id, batch_size)
+    bad = completion_logprobs(model, rejected, pad_id, batch_size)
+    return sum(g - b for g, b in zip(good, bad, strict=True)) / len(good)
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    spec: Spec,
+    pad_id: int,
+    load_served: Callable[[Any, Path], None],
+) -> dict[str, float | None]:
+    """Held-out losses (and DPO margins) under the new adapter, the served one and the base.
+
+    ``model`` is a ``PeftModel`` whose active adapter is ``"default"``. ``load_served`` loads the served
+    adapter as ``"served"`` (and leaves it active).
+    """
+    keys = ["eval_loss", "baseline_eval_loss", "base_eval_loss"]
+    if spec.objective == "dpo":
+        keys += ["eval_margin", "baseline_eval_margin", "base_eval_margin"]
+    out: dict[str, float | None] = dict.fromkeys(keys)
+    if not spec.heldout:
+        return out
+    max_len, bs = spec.hyper.max_seq_len, spec.hyper.batch_size
+    chosen = [encode_example(tokenizer, p.prompt, p.chosen, max_len) for p in spec.heldout]
+    rejected = [encode_example(tokenizer, p.prompt, p.rejected, max_len) for p in spec.heldout]
+
+    def measure(prefix: str) -> None:
+        out[f"{prefix}eval_loss"] = mean_nll(model, chosen, pad_id, bs)
+        if spec.objective == "dpo":
+            out[f"{prefix}eval_margin"] = mean_margin(model, chosen, rejected, pad_id, bs)
+
+    model.set_adapter("default")
+    measure("")
+    with model.disable_adapter():
+        measure("base_")
+    if spec.served_adapter is None:
+        out["baseline_eval_loss"] = out["base_eval_loss"]
+        if spec.objective == "dpo":
+            out["baseline_eval_margin"] = out["base_eval_margin"]
+    else:
+        load_served(model, spec.served_adapter)
+        try:
+            measure("baseline_")
+        finally:
+            model.set_adapter("default")
+            model.delete_adapter("served")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Training with TRL
+
+
+def progress_callback(emit: Emit, total: int) -> Any:
+    """A ``TrainerCallback`` that emits one ``progress`` line per logged step (``logging_steps=1``)."""
+
+    class Progress(lib("transformers").TrainerCallback):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.last_time = time.monotonic()
+            self.last_tokens = 0
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.last_time = time.monotonic()
+            self.last_tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+        ) -> None:
+            if not logs or "loss" not in logs:
+                return
+            loss = float(logs["loss"])
+            now = time.monotonic()
+            tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+            elapsed = max(now - self.last_time, 1e-9)
+            rate = (tokens - self.last_tokens) / elapsed
+            self.last_time, self.last_tokens = now, tokens
+            emit(
+                {
+                    "type": "progress",
+                    "step": int(state.global_step),
+                    "total": total,
+                    "loss": loss if math.isfinite(loss) else None,  # NaN is not JSON
+                    "tokens_per_s": round(rate, 1),
+                }
+            )
+
+    return Progress()
+
+
+def trainer_args(config_cls: Any, spec: Spec, output_dir: str, *, use_cuda: bool, bf16: bool) -> Any:
+    """TRL config with the daemon's settings: no hub, no checkpoints, no reports, one process."""
+    h = spec.hyper
+    kwargs: dict[str, Any] = {
+        "output_dir": output_dir,
+        "max_steps": h.steps,
+        "per_device_train_batch_size": h.batch_size,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": h.learning_rate,
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+        "weight_decay": 0.0,
+        "max_length": h.max_seq_len,
+        "seed": h.seed,
+        "data_seed": h.seed,
+        "logging_steps": 1,
+        "logging_strategy": "steps",
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "report_to": "none",
+        "push_to_hub": False,
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+        "dataloader_pin_memory": use_cuda,
+        "use_cpu": not use_cuda,
+        "bf16": bf16,
+        "fp16": False,
+        "gradient_checkpointing": False,
+        "include_num_input_tokens_seen": "non_padding",
+    }
+    if spec.objective == "dpo":
+        kwargs["beta"] = float(h.extra.get("beta", 0.1))
+    return config_cls(**kwargs)
+
+
+def _drop_printer(trainer: Any) -> None:
+    callbacks = lib("transformers.trainer_callback")
+    for cb in (callbacks.PrinterCallback, callbacks.ProgressCallback):
+        with contextlib.suppress(Exception):
+            trainer.remove_callback(cb)
+
+
+def train_sft(
+    model: Any, tokenizer: Any, spec: Spec, emit: Emit, *, peft_config: Any, use_cuda: bool, bf16: bool
+) -> tuple[Any, float]:
+    datasets, trl = lib("datasets"), lib("trl")
+
+    rows = []
+    for pair in spec.train:
+        ids, labels = encode_example(tokenizer, pair.prompt, pair.chosen, spec.hyper.max_seq_len)
+        if n_loss_tokens((ids, labels)):
+            rows.append({"input_ids": ids, "labels": labels})
+    if not rows:
+        raise SpecError(f"no train pair keeps a completion token within max_seq_len={spec.hyper.max_seq_len}")
+    with tempfile.TemporaryDirectory(prefix="beagled-trl-") as tmp:
+        trainer = trl.SFTTrainer(
+            model=model,
+            args=trainer_args(trl.SFTConfig, spec, tmp, use_cuda=use_cuda, bf16=bf16),
+            train_dataset=datasets.Dataset.from_list(rows),
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[progress_callback(emit, spec.hyper.steps)],
+        )
+        _drop_printer(trainer)
+        output = trainer.train()
+    return trainer.model, float(output.training_loss)
+
+
+def train_dpo(
+    model: Any, tokenizer: Any, spec: Spec, emit: Emit, *, peft_config: Any, use_cuda: bool, bf16: bool
+) -> tuple[Any, float]:
+    datasets, trl = lib("datasets"), lib("trl")
+
+    rows = [conversational(tokenizer, pair) for pair in spec.train]
+    with tempfile.TemporaryDirectory(prefix="beagled-trl-") as tmp:
+        trainer = trl.DPOTrainer(
+            model=model,
+            ref_model=None,
+            args=trainer_args(trl.DPOConfig, spec, tmp, use_cuda=use_cuda, bf16=bf16),
+            train_dataset=datasets.Dataset.from_list(rows),
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[progress_callback(emit, spec.hyper.steps)],
+        )
+        _drop_printer(trainer)
+        output = trainer.train()
+    return trainer.model, float(output.training_loss)
+
+
+# --------------------------------------------------------------------------------------------------
+# Output
+
+
+def prepare_out_dir(out_dir: Path) -> None:
+    """Create ``out_dir``; clear what an earlier interrupted run of ours left; refuse anything else."""
+    if (out_dir / MANIFEST).exists():
+        raise SpecError(f"out_dir {out_dir} already holds a finished adapter (manifest.json)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    strangers = sorted(p.name for p in out_dir.iterdir() if p.name not in OUT_DIR_LEFTOVERS)
+    if strangers:
+        raise SpecError(f"out_dir {out_dir} is not empty: {', '.join(strangers)}")
+    for name in OUT_DIR_LEFTOVERS:
+        (out_dir / name).unlink(missing_ok=True)
+
+
+def save_adapter(model: Any, out_dir: Path) -> None:
+    """Save only the ``default`` adapter in PEFT format: adapter_config.json + adapter_model.safetensors."""
+    for name in list(model.peft_config):
+        if name != "default":
+            model.delete_adapter(name)  # e.g. DPO's frozen "ref" copy
+    model.set_adapter("default")
+    model.save_pretrained(str(out_dir), safe_serialization=True, save_embedding_layers=False)
+    (out_dir / "README.md").unlink(missing_ok=True)
+    left = sorted(p.name for p in out_dir.iterdir() if p.name not in PEFT_FILES)
+    if left:
+        for name in left:
+            path = out_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    for name in PEFT_FILES:
+        if not (out_dir / name).is_file():
+            raise RuntimeError(f"save_pretrained wrote no {name} in {out_dir}")
+
+
+def base_model_sha256(base: Path) -> str | None:
+    """sha256 of ``model.safetensors``; for a sharded model, over the sorted shards' digests (as mlx)."""
+    single = base / "model.safetensors"
+    if single.is_file():
+        return sha256_file(single)
+    shards = sorted(base.glob("model*.safetensors"))
+    if not shards:
+        return None
+    digest = hashlib.sha256()
+    for shard in shards:
+        digest.update(f"{shard.name}:{sha256_file(shard)}\n".encode())
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole job
+
+
+class TorchLoader(Protocol):
+    """How a backend loads the base model and puts LoRA on it."""
+
+    name: str
+    versions: tuple[str, ...]
+
+    def prepare(self) -> None:
+        """Called first, with stdout already redirected (Unsloth: import it before trl/peft/transformers)."""
+        ...
+
+    def device(self) -> tuple[bool, bool]:
+        """(use_cuda, bf16)"""
+        ...
+
+    def load(self, spec: Spec, use_cuda: bool, bf16: bool) -> tuple[Any, Any]:
+        """The base model (on its device, training dtype) and its tokenizer."""
+        ...
+
+    def lora(self, model: Any, spec: Spec, lora_kwargs: dict[str, Any]) -> tuple[Any, Any]:
+        """``(model, peft_config)``: either a PeftModel and ``None`` or the base and a LoraConfig for TRL."""
+        ...
+
+    def load_served(self, model: Any, adapter: Path) -> None:
+        """Load ``adapter`` into the PeftModel as ``"served"`` and make it active."""
+        ...
+
+    def before_eval(self, model: Any) -> None:
+        """Put the trained model in a state whose forward returns logits."""
+        ...
+
+
+def n_layers(model: Any) -> int:
+    config = model.config
+    text = getattr(config, "text_config", None) or config
+    return int(text.num_hidden_layers)
+
+
+def run_training(raw_spec: dict[str, Any], emit: Emit, loader: TorchLoader) -> dict[str, Any]:
+    """Train, evaluate, save and write the manifest; return the ``result`` fields."""
+    started = time.monotonic()
+    spec = Spec.parse(raw_spec, loader.name)
+    prepare_out_dir(spec.out_dir)
+    with protocol_stdout(emit) as out:
+        loader.prepare()
+        quiet_libraries()
+        lib("transformers").set_seed(spec.hyper.seed)
+        use_cuda, bf16 = loader.device()
+        model, tokenizer = loader.load(spec, use_cuda, bf16)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        pad_id = int(tokenizer.pad_token_id)
+        layers = n_layers(model)
+        model, peft_config = loader.lora(model, spec, spec.hyper.lora_kwargs(layers))
+        out(
+            {
+                "type": "log",
+                "message": f"{loader.name}: {spec.objective} on {len(spec.train)} pairs, "
+                f"{len(spec.heldout)} held out, base {spec.base_model.name} ({layers} layers) on "
+                f"{'cuda' if use_cuda else 'cpu'} {'bf16' if bf16 else 'fp32'}"
+                + (f", continuing from {spec.init_adapter}" if spec.init_adapter else ""),
+            }
+        )
+        train_started = time.monotonic()
+        trainer_fn = train_dpo if spec.objective == "dpo" else train_sft
+        model, objective_loss = trainer_fn(
+            model, tokenizer, spec, out, peft_config=peft_config, use_cuda=use_cuda, bf16=bf16
+        )
+        train_s = time.monotonic() - train_started
+        save_adapter(model, spec.out_dir)
+        loader.before_eval(model)
+        losses = evaluate(model, tokenizer, spec, pad_id, loader.load_served)
+        train_examples = [
+            encode_example(tokenizer, p.prompt, p.chosen, spec.hyper.max_seq_len) for p in spec.train
+        ]
+        model.set_adapter("default")
+        train_loss = mean_nll(model, train_examples, pad_id, spec.hyper.batch_size)
+        out({"type": "log", "message": f"trained {spec.hyper.steps} steps in {train_s:.1f}s; {losses}"})
+        measured = {"objective_loss": objective_loss, "train_loss": train_loss, **losses}
+        bad = sorted(k for k, v in measured.items() if v is not None and not math.isfinite(v))
+        if bad:  # a diverged adapter is never promoted (and NaN is not JSON)
+            raise RuntimeError(f"training diverged: {', '.join(f'{k}={measured[k]}' for k in bad)}")
+    result: dict[str, Any] = {
+        "train_loss": train_loss,
+        "objective_loss": objective_loss,
+        **losses,
+        "steps": spec.hyper.steps,
+        "train_s": round(train_s, 3),
+        "duration_s": round(time.monotonic() - started, 3),
+        "backend": loader.name,
+    }
+    info = {
+        "job_id": spec.job_id,
+        "voice": spec.voice,
+        "attempt": spec.raw.get("attempt"),
+        "backend": loader.name,
+        "objective": spec.objective,
+        "base_model": str(spec.base_model),
+        "base_model_sha256": base_model_sha256(spec.base_model),
+        "init_adapter": str(spec.init_adapter) if spec.init_adapter else None,
+        "served_adapter": str(spec.served_adapter) if spec.served_adapter else None,
+        "pair_ids": [p.pair_id for p in spec.train],
+        "heldout_pair_ids": [p.pair_id for p in spec.heldout],
+        "hyper": spec.hyper.as_json(),
+        "device": "cuda" if use_cuda else "cpu",
+        "versions": library_versions(loader.versions),
+        **{k: v for k, v in result.items() if k != "backend"},
+    }
+    write_manifest(spec.out_dir, info)
+    return result

@@ -1,0 +1,157 @@
+"""Voice quality with real training on the tiny model (mlx): held-out loss falls job after job, the gate
+rejects a poisoned batch, DPO moves the chain to a backend that supports it, and the replay window
+keeps older pairs' loss."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from beagled.training.corpus import voice_pairs
+from tests.daemon_proc import DaemonProc
+
+pytestmark = pytest.mark.slow
+
+HYPER = {"steps": 30, "learning_rate": 0.005, "batch_size": 4}
+
+
+def quality_daemon(make_daemon: Any, tiny_model: Path, **training: Any) -> DaemonProc:
+    return make_daemon({
+        "training": {"backends": ["mlx"], "base_model": str(tiny_model), "heldout_share": 0.25,
+                     "replay_pairs": 8, **training},
+        "training.hyper": HYPER,
+        "scheduler": {"min_pairs": 12},
+    })
+
+
+def feed_until_job(d: DaemonProc, pairs: Iterable[tuple[str, str, str]], n_jobs: int, voice: str = "bea") -> str:
+    """Submit pairs until the voice has ``n_jobs`` jobs; return the newest job id."""
+    with d.client() as c:
+        for prompt, bad, good in pairs:
+            c.submit(bad=bad, good=good, prompt=prompt, voice=voice)
+            js = c.jobs(voice=voice)["jobs"]
+            if len(js) >= n_jobs:
+                return str(js[0]["job_id"])
+    raise AssertionError("ran out of pairs before the job was cut")
+
+
+def test_a_consistent_voice_lowers_heldout_loss_and_a_poisoned_batch_is_rejected(
+    make_daemon: Any, tiny_model: Path
+) -> None:
+    d = quality_daemon(make_daemon, tiny_model)
+    plain = iter(voice_pairs(200, seed=3, style="plain"))
+    losses = []
+    for n in (1, 2, 3):
+        jid = feed_until_job(d, plain, n)
+        job = d.wait_job(jid, ("promoted", "rejected", "failed"), timeout=180)
+        assert job["state"] == "promoted", job
+        with d.client() as c:
+            full = c.job(jid)["job"]
+        losses.append((full["base_eval_loss"], full["baseline_eval_loss"], full["eval_loss"]))
+    base0, _, first = losses[0]
+    assert first < base0 - 0.5  # the first adapter already beats the base on held-out drafts
+    assert all(new <= served for _, served, new in losses)  # the gate held every time
+    assert losses[-1][2] < losses[0][2]  # and the voice kept improving
+
+    with d.client() as c:
+        before = c.voices()["voices"][0]
+    jid = feed_until_job(d, voice_pairs(60, seed=4, style="noise"), 4)
+    job = d.wait_job(jid, ("promoted", "rejected", "failed"), timeout=180)
+    assert job["state"] == "rejected", job
+    assert job["eval_loss"] > job["baseline_eval_loss"]
+    with d.client() as c:
+        after = c.voices()["voices"][0]
+        rejected = [e for e in c.job(jid)["job"]["history"] if e["event"] == "JobRejected"]
+    assert len(rejected) == 1
+    assert after["current_job"] == before["current_job"] and after["version"] == before["version"]
+    cur = d.state_dir / "voices" / "bea" / "current"
+    assert cur.resolve().name == before["current_job"]
+
+
+def test_dpo_is_refused_by_mlx_and_trained_by_peft(make_daemon: Any, tiny_model: Path) -> None:
+    d = make_daemon({
+        "training": {"backends": ["mlx", "peft"], "base_model": str(tiny_model), "objective": "dpo",
+                     "heldout_share": 0.25},
+        "training.hyper": {"steps": 10, "learning_rate": 0.005, "batch_size": 4},
+        "scheduler": {"min_pairs": 8},
+    })
+    jid = feed_until_job(d, voice_pairs(60, seed=5), 1)
+    job = d.wait_job(jid, ("promoted", "rejected", "failed"), timeout=240)
+    with d.client() as c:
+        hist = c.job(jid)["job"]["history"]
+    assert [h["event"] for h in hist][:3] == ["JobCreated", "TrainingStarted", "TrainingFailed"]
+    assert job["backend"] == "peft" and job["state"] in ("promoted", "rejected")
+    failed = [e for e in _events(d) if e["type"] == "TrainingFailed"]
+    assert failed[0]["data"]["backend"] == "mlx"
+    assert "objective 'dpo' is not supported by the mlx backend" in failed[0]["data"]["error"]
+
+
+def _events(d: DaemonProc) -> list[dict[str, Any]]:
+    out = []
+    with d.client() as c:
+        last = c.status()["event_seq"]
+        for msg in c.watch(from_seq=0):
+            if "event" in msg:
+                out.append(msg["event"])
+                if msg["event"]["seq"] >= last:
+                    return out
+    return out
+
+
+# --- the replay window, at the worker level ----------------------------------------------------
+
+
+def _examples(triples: list[tuple[str, str, str]], tag: str) -> list[dict[str, str]]:
+    return [{"pair_id": f"{tag}{i}", "prompt": p, "chosen": g, "rejected": b} for i, (p, b, g) in enumerate(triples)]
+
+
+def _train(tmp: Path, name: str, tiny: Path, train: list[dict[str, str]], heldout: list[dict[str, str]],
+           init: Path | None, served: Path | None = None, steps: int = 30, lr: float = 0.005) -> dict[str, Any]:
+    out = tmp / name
+    spec = {
+        "job_id": name, "voice": "v", "attempt": 1, "backend": "mlx", "base_model": str(tiny),
+        "out_dir": str(out), "init_adapter": str(init) if init else None,
+        "served_adapter": str(served) if served else None, "objective": "sft", "train": train,
+        "heldout": heldout,
+        "hyper": {"rank": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
+                  "num_layers": -1, "learning_rate": lr, "steps": steps, "batch_size": 4, "max_seq_len": 256,
+                  "seed": 0},
+    }
+    (tmp / f"{name}.json").write_text(json.dumps(spec))
+    done = subprocess.run([sys.executable, "-m", "beagled.training.worker", "train", str(tmp / f"{name}.json")],
+                          capture_output=True, text=True, check=False)
+    lines = [json.loads(ln) for ln in done.stdout.splitlines() if ln.startswith("{")]
+    assert done.returncode == 0, lines[-1]
+    return {**lines[-1], "out": out}
+
+
+def test_replay_window_keeps_older_pairs_loss(tmp_path: Path, tiny_model: Path) -> None:
+    old = _examples(voice_pairs(40, seed=11, style="plain"), "a")
+    old_train, old_heldout = old[:28], old[28:]
+    shifted = _examples(voice_pairs(36, seed=12, style="shifted"), "b")
+    first = _train(tmp_path, "j1", tiny_model, old_train, old_heldout, None)
+    after_first = first["eval_loss"]
+
+    def run_on_shifted(replay: int, tag: str) -> float:
+        adapter = first["out"]
+        for k in range(3):
+            train = shifted[12 * k : 12 * (k + 1)] + old_train[:replay]
+            adapter = _train(tmp_path, f"{tag}{k}", tiny_model, train, [], adapter)["out"]
+        # the old voice's held-out loss under the final adapter (as the eval baseline of a 1-step, lr≈0 run)
+        probe = _train(tmp_path, f"{tag}-eval", tiny_model, old_train[:4], old_heldout, None, served=adapter,
+                       steps=1, lr=1e-12)
+        return float(probe["baseline_eval_loss"])
+
+    without = run_on_shifted(0, "noreplay")
+    with_replay = run_on_shifted(16, "replay")
+    print(f"old-voice held-out loss: after job 1 {after_first:.3f}; after 3 shifted jobs without replay "
+          f"{without:.3f}, with 16 replayed pairs {with_replay:.3f}")
+    assert without > after_first + 0.3  # forgetting, without the window
+    assert with_replay < without - 0.2  # the window keeps the old voice
+    assert with_replay <= after_first + 0.3  # within tolerance of where it was
