@@ -19,7 +19,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--config", help="config file (default: $BEAGLED_CONFIG, else ./config.toml)")
     demo = sub.add_parser("demo", help="the whole job end to end on a tiny local model")
     demo.add_argument("--state-dir", help="keep the demo's state here (default: a temporary directory)")
-    demo.add_argument("--jobs", type=int, default=2, help="how many training jobs the demo loop drives")
+    demo.add_argument("--jobs", type=int, default=5, help="how many training jobs the demo loop drives")
     demo.add_argument("--backend", action="append", help="backend(s) to use (default: mlx, then peft)")
     return p
 

@@ -46,7 +46,7 @@ def _fmt(x: Any) -> str:
     return f"{x:.3f}" if isinstance(x, int | float) else "-"
 
 
-def run_demo(*, state_dir: str | None = None, jobs: int = 2, backends: list[str] | None = None) -> int:
+def run_demo(*, state_dir: str | None = None, jobs: int = 5, backends: list[str] | None = None) -> int:
     from beagled.training.corpus import voice_pairs
 
     root = Path(state_dir) if state_dir else Path(tempfile.mkdtemp(prefix="beagled-demo-"))
