@@ -22,15 +22,24 @@ HYPER = {"steps": 30, "learning_rate": 0.005, "batch_size": 4}
 
 
 def quality_daemon(make_daemon: Any, tiny_model: Path, **training: Any) -> DaemonProc:
-    return make_daemon({
-        "training": {"backends": ["mlx"], "base_model": str(tiny_model), "heldout_share": 0.25,
-                     "replay_pairs": 8, **training},
-        "training.hyper": HYPER,
-        "scheduler": {"min_pairs": 12},
-    })
+    return make_daemon(
+        {
+            "training": {
+                "backends": ["mlx"],
+                "base_model": str(tiny_model),
+                "heldout_share": 0.25,
+                "replay_pairs": 8,
+                **training,
+            },
+            "training.hyper": HYPER,
+            "scheduler": {"min_pairs": 12},
+        }
+    )
 
 
-def feed_until_job(d: DaemonProc, pairs: Iterable[tuple[str, str, str]], n_jobs: int, voice: str = "bea") -> str:
+def feed_until_job(
+    d: DaemonProc, pairs: Iterable[tuple[str, str, str]], n_jobs: int, voice: str = "bea"
+) -> str:
     """Submit pairs until the voice has ``n_jobs`` jobs; return the newest job id."""
     with d.client() as c:
         for prompt, bad, good in pairs:
@@ -75,12 +84,18 @@ def test_a_consistent_voice_lowers_heldout_loss_and_a_poisoned_batch_is_rejected
 
 
 def test_dpo_is_refused_by_mlx_and_trained_by_peft(make_daemon: Any, tiny_model: Path) -> None:
-    d = make_daemon({
-        "training": {"backends": ["mlx", "peft"], "base_model": str(tiny_model), "objective": "dpo",
-                     "heldout_share": 0.25},
-        "training.hyper": {"steps": 10, "learning_rate": 0.005, "batch_size": 4},
-        "scheduler": {"min_pairs": 8},
-    })
+    d = make_daemon(
+        {
+            "training": {
+                "backends": ["mlx", "peft"],
+                "base_model": str(tiny_model),
+                "objective": "dpo",
+                "heldout_share": 0.25,
+            },
+            "training.hyper": {"steps": 10, "learning_rate": 0.005, "batch_size": 4},
+            "scheduler": {"min_pairs": 8},
+        }
+    )
     jid = feed_until_job(d, voice_pairs(60, seed=5), 1)
     job = d.wait_job(jid, ("promoted", "rejected", "failed"), timeout=240)
     with d.client() as c:
@@ -108,24 +123,56 @@ def _events(d: DaemonProc) -> list[dict[str, Any]]:
 
 
 def _examples(triples: list[tuple[str, str, str]], tag: str) -> list[dict[str, str]]:
-    return [{"pair_id": f"{tag}{i}", "prompt": p, "chosen": g, "rejected": b} for i, (p, b, g) in enumerate(triples)]
+    return [
+        {"pair_id": f"{tag}{i}", "prompt": p, "chosen": g, "rejected": b}
+        for i, (p, b, g) in enumerate(triples)
+    ]
 
 
-def _train(tmp: Path, name: str, tiny: Path, train: list[dict[str, str]], heldout: list[dict[str, str]],
-           init: Path | None, served: Path | None = None, steps: int = 30, lr: float = 0.005) -> dict[str, Any]:
+def _train(
+    tmp: Path,
+    name: str,
+    tiny: Path,
+    train: list[dict[str, str]],
+    heldout: list[dict[str, str]],
+    init: Path | None,
+    served: Path | None = None,
+    steps: int = 30,
+    lr: float = 0.005,
+) -> dict[str, Any]:
     out = tmp / name
     spec = {
-        "job_id": name, "voice": "v", "attempt": 1, "backend": "mlx", "base_model": str(tiny),
-        "out_dir": str(out), "init_adapter": str(init) if init else None,
-        "served_adapter": str(served) if served else None, "objective": "sft", "train": train,
+        "job_id": name,
+        "voice": "v",
+        "attempt": 1,
+        "backend": "mlx",
+        "base_model": str(tiny),
+        "out_dir": str(out),
+        "init_adapter": str(init) if init else None,
+        "served_adapter": str(served) if served else None,
+        "objective": "sft",
+        "train": train,
         "heldout": heldout,
-        "hyper": {"rank": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
-                  "num_layers": -1, "learning_rate": lr, "steps": steps, "batch_size": 4, "max_seq_len": 256,
-                  "seed": 0},
+        "hyper": {
+            "rank": 8,
+            "alpha": 16.0,
+            "dropout": 0.0,
+            "target_modules": ["q_proj", "v_proj"],
+            "num_layers": -1,
+            "learning_rate": lr,
+            "steps": steps,
+            "batch_size": 4,
+            "max_seq_len": 256,
+            "seed": 0,
+        },
     }
     (tmp / f"{name}.json").write_text(json.dumps(spec))
-    done = subprocess.run([sys.executable, "-m", "beagled.training.worker", "train", str(tmp / f"{name}.json")],
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "beagled.training.worker", "train", str(tmp / f"{name}.json")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     lines = [json.loads(ln) for ln in done.stdout.splitlines() if ln.startswith("{")]
     assert done.returncode == 0, lines[-1]
     return {**lines[-1], "out": out}
@@ -144,14 +191,25 @@ def test_replay_window_keeps_older_pairs_loss(tmp_path: Path, tiny_model: Path) 
             train = shifted[12 * k : 12 * (k + 1)] + old_train[:replay]
             adapter = _train(tmp_path, f"{tag}{k}", tiny_model, train, [], adapter)["out"]
         # the old voice's held-out loss under the final adapter (as the eval baseline of a 1-step, lr≈0 run)
-        probe = _train(tmp_path, f"{tag}-eval", tiny_model, old_train[:4], old_heldout, None, served=adapter,
-                       steps=1, lr=1e-12)
+        probe = _train(
+            tmp_path,
+            f"{tag}-eval",
+            tiny_model,
+            old_train[:4],
+            old_heldout,
+            None,
+            served=adapter,
+            steps=1,
+            lr=1e-12,
+        )
         return float(probe["baseline_eval_loss"])
 
     without = run_on_shifted(0, "noreplay")
     with_replay = run_on_shifted(16, "replay")
-    print(f"old-voice held-out loss: after job 1 {after_first:.3f}; after 3 shifted jobs without replay "
-          f"{without:.3f}, with 16 replayed pairs {with_replay:.3f}")
+    print(
+        f"old-voice held-out loss: after job 1 {after_first:.3f}; after 3 shifted jobs without replay "
+        f"{without:.3f}, with 16 replayed pairs {with_replay:.3f}"
+    )
     assert without > after_first + 0.3  # forgetting, without the window
     assert with_replay < without - 0.2  # the window keeps the old voice
     assert with_replay <= after_first + 0.3  # within tolerance of where it was

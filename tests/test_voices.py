@@ -46,7 +46,7 @@ def test_a_half_written_adapter_is_never_finalized_or_promoted(tmp_path: Path) -
     half = staging / "adapter"
     half.mkdir()
     (half / "adapter_config.json").write_text("{}")  # the worker died before the weights and manifest
-    with pytest.raises(AdapterError, match="no manifest.json"):
+    with pytest.raises(AdapterError, match=r"no manifest\.json"):
         store.finalize("v", "j1", half)
     assert not store.adapter_dir("v", "j1").exists()
     with pytest.raises(AdapterError):
@@ -59,7 +59,7 @@ def test_manifest_requires_the_peft_files(tmp_path: Path) -> None:
     d = tmp_path / "a"
     d.mkdir()
     (d / "adapter_config.json").write_text("{}")
-    with pytest.raises(AdapterError, match="adapter_model.safetensors"):
+    with pytest.raises(AdapterError, match=r"adapter_model\.safetensors"):
         manifest.write_manifest(d, {})
 
 
@@ -85,6 +85,9 @@ def test_prune_keeps_the_current_and_the_kept(tmp_path: Path) -> None:
         finished(store, "v", j)
     store.promote("v", "j1")
     assert sorted(store.prune("v", keep=["j4"])) == ["j2", "j3"]
-    assert sorted(p.name for p in store.adapters_dir("v").iterdir() if not p.name.startswith(".")) == ["j1", "j4"]
+    assert sorted(p.name for p in store.adapters_dir("v").iterdir() if not p.name.startswith(".")) == [
+        "j1",
+        "j4",
+    ]
     assert store.remove("v") is True
     assert store.current("v") is None and store.remove("v") is False
