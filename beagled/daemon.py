@@ -117,6 +117,7 @@ class Daemon:
             build_reloader(cfg),
             base_model=lambda: tiny_model_builder(cfg),
         )
+        self.engine.metrics.prime(list(t.backends), cfg.reload.method)
         self.server = Server(self.engine)
         self.metrics_address: tuple[str, int] | None = None
 

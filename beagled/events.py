@@ -163,6 +163,7 @@ class ReloadFailed(JobEvent):
     method: str
     error: str
     retry_at: float
+    retryable: bool = True  # False: only the operator can fix it (host key, routes missing, bad path)
 
 
 @dataclass(frozen=True)

@@ -453,6 +453,7 @@ class FailReload:
     now: float
     backoff_s: float
     backoff_max_s: float
+    retryable: bool = True
 
 
 @dataclass(frozen=True)
@@ -675,6 +676,7 @@ def decide(state: State, cmd: Command) -> list[ev.Payload]:
                 method=cmd.method,
                 error=cmd.error,
                 retry_at=retry_at,
+                retryable=cmd.retryable,
             )
         ]
     if isinstance(cmd, FailJob):

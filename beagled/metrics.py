@@ -9,6 +9,7 @@ from fixed sets, and at most ``max_voices`` voices get their own series (the res
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -102,6 +103,18 @@ class Metrics:
             self.submissions.labels(outcome)
         if state is not None:
             r.register(_StateCollector(state, max_voices))
+
+    def prime(self, backends: list[str], method: str) -> None:
+        """Export every known label combination at zero from the start, so that ``rate()`` and
+        ``increase()`` see a series' first event (a series born with its first sample hides it)."""
+        for b in backends:
+            for outcome in ("success", "failure", "timeout"):
+                self.training_duration.labels(b, outcome)
+        for a, b in itertools.pairwise(backends):
+            self.fallbacks.labels(a, b)
+        if method != "none":
+            for outcome in ("success", "failure"):
+                self.reload_duration.labels(method, outcome)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

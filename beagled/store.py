@@ -7,13 +7,25 @@ the write methods from one thread at a time (a ``CapacityLimiter(1)``); readers 
 connections (WAL lets them run beside the writer). Group commit: ``submit_batch`` writes many pairs in
 one transaction. Each event has a global ``seq`` and a per-stream ``version``; ``(stream, version)`` is
 unique, so a second writer loses with ``ConcurrencyError`` instead of forking a stream.
+
+Speed: SQLAlchemy owns the schema and the connection pools; the hot paths (``submit_batch``,
+``append``, ``read``) run plain SQL on the pooled DB-API connection with ``executemany`` over tuples —
+per-row Core compilation cost more than the commit itself at group-commit batch sizes. The idempotency
+lookup is one ``SELECT … IN`` per batch, inside the write transaction (so it sees every committed key).
+
+Snapshots: ``write_snapshot(seq, schema, blob)`` stores an opaque serialised projection (see
+``beagled.snapshot``) in the ``snapshots`` table of the same database, in its own transaction;
+``snapshots()`` yields them newest first, so recovery can fall back to an older one (or to a full
+replay) when one cannot be read. The newest ``KEEP_SNAPSHOTS`` are kept.
 """
 
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,12 +33,14 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 
 from beagled import events as ev
 from beagled.errors import ConcurrencyError, StoreError
 
 SCHEMA_VERSION = 1
+KEEP_SNAPSHOTS = 2
+_IN_CHUNK = 900  # bound parameters per IN (...) list (SQLite's old default limit is 999)
 
 metadata = sa.MetaData()
 events_t = sa.Table(
@@ -47,12 +61,14 @@ keys_t = sa.Table(
     sa.Column("key", sa.Text, primary_key=True),
     sa.Column("pair_id", sa.Text, nullable=False),
     sa.Column("seq", sa.Integer, nullable=False),
+    sqlite_with_rowid=False,  # one B-tree per row written, not a table plus its key index
 )
 pairs_t = sa.Table(
     "pairs",
     metadata,
     sa.Column("pair_id", sa.Text, primary_key=True),
     sa.Column("seq", sa.Integer, nullable=False),
+    sqlite_with_rowid=False,
 )
 meta_t = sa.Table(
     "meta",
@@ -60,6 +76,24 @@ meta_t = sa.Table(
     sa.Column("key", sa.Text, primary_key=True),
     sa.Column("value", sa.Text, nullable=False),
 )
+snapshots_t = sa.Table(
+    "snapshots",
+    metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=False),  # state after this event
+    sa.Column("schema", sa.Integer, nullable=False),  # the snapshot format's version
+    sa.Column("data", sa.LargeBinary, nullable=False),
+)
+
+_INSERT_EVENT = (
+    "INSERT INTO events (seq, stream, version, type, schema, at, data) VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_KEY = "INSERT INTO idempotency (key, pair_id, seq) VALUES (?, ?, ?)"
+_INSERT_PAIR = "INSERT INTO pairs (pair_id, seq) VALUES (?, ?)"
+_SELECT_EVENTS = "SELECT seq, version, type, schema, at, data FROM events"
+
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode  # one encoder, reused
+_quote: Any = json.encoder.encode_basestring  # the C string quoter
+_decode = json.JSONDecoder().decode
 
 
 @dataclass(frozen=True)
@@ -78,25 +112,53 @@ class Store(Protocol):
     def read(self, from_seq: int = 0) -> Iterator[ev.Event]: ...
     def get_pairs(self, pair_ids: Sequence[str]) -> dict[str, ev.PairSubmitted]: ...
     def last_seq(self) -> int: ...
+    def write_snapshot(self, seq: int, schema: int, blob: bytes) -> None: ...
+    def snapshots(self) -> Iterator[tuple[int, int, bytes]]: ...
     def integrity_check(self) -> str: ...
     def close(self) -> None: ...
 
 
-def _row(e: ev.Event) -> dict[str, Any]:
-    return {
-        "seq": e.seq,
-        "stream": e.stream,
-        "version": e.version,
-        "type": e.type,
-        "schema": e.payload.SCHEMA,
-        "at": e.at,
-        "data": json.dumps(e.payload.to_data(), separators=(",", ":"), ensure_ascii=False),
-    }
+def _data(p: ev.Payload) -> str:
+    if type(p) is ev.PairSubmitted:  # the hot path: the same JSON as to_data(), without its field walk
+        out: str = (
+            '{"pair_id":'
+            + _quote(p.pair_id)
+            + ',"voice":'
+            + _quote(p.voice)
+            + ',"bad":'
+            + _quote(p.bad)
+            + ',"good":'
+            + _quote(p.good)
+            + ',"key":'
+            + _quote(p.key)
+            + ',"prompt":'
+            + ("null" if p.prompt is None else _quote(p.prompt))
+            + ',"quality":'
+            + ("null" if p.quality is None else _encode(p.quality))
+            + ',"heldout":'
+            + ("true" if p.heldout else "false")
+            + "}"
+        )
+        return out
+    return str(_encode(p.to_data()))
 
 
-def _event(row: Any) -> ev.Event:
-    payload = ev.decode(row.type, row.schema, json.loads(row.data))
-    return ev.Event(payload=payload, seq=row.seq, version=row.version, at=row.at, schema=row.schema)
+def _row(e: ev.Event) -> tuple[int, str, int, str, int, float, str]:
+    return (e.seq, e.stream, e.version, e.type, e.payload.SCHEMA, e.at, _data(e.payload))
+
+
+def _event(row: tuple[int, int, str, int, float, str]) -> ev.Event:
+    seq, version, type_, schema, at, data = row
+    fields = _decode(data)
+    payload: ev.Payload | None = None
+    if type_ == "PairSubmitted" and schema == ev.PairSubmitted.SCHEMA:
+        try:  # fast path; anything unexpected goes through the general decoder
+            payload = ev.PairSubmitted(**fields)
+        except TypeError:
+            payload = None
+    if payload is None:
+        payload = ev.decode(type_, schema, fields)
+    return ev.Event(payload=payload, seq=seq, version=version, at=at, schema=schema)
 
 
 class _Sequencer:
@@ -127,14 +189,53 @@ class _Sequencer:
         self.last = seq
 
 
+def _plan(
+    items: Sequence[ev.PairSubmitted], found: dict[str, tuple[str, int]]
+) -> tuple[list[ev.PairSubmitted], list[tuple[str, int] | int]]:
+    """Which items are new, and for each item: an existing (pair_id, seq) or an index into ``fresh``
+    (negative ``-1 - i`` for a duplicate of the ``i``-th fresh pair of this same batch)."""
+    fresh: list[ev.PairSubmitted] = []
+    plan: list[tuple[str, int] | int] = []
+    batch_keys: dict[str, int] = {}
+    for p in items:
+        if p.key in found:
+            plan.append(found[p.key])
+        elif p.key in batch_keys:
+            plan.append(-1 - batch_keys[p.key])
+        else:
+            batch_keys[p.key] = len(fresh)
+            plan.append(len(fresh))
+            fresh.append(p)
+    return fresh, plan
+
+
+def _results(
+    fresh: list[ev.PairSubmitted], plan: list[tuple[str, int] | int], stamped: list[ev.Event]
+) -> list[SubmitResult]:
+    out: list[SubmitResult] = []
+    for step in plan:
+        if isinstance(step, tuple):
+            out.append(SubmitResult(pair_id=step[0], seq=step[1], duplicate=True, event=None))
+        elif step >= 0:
+            new = stamped[step]
+            out.append(SubmitResult(pair_id=fresh[step].pair_id, seq=new.seq, duplicate=False, event=new))
+        else:
+            first = stamped[-1 - step]
+            out.append(
+                SubmitResult(pair_id=fresh[-1 - step].pair_id, seq=first.seq, duplicate=True, event=None)
+            )
+    return out
+
+
 class SqliteStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         url = f"sqlite+pysqlite:///{path}"
         try:
-            self._writer = self._engine(url, immediate=True, pool_size=1)
-            self._reader = self._engine(url, immediate=False, pool_size=4)
+            # pool: the store's own writer connection, plus one for whoever inspects the pragmas
+            self._writer = self._engine(url, immediate=True, pool_size=1, overflow=1)
+            self._reader = self._engine(url, immediate=False, pool_size=4, overflow=0)
             metadata.create_all(self._writer)
             with self._writer.begin() as c:
                 c.execute(
@@ -143,18 +244,20 @@ class SqliteStore:
                     .values(key="schema_version", value=str(SCHEMA_VERSION))
                 )
                 last = c.execute(sa.select(sa.func.max(events_t.c.seq))).scalar()
+            self._wconn = self._writer.raw_connection()  # held for the store's life: the one writer
         except SQLAlchemyError as e:
             raise StoreError(f"cannot open the event log {path}: {e}") from e
+        self._db: sqlite3.Connection = self._wconn.driver_connection  # type: ignore[assignment]
         self._lock = threading.Lock()  # guards the sequencer if a caller forgets the one-writer rule
         self._seq = _Sequencer(int(last or 0), self._stream_version)
 
     @staticmethod
-    def _engine(url: str, *, immediate: bool, pool_size: int) -> Engine:
+    def _engine(url: str, *, immediate: bool, pool_size: int, overflow: int) -> Engine:
         engine = sa.create_engine(
             url,
             connect_args={"check_same_thread": False, "timeout": 30},
             pool_size=pool_size,
-            max_overflow=0,
+            max_overflow=overflow,
         )
 
         @sa_event.listens_for(engine, "connect")
@@ -172,131 +275,142 @@ class SqliteStore:
 
         return engine
 
+    # -- the writer ----------------------------------------------------------------------------------
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One ``BEGIN IMMEDIATE`` … ``COMMIT`` on the writer connection; errors translated."""
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        except sqlite3.IntegrityError as e:
+            raise ConcurrencyError(f"another writer appended to the log: {e}") from e
+        except sqlite3.Error as e:
+            raise StoreError(f"the event log could not be written: {e}") from e
+
     def _stream_version(self, stream: str) -> int:
-        with self._reader.connect() as c:
-            v = c.execute(
-                sa.select(sa.func.max(events_t.c.version)).where(events_t.c.stream == stream)
-            ).scalar()
-        return int(v or 0)
+        # called inside the write transaction (by the sequencer): sees every committed event
+        row = self._db.execute("SELECT max(version) FROM events WHERE stream = ?", (stream,)).fetchone()
+        return int(row[0] or 0)
 
     def _write(self, payloads: Sequence[ev.Payload], at: float, extra: Any = None) -> list[ev.Event]:
-        with self._lock:
+        with self._lock, self._tx() as db:
             stamped, staged, seq = self._seq.stamp(payloads, at)
-            try:
-                with self._writer.begin() as c:
-                    if stamped:
-                        c.execute(sa.insert(events_t), [_row(e) for e in stamped])
-                    if extra is not None:
-                        extra(c, stamped)
-            except IntegrityError as e:
-                raise ConcurrencyError(f"another writer appended to the log: {e.orig}") from e
-            except OperationalError as e:
-                raise StoreError(f"the event log could not be written: {e.orig}") from e
-            except SQLAlchemyError as e:
-                raise StoreError(f"the event log could not be written: {e}") from e
-            self._seq.commit(staged, seq)
-            return stamped
+            if stamped:
+                db.executemany(_INSERT_EVENT, [_row(e) for e in stamped])
+            if extra is not None:
+                extra(db, stamped)
+        self._seq.commit(staged, seq)  # only after COMMIT returned
+        return stamped
 
     def append(self, payloads: Sequence[ev.Payload], at: float) -> list[ev.Event]:
         return self._write(payloads, at)
 
     def submit_batch(self, items: Sequence[ev.PairSubmitted], at: float) -> list[SubmitResult]:
-        keys = list(dict.fromkeys(p.key for p in items))
-        with self._lock:
-            try:
-                with self._reader.connect() as c:
-                    found = (
-                        {
-                            r.key: (r.pair_id, r.seq)
-                            for r in c.execute(sa.select(keys_t).where(keys_t.c.key.in_(keys)))
-                        }
-                        if len(keys) <= 900
-                        else self._find_many(c, keys)
-                    )
-            except SQLAlchemyError as e:
-                raise StoreError(f"the event log could not be read: {e}") from e
-        fresh: list[ev.PairSubmitted] = []
-        plan: list[tuple[str, int] | int] = []  # existing (pair_id, seq) or an index into fresh
-        batch_keys: dict[str, int] = {}
-        for p in items:
-            if p.key in found:
-                plan.append(found[p.key])
-            elif p.key in batch_keys:
-                plan.append(-1 - batch_keys[p.key])  # duplicate of a pair earlier in this batch
-            else:
-                batch_keys[p.key] = len(fresh)
-                plan.append(len(fresh))
-                fresh.append(p)
-
-        def extra(c: Connection, stamped: list[ev.Event]) -> None:
-            rows = [(p.key, p.pair_id, e.seq) for p, e in zip(fresh, stamped, strict=True)]
-            c.execute(sa.insert(keys_t), [{"key": k, "pair_id": pid, "seq": seq} for k, pid, seq in rows])
-            c.execute(sa.insert(pairs_t), [{"pair_id": pid, "seq": seq} for _k, pid, seq in rows])
-
-        stamped = self._write(fresh, at, extra) if fresh else []
-        out: list[SubmitResult] = []
-        for step in plan:
-            if isinstance(step, tuple):
-                out.append(SubmitResult(pair_id=step[0], seq=step[1], duplicate=True, event=None))
-            elif step >= 0:
-                new = stamped[step]
-                out.append(SubmitResult(pair_id=fresh[step].pair_id, seq=new.seq, duplicate=False, event=new))
-            else:
-                first = stamped[-1 - step]
-                out.append(
-                    SubmitResult(pair_id=fresh[-1 - step].pair_id, seq=first.seq, duplicate=True, event=None)
+        if not items:
+            return []
+        with self._lock, self._tx() as db:
+            found = self._find(db, list(dict.fromkeys(p.key for p in items)))
+            fresh, plan = _plan(items, found)
+            stamped, staged, seq = self._seq.stamp(fresh, at)
+            if stamped:
+                db.executemany(_INSERT_EVENT, [_row(e) for e in stamped])
+                db.executemany(
+                    _INSERT_KEY, [(p.key, p.pair_id, e.seq) for p, e in zip(fresh, stamped, strict=True)]
                 )
-        return out
+                db.executemany(
+                    _INSERT_PAIR, [(p.pair_id, e.seq) for p, e in zip(fresh, stamped, strict=True)]
+                )
+        self._seq.commit(staged, seq)
+        return _results(fresh, plan, stamped)
 
     @staticmethod
-    def _find_many(c: Connection, keys: list[str]) -> dict[str, tuple[str, int]]:
+    def _find(db: sqlite3.Connection, keys: list[str]) -> dict[str, tuple[str, int]]:
         out: dict[str, tuple[str, int]] = {}
-        for i in range(0, len(keys), 900):
-            chunk = keys[i : i + 900]
-            for r in c.execute(sa.select(keys_t).where(keys_t.c.key.in_(chunk))):
-                out[r.key] = (r.pair_id, r.seq)
+        for i in range(0, len(keys), _IN_CHUNK):
+            chunk = keys[i : i + _IN_CHUNK]
+            q = f"SELECT key, pair_id, seq FROM idempotency WHERE key IN ({','.join('?' * len(chunk))})"  # noqa: S608
+            for k, pid, seq in db.execute(q, chunk):
+                out[k] = (pid, seq)
         return out
 
+    def write_snapshot(self, seq: int, schema: int, blob: bytes) -> None:
+        """Store a serialised projection of the state after event ``seq``; keep the newest few."""
+        with self._lock, self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO snapshots (seq, schema, data) VALUES (?, ?, ?)", (seq, schema, blob)
+            )
+            db.execute(
+                "DELETE FROM snapshots WHERE seq NOT IN "
+                "(SELECT seq FROM snapshots ORDER BY seq DESC LIMIT ?)",
+                (KEEP_SNAPSHOTS,),
+            )
+
+    # -- readers -------------------------------------------------------------------------------------
+    @contextmanager
+    def _read_db(self) -> Iterator[sqlite3.Connection]:
+        try:
+            raw = self._reader.raw_connection()
+        except SQLAlchemyError as e:
+            raise StoreError(f"the event log could not be read: {e}") from e
+        try:
+            yield raw.driver_connection  # type: ignore[misc]
+        except sqlite3.Error as e:
+            raise StoreError(f"the event log could not be read: {e}") from e
+        finally:
+            raw.close()  # back to the pool
+
+    def snapshots(self) -> Iterator[tuple[int, int, bytes]]:
+        """``(seq, schema, blob)`` of each stored snapshot, newest first (read one at a time)."""
+        with self._read_db() as db:
+            seqs = [r[0] for r in db.execute("SELECT seq FROM snapshots ORDER BY seq DESC")]
+        for s in seqs:
+            with self._read_db() as db:
+                row = db.execute("SELECT seq, schema, data FROM snapshots WHERE seq = ?", (s,)).fetchone()
+            if row is not None:
+                yield int(row[0]), int(row[1]), bytes(row[2])
+
     def find_key(self, key: str) -> tuple[str, int] | None:
-        with self._reader.connect() as c:
-            r = c.execute(sa.select(keys_t).where(keys_t.c.key == key)).first()
-        return (r.pair_id, r.seq) if r else None
+        with self._read_db() as db:
+            r = db.execute("SELECT pair_id, seq FROM idempotency WHERE key = ?", (key,)).fetchone()
+        return (r[0], r[1]) if r else None
 
     def read(self, from_seq: int = 0, *, batch: int = 5000) -> Iterator[ev.Event]:
         """Events with ``seq > from_seq``, in order, read in batches (a long replay holds no lock)."""
         last = from_seq
         while True:
-            try:
-                with self._reader.connect() as c:
-                    rows = c.execute(
-                        sa.select(events_t).where(events_t.c.seq > last).order_by(events_t.c.seq).limit(batch)
-                    ).all()
-            except SQLAlchemyError as e:
-                raise StoreError(f"the event log could not be read: {e}") from e
+            with self._read_db() as db:
+                rows = db.execute(
+                    _SELECT_EVENTS + " WHERE seq > ? ORDER BY seq LIMIT ?", (last, batch)
+                ).fetchall()
             if not rows:
                 return
             for r in rows:
                 yield _event(r)
-            last = rows[-1].seq
+            last = rows[-1][0]
 
     def read_stream(self, stream: str) -> list[ev.Event]:
-        with self._reader.connect() as c:
-            rows = c.execute(
-                sa.select(events_t).where(events_t.c.stream == stream).order_by(events_t.c.version)
-            ).all()
+        with self._read_db() as db:
+            rows = db.execute(_SELECT_EVENTS + " WHERE stream = ? ORDER BY version", (stream,)).fetchall()
         return [_event(r) for r in rows]
 
     def get_pairs(self, pair_ids: Sequence[str]) -> dict[str, ev.PairSubmitted]:
         out: dict[str, ev.PairSubmitted] = {}
         ids = list(pair_ids)
-        with self._reader.connect() as c:
-            for i in range(0, len(ids), 900):
+        with self._read_db() as db:
+            for i in range(0, len(ids), _IN_CHUNK):
+                chunk = ids[i : i + _IN_CHUNK]
                 q = (
-                    sa.select(events_t)
-                    .join(pairs_t, pairs_t.c.seq == events_t.c.seq)
-                    .where(pairs_t.c.pair_id.in_(ids[i : i + 900]))
+                    "SELECT e.seq, e.version, e.type, e.schema, e.at, e.data FROM events e "  # noqa: S608
+                    f"JOIN pairs p ON p.seq = e.seq WHERE p.pair_id IN ({','.join('?' * len(chunk))})"
                 )
-                for r in c.execute(q):
+                for r in db.execute(q, chunk):
                     p = _event(r).payload
                     assert isinstance(p, ev.PairSubmitted)
                     out[p.pair_id] = p
@@ -306,10 +420,11 @@ class SqliteStore:
         return self._seq.last
 
     def integrity_check(self) -> str:
-        with self._reader.connect() as c:
-            return str(c.exec_driver_sql("PRAGMA integrity_check").scalar())
+        with self._read_db() as db:
+            return str(db.execute("PRAGMA integrity_check").fetchone()[0])
 
     def close(self) -> None:
+        self._wconn.close()
         self._writer.dispose()
         self._reader.dispose()
 
@@ -321,6 +436,7 @@ class MemoryStore:
         self._events: list[ev.Event] = []
         self._keys: dict[str, tuple[str, int]] = {}
         self._pairs: dict[str, ev.PairSubmitted] = {}
+        self._snapshots: dict[int, tuple[int, bytes]] = {}
         self._seq = _Sequencer(0, lambda stream: 0)
         self.fail_next: Exception | None = None  # the next write raises this (disk-full simulations)
 
@@ -338,17 +454,23 @@ class MemoryStore:
 
     def submit_batch(self, items: Sequence[ev.PairSubmitted], at: float) -> list[SubmitResult]:
         self._check_fail()
-        out = []
-        for p in items:
-            if p.key in self._keys:
-                pid, seq = self._keys[p.key]
-                out.append(SubmitResult(pair_id=pid, seq=seq, duplicate=True, event=None))
-                continue
-            (e,) = self.append([p], at)
+        fresh, plan = _plan(items, {p.key: self._keys[p.key] for p in items if p.key in self._keys})
+        stamped = self.append(fresh, at) if fresh else []
+        for p, e in zip(fresh, stamped, strict=True):
             self._keys[p.key] = (p.pair_id, e.seq)
             self._pairs[p.pair_id] = p
-            out.append(SubmitResult(pair_id=p.pair_id, seq=e.seq, duplicate=False, event=e))
-        return out
+        return _results(fresh, plan, stamped)
+
+    def write_snapshot(self, seq: int, schema: int, blob: bytes) -> None:
+        self._check_fail()
+        self._snapshots[seq] = (schema, bytes(blob))
+        for old in sorted(self._snapshots)[:-KEEP_SNAPSHOTS]:
+            del self._snapshots[old]
+
+    def snapshots(self) -> Iterator[tuple[int, int, bytes]]:
+        for seq in sorted(self._snapshots, reverse=True):
+            schema, blob = self._snapshots[seq]
+            yield seq, schema, blob
 
     def find_key(self, key: str) -> tuple[str, int] | None:
         return self._keys.get(key)

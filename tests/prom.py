@@ -311,3 +311,38 @@ def sample_values(result: list[Any]) -> list[float]:
 
 def has_finite_value(result: list[Any]) -> bool:
     return any(math.isfinite(v) for v in sample_values(result))
+
+
+# --- a real daemon that has trained, for scraping ------------------------------------------------------
+
+
+def metrics_daemon_tables() -> dict[str, dict[str, Any]]:
+    """``make_daemon`` tables for a daemon whose metrics have every series: a backend that crashes
+    (``broken``) before the fake one (a fallback), held-out pairs (an eval loss), the command reloader."""
+    from tests.daemon_proc import fake_backend
+
+    return {
+        "training": {"backends": ["broken", "fake"], "heldout_share": 0.5},
+        "training.custom_backends": {"broken": fake_backend("crash")},
+        "reload": {"method": "command", "reconcile_interval_s": 3600.0},
+        "reload.command": {"argv": ["true"]},
+    }
+
+
+def train_one_job(d: Any, start: int = 0, timeout: float = 30.0) -> tuple[dict[str, Any], int]:
+    """Pause, submit pairs until the voice has ≥ 1 held-out and ≥ min_pairs pending ones, resume, and
+    wait for the job they make to be ``reloaded``. Returns (the job, the next pair index)."""
+    with d.client() as c:
+        c.pause()
+        before = {j["job_id"] for j in c.jobs(limit=1000)["jobs"]}
+        i = start
+        while True:
+            c.submit(bad=f"plain draft {i}", good=f"draft {i} in my voice", key=f"m-{i}")
+            i += 1
+            v = c.voices()["voices"][0]
+            if v["heldout_pairs"] >= 1 and v["pending_pairs"] >= 4:
+                break
+        c.resume()
+    js = d.wait_jobs(lambda js: any(j["job_id"] not in before for j in js), timeout)
+    (jid,) = [j["job_id"] for j in js if j["job_id"] not in before]
+    return d.wait_job(jid, ("reloaded",), timeout), i

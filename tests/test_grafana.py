@@ -4,9 +4,8 @@ Two scrape targets feed the PromQL check:
 - ``contract_target``: a reference exposition built here with prometheus_client from CONTRACT.md's
   metric table (names, types, labels), growing at each scrape. It always runs, so a dashboard query that
   does not match the contract fails even before the daemon exists.
-- ``metrics_target``: the daemon's own ``beagled.metrics.Metrics`` exposition (skipped with "daemon
-  metrics not wired yet" while that module is missing or its API differs). It is the fixture to switch
-  to a really trained daemon; it only has to yield "host:port" of an HTTP server answering /metrics.
+- ``metrics_target``: a real ``beagled serve`` process that has trained and reloaded (fake subprocess
+  trainer, a backend fallback, held-out pairs, the command reloader), scraped on its own /metrics.
 """
 
 from __future__ import annotations
@@ -29,9 +28,11 @@ from tests.prom import (
     PromQLError,
     PromServer,
     check_expr_names,
+    metrics_daemon_tables,
     promtool_check_metrics,
     require_prometheus,
     start_prometheus,
+    train_one_job,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -260,54 +261,14 @@ def contract_target() -> Iterator[str]:
 
 
 @pytest.fixture
-def metrics_target() -> Iterator[str]:
-    """The daemon's own metrics (``beagled.metrics.Metrics``), driven through its public attributes.
-
-    Switch point for the lead: replace the body with one that starts a real daemon which has trained
-    and reloaded at least once (``beagled demo`` or ``serve`` with ``[metrics] listen``), and yield its
-    "host:port"; the tests below need nothing else.
-    """
-    try:
-        # Imported here, not at the top: a missing or different module skips instead of failing.
-        from beagled import jobs as jobs_mod
-        from beagled.metrics import Metrics
-
-        state = jobs_mod.State()
-        state.voices["default"] = jobs_mod.Voice(
-            name="default", pending=(("p-1", 0.0), ("p-2", 1.0)), current_version=3, eval_loss=1.25
-        )
-        metrics = Metrics(lambda: state)
-        instruments = {
-            "training": metrics.training_duration,
-            "reload": metrics.reload_duration,
-            "ack": metrics.submit_ack,
-            "submission": metrics.submissions,
-            "event": metrics.events,
-            "fallback": metrics.fallbacks,
-        }
-        metrics.exposition()
-    except (ImportError, AttributeError, TypeError) as e:
-        pytest.skip(f"daemon metrics not wired yet: {e!r}")
-
-    def observe(kind: str, labels: tuple[str, ...], value: float) -> None:
-        instrument = instruments[kind]
-        child = instrument.labels(*labels) if labels else instrument
-        if kind in ("training", "reload", "ack"):
-            child.observe(value)
-        else:
-            child.inc(value)
-
-    step = 0
-    lock = threading.Lock()
-
-    def produce() -> tuple[bytes, str]:
-        nonlocal step
-        with lock:
-            step += 1
-            _drive(step, observe)
-            return metrics.exposition(), CONTENT_TYPE_LATEST
-
-    yield from serve_exposition(produce)
+def metrics_target(make_daemon: Callable[..., Any]) -> str:
+    """A real ``beagled serve`` process that has trained a job (one backend crashing first, so a
+    fallback; held-out pairs, so an eval loss; the command reloader, so reloads); returns its
+    ``host:port``. Every contract series exists before Prometheus' first scrape."""
+    d = make_daemon(metrics_daemon_tables())
+    job, _ = train_one_job(d)
+    assert job["backend"] == "fake" and job["eval_loss"] is not None
+    return f"127.0.0.1:{d.metrics_port}"
 
 
 # --- every panel through a real Prometheus ----------------------------------------------------------
@@ -346,7 +307,9 @@ def test_every_panel_query_returns_data_from_the_contract_exposition(
         _run_all_panel_queries(prom)
 
 
-def test_every_panel_query_returns_data_from_the_daemon_metrics(tmp_path: Path, metrics_target: str) -> None:
+def test_every_panel_query_returns_data_from_a_real_trained_daemon(
+    tmp_path: Path, metrics_target: str
+) -> None:
     require_prometheus()
     with start_prometheus(tmp_path, [metrics_target]) as prom:
         _run_all_panel_queries(prom)
