@@ -18,7 +18,8 @@ queries at the end of this module); each effect is idempotent, so it is simply r
 
 Only forward transitions exist, except ``training --TrainingStarted--> training``: a new attempt after a
 failed or crash-interrupted one. ``State`` is a mutable projection owned by one writer (the engine),
-updated in place for speed; its records (``Job``, ``Voice``) are frozen and replaced, never mutated.
+updated in place for speed: ``Job`` records are frozen and replaced, ``Voice`` records (whose pair lists
+grow with every submit) are updated in place; ``decide`` never mutates either.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hashlib
-from collections.abc import Iterable
+import heapq
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,12 +126,18 @@ class Job:
         }
 
 
-@dataclass(frozen=True)
+TRAINED_MAX = 4096  # newest trained pair ids a voice remembers, for the replay window
+
+
+@dataclass
 class Voice:
+    """A voice's projection. Unlike ``Job`` it is updated in place by ``evolve`` (its pair lists grow
+    with every submit; copying them per event made replay quadratic); only the engine writes it."""
+
     name: str
-    pending: tuple[tuple[str, float], ...] = ()  # (pair_id, submitted at), oldest first
-    heldout: tuple[str, ...] = ()  # newest last, bounded by the engine's heldout_max
-    trained: tuple[str, ...] = ()  # pair ids already cut into jobs, for the replay window
+    pending: list[tuple[str, float]] = field(default_factory=list)  # (pair_id, submitted at), oldest first
+    heldout: list[str] = field(default_factory=list)  # newest last, bounded by heldout_max
+    trained: list[str] = field(default_factory=list)  # newest TRAINED_MAX pair ids cut into jobs (replay)
     pairs_total: int = 0
     current_job: str | None = None
     current_version: int = 0
@@ -196,16 +204,18 @@ def is_heldout(pair_id: str, share: float) -> bool:
     return h / 2**64 < share
 
 
-def replay_sample(trained: tuple[str, ...], k: int, seed: str) -> tuple[str, ...]:
+def replay_sample(trained: Sequence[str], k: int, seed: str) -> tuple[str, ...]:
     """A deterministic sample of ``k`` earlier pairs (newest-biased: half newest, half spread)."""
     if k <= 0 or not trained:
         return ()
     if len(trained) <= k:
-        return trained
-    newest = trained[-(k // 2) :] if k // 2 else ()
-    older = trained[: len(trained) - len(newest)]
-    ranked = sorted(older, key=lambda p: hashlib.sha256(f"{seed}:{p}".encode()).digest())
-    return tuple(sorted(ranked[: k - len(newest)], key=older.index)) + newest
+        return tuple(trained)
+    n_new = k // 2
+    newest = tuple(trained[len(trained) - n_new :]) if n_new else ()
+    older = trained[: len(trained) - n_new]
+    order = {p: i for i, p in enumerate(older)}
+    ranked = heapq.nsmallest(k - n_new, older, key=lambda p: hashlib.sha256(f"{seed}:{p}".encode()).digest())
+    return tuple(sorted(ranked, key=order.__getitem__)) + newest
 
 
 # --- evolve -------------------------------------------------------------------------------------
@@ -222,33 +232,38 @@ def _job_update(job: Job, event: ev.Event, **changes: Any) -> Job:
     )
 
 
+def _stored_voice(state: State, name: str) -> Voice:
+    v = state.voices.get(name)
+    if v is None:
+        v = state.voices[name] = Voice(name=name)
+    return v
+
+
 def evolve(state: State, event: ev.Event) -> State:
     """Apply one recorded event. Raises ``IllegalTransition`` (state unchanged) on an impossible one."""
     p = event.payload
     if isinstance(p, ev.PairSubmitted):
-        v = state.voice(p.voice)
+        v = _stored_voice(state, p.voice)
         if p.heldout:
-            heldout = (*v.heldout, p.pair_id)[-state.heldout_max :]
-            v = dataclasses.replace(v, heldout=heldout, pairs_total=v.pairs_total + 1)
+            v.heldout.append(p.pair_id)
+            if len(v.heldout) > state.heldout_max:
+                del v.heldout[: -state.heldout_max]
         else:
-            v = dataclasses.replace(
-                v, pending=(*v.pending, (p.pair_id, event.at)), pairs_total=v.pairs_total + 1
-            )
-        state.voices[p.voice] = v
+            v.pending.append((p.pair_id, event.at))
+        v.pairs_total += 1
     elif isinstance(p, ev.JobCreated):
         if p.job_id in state.jobs:
             raise IllegalTransition(f"job {p.job_id} exists already")
         transition(None, p.TYPE)
-        v = state.voice(p.voice)
         taken = set(p.pair_ids)
-        pending_ids = {pid for pid, _ in v.pending}
-        if not taken <= pending_ids:
+        pending = state.voices[p.voice].pending if p.voice in state.voices else []
+        if not taken <= {pid for pid, _ in pending}:
             raise IllegalTransition(f"job {p.job_id} takes pairs that are not pending in voice {p.voice}")
-        state.voices[p.voice] = dataclasses.replace(
-            v,
-            pending=tuple(x for x in v.pending if x[0] not in taken),
-            trained=(*v.trained, *p.pair_ids),
-        )
+        v = _stored_voice(state, p.voice)
+        v.pending[:] = [x for x in v.pending if x[0] not in taken]
+        v.trained.extend(p.pair_ids)
+        if len(v.trained) > TRAINED_MAX:
+            del v.trained[:-TRAINED_MAX]
         state.jobs[p.job_id] = Job(
             job_id=p.job_id,
             voice=p.voice,
@@ -262,23 +277,15 @@ def evolve(state: State, event: ev.Event) -> State:
     elif isinstance(p, ev.JobEvent):
         _evolve_job(state, event, p)
     elif isinstance(p, ev.RollbackStarted):
-        v = state.voice(p.voice)
-        state.voices[p.voice] = dataclasses.replace(v, reload_intent=p.job_id)
+        _stored_voice(state, p.voice).reload_intent = p.job_id
     elif isinstance(p, ev.RolledBack):
-        v = state.voice(p.voice)
+        v = _stored_voice(state, p.voice)
         target = state.jobs.get(p.job_id)
-        state.voices[p.voice] = dataclasses.replace(
-            v,
-            current_job=p.job_id,
-            current_version=p.version,
-            adapter_path=p.adapter_path,
-            eval_loss=target.eval_loss if target else None,
-            reload_intent=None,
-        )
+        v.current_job, v.current_version, v.adapter_path = p.job_id, p.version, p.adapter_path
+        v.eval_loss = target.eval_loss if target else None
+        v.reload_intent = None
     elif isinstance(p, ev.VoicePaused | ev.VoiceResumed):
-        state.voices[p.voice] = dataclasses.replace(
-            state.voice(p.voice), paused=isinstance(p, ev.VoicePaused)
-        )
+        _stored_voice(state, p.voice).paused = isinstance(p, ev.VoicePaused)
     elif isinstance(p, ev.VoiceDeleted):
         state.voices.pop(p.voice, None)
     elif isinstance(p, ev.Paused):
@@ -297,8 +304,7 @@ def _evolve_job(state: State, event: ev.Event, p: ev.JobEvent) -> None:
         if p.attempt != job.attempt + 1:
             raise IllegalTransition(f"attempt {p.attempt} does not follow attempt {job.attempt}")
         job = _job_update(job, event, attempt=p.attempt, retry_at=None, pending_intent=p.TYPE)
-        v = state.voice(job.voice)
-        state.voices[job.voice] = dataclasses.replace(v, last_trained_at=event.at)
+        _stored_voice(state, job.voice).last_trained_at = event.at
     elif isinstance(p, ev.TrainingFailed):
         job = _job_update(job, event, backend=p.backend, error=f"{p.backend}: {p.error}")
     elif isinstance(p, ev.AttemptFailed):
@@ -319,20 +325,15 @@ def _evolve_job(state: State, event: ev.Event, p: ev.JobEvent) -> None:
     elif isinstance(p, ev.JobRejected):
         job = _job_update(job, event, error=p.reason or "rejected by the evaluation gate")
     elif isinstance(p, ev.PromotionStarted):
-        v = state.voice(job.voice)
         job = _job_update(job, event, version=p.version, pending_intent=p.TYPE)
-        state.voices[job.voice] = dataclasses.replace(v, versions=max(v.versions, p.version))
+        v = _stored_voice(state, job.voice)
+        v.versions = max(v.versions, p.version)
     elif isinstance(p, ev.Promoted):
         job = _job_update(job, event, version=p.version, pending_intent=None)
-        v = state.voice(job.voice)
-        state.voices[job.voice] = dataclasses.replace(
-            v,
-            current_job=job.job_id,
-            current_version=p.version,
-            adapter_path=p.adapter_path,
-            eval_loss=job.eval_loss,
-            versions=max(v.versions, p.version),
-        )
+        v = _stored_voice(state, job.voice)
+        v.current_job, v.current_version, v.adapter_path = job.job_id, p.version, p.adapter_path
+        v.eval_loss = job.eval_loss
+        v.versions = max(v.versions, p.version)
     elif isinstance(p, ev.ReloadStarted):
         job = _job_update(job, event, pending_intent=p.TYPE)
     elif isinstance(p, ev.ReloadFailed):
@@ -348,10 +349,8 @@ def _evolve_job(state: State, event: ev.Event, p: ev.JobEvent) -> None:
         job = _job_update(
             job, event, served_name=p.served_name, error=None, retry_at=None, pending_intent=None
         )
-        v = state.voice(job.voice)
-        state.voices[job.voice] = dataclasses.replace(
-            v, served_job=job.job_id, served_version=p.version, served_name=p.served_name
-        )
+        v = _stored_voice(state, job.voice)
+        v.served_job, v.served_version, v.served_name = job.job_id, p.version, p.served_name
     elif isinstance(p, ev.JobFailed):
         job = _job_update(job, event, error=p.error, pending_intent=None, retry_at=None)
     else:  # pragma: no cover

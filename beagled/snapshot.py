@@ -42,6 +42,8 @@ def _names(cls: type) -> list[str]:
 def _converter(annotation: Any) -> Callable[[Any], Any] | None:
     """How to turn a JSON value back into a field of this annotation (None: as decoded)."""
     a = str(annotation).replace(" ", "")
+    if a.startswith("list[tuple["):
+        return lambda v: [tuple(x) for x in v]
     if a.startswith("tuple[tuple["):
         return lambda v: tuple(map(tuple, v))
     if a.startswith("tuple["):

@@ -50,7 +50,7 @@ def test_happy_path_through_every_state() -> None:
     for i in range(3):
         submit(s, log, "v", f"p{i}")
     run(s, log, jobs.CutJob("v", "j1", "manual"))
-    assert s.jobs["j1"].state == JobState.QUEUED and s.voices["v"].pending == ()
+    assert s.jobs["j1"].state == JobState.QUEUED and s.voices["v"].pending == []
     run(s, log, jobs.StartAttempt("j1", ("mlx",)))
     run(s, log, jobs.FinishTraining("j1", "mlx", "/a", 0.5, 1.0, 2.0, 3.0, 1.0))
     assert s.jobs["j1"].state == JobState.TRAINED
