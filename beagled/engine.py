@@ -24,7 +24,7 @@ import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -91,9 +91,7 @@ class Wakeup:
 class _PendingSubmit:
     payload: ev.PairSubmitted
     arrived: float
-    done: trio.Event = field(default_factory=trio.Event)
-    result: dict[str, Any] | None = None
-    error: BaseException | None = None
+    on_done: Callable[[dict[str, Any] | None, BaseException | None], None]
 
 
 class Engine:
@@ -200,6 +198,27 @@ class Engine:
 
     # -- submit (group commit) ---------------------------------------------------------------------
     async def submit(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """Store a pair; returns once it is durable (after COMMIT)."""
+        done = trio.Event()
+        out: list[Any] = []
+
+        def finished(result: dict[str, Any] | None, error: BaseException | None) -> None:
+            out[:] = [result, error]
+            done.set()
+
+        self.submit_nowait(fields, finished)
+        await done.wait()
+        result, error = out
+        if error is not None:
+            raise error
+        assert result is not None
+        return result  # type: ignore[no-any-return]
+
+    def submit_nowait(
+        self, fields: dict[str, Any], on_done: Callable[[dict[str, Any] | None, BaseException | None], None]
+    ) -> None:
+        """Queue a pair for the next group commit; ``on_done(result, error)`` runs after COMMIT (on the
+        event loop). The server's fast path: no task, channel or event per request."""
         if not self.accepting:
             raise Unavailable("beagled is shutting down")
         arrived = time.monotonic()
@@ -215,15 +234,8 @@ class Engine:
             quality=fields.get("quality"),
             heldout=jobs.is_heldout(pair_id, self.cfg.training.heldout_share),
         )
-        item = _PendingSubmit(payload, arrived)
-        self._submits.append(item)
+        self._submits.append(_PendingSubmit(payload, arrived, on_done))
         self._submit_wakeup.set()
-        await item.done.wait()
-        if item.error is not None:
-            self.metrics.submissions.labels("rejected").inc()
-            raise item.error
-        assert item.result is not None
-        return item.result
 
     async def _committer(self) -> None:
         """Group commit: drain the waiting submits into one transaction, ack each after COMMIT.
@@ -252,9 +264,9 @@ class Engine:
                         self._apply_pairs([r.event for r in results if r.event is not None])
                 except StoreError as e:
                     log.error("submit batch not committed: %s", e)
+                    self.metrics.submissions.labels("rejected").inc(len(batch))
                     for b in batch:
-                        b.error = Unavailable(f"the pair was not stored: {e}")
-                        b.done.set()
+                        b.on_done(None, Unavailable(f"the pair was not stored: {e}"))
                     continue
                 fault("after_commit_before_ack")
                 self._ack(batch, results)
@@ -857,10 +869,9 @@ class Engine:
         observe = self.metrics.submit_ack.observe
         dup = 0
         for b, r in zip(batch, results, strict=True):
-            b.result = {"pair_id": r.pair_id, "seq": r.seq, "duplicate": r.duplicate}
             dup += r.duplicate
             observe(now - b.arrived)
-            b.done.set()
+            b.on_done({"pair_id": r.pair_id, "seq": r.seq, "duplicate": r.duplicate}, None)
         if len(batch) - dup:
             self.metrics.submissions.labels("accepted").inc(len(batch) - dup)
         if dup:

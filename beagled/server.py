@@ -18,6 +18,7 @@ import socket as stdsocket
 import stat
 import struct
 import sys
+from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,9 @@ from beagled.engine import Engine
 from beagled.errors import BeagledError, Conflict, Forbidden, Unavailable
 
 log = logging.getLogger("beagled.server")
+
+LINGER_S = 2.0  # after too_large: how long the rest of an oversized request is read and discarded
+REJECT_LINGER_S = 0.5  # the same for a refused connection (forbidden, too many connections)
 
 
 def peer_uid(sock: Any) -> int | None:
@@ -82,9 +86,9 @@ def bind_unix(path: Path, *, shared: bool = False) -> stdsocket.socket:
     try:
         sock.bind(str(path))
         if shared:
-            os.chmod(path, 0o666)
+            os.chmod(path, 0o666)  # noqa: S103 - deliberate: SO_PEERCRED decides who is served
             if path.parent.stat().st_uid == os.getuid():
-                os.chmod(path.parent, 0o711)
+                os.chmod(path.parent, 0o711)  # noqa: S103 - traverse only, no listing
     except OSError:
         sock.close()
         raise
@@ -94,11 +98,55 @@ def bind_unix(path: Path, *, shared: bool = False) -> stdsocket.socket:
     return sock
 
 
-class _Slot:
-    """One response position in a connection's output order; ``watch`` streams many lines into it."""
+class _Entry:
+    """One response position in a connection's output order. ``data`` is set when the answer is ready;
+    a ``watch`` entry instead streams ``lines`` until ``done``."""
 
-    def __init__(self, size: int = 1) -> None:
-        self.send, self.recv = trio.open_memory_channel[bytes](size)
+    __slots__ = ("data", "done", "lines", "stream")
+
+    def __init__(self, *, stream: bool = False) -> None:
+        self.data: bytes | None = None
+        self.stream = stream
+        self.lines: deque[bytes] = deque()
+        self.done = False
+
+
+class _Output:
+    """The ordered answers of one connection and the wake-up of its one writer."""
+
+    def __init__(self) -> None:
+        self.entries: deque[_Entry] = deque()
+        self.changed = trio.Event()  # for the writer: an answer became ready
+        self.drained = trio.Event()  # for the reader: the writer sent some answers
+
+    def wake(self) -> None:
+        self.changed.set()
+
+    async def wait(self) -> None:
+        await self.changed.wait()
+        self.changed = trio.Event()
+
+    async def wait_drained(self) -> None:
+        await self.drained.wait()
+        self.drained = trio.Event()
+
+    def take_ready(self) -> bytes:
+        """Every answer ready at the head, in order, as one write (watch lines included)."""
+        chunks: list[bytes] = []
+        entries = self.entries
+        while entries:
+            head = entries[0]
+            if head.stream:
+                chunks.extend(head.lines)
+                head.lines.clear()
+                if not head.done:
+                    break
+            elif head.data is None:
+                break
+            else:
+                chunks.append(head.data)
+            entries.popleft()
+        return b"".join(chunks)
 
 
 class Server:
@@ -111,28 +159,20 @@ class Server:
         self.allowed = set(d.allowed_uids) or {os.getuid()}
         self.active = 0
         self.listener: trio.SocketListener | None = None
+        self._sync_ops: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+            "ping": lambda f: engine.ping(),
+            "status": lambda f: engine.status(),
+            "jobs": lambda f: engine.list_jobs(f.get("voice"), f.get("state"), f["limit"]),
+            "job": lambda f: engine.job(f["job_id"]),
+            "voices": lambda f: engine.list_voices(),
+        }
         self._ops: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
-            "ping": self._sync(lambda f: engine.ping()),
-            "submit": engine.submit,
-            "status": self._sync(lambda f: engine.status()),
-            "jobs": self._sync(lambda f: engine.list_jobs(f.get("voice"), f.get("state"), f["limit"])),
-            "job": self._sync(lambda f: engine.job(f["job_id"])),
-            "voices": self._sync(lambda f: engine.list_voices()),
             "train": lambda f: engine.train_now(f["voice"]),
             "rollback": lambda f: engine.rollback(f["voice"], f.get("to")),
             "pause": lambda f: engine.set_paused(True, f.get("voice")),
             "resume": lambda f: engine.set_paused(False, f.get("voice")),
             "delete_voice": lambda f: engine.delete_voice(f["voice"], f["remove_adapters"]),
         }
-
-    @staticmethod
-    def _sync(
-        fn: Callable[[dict[str, Any]], dict[str, Any]],
-    ) -> Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]:
-        async def call(fields: dict[str, Any]) -> dict[str, Any]:
-            return fn(fields)
-
-        return call
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         shared = bool(self.allowed - {os.getuid()})
@@ -183,6 +223,7 @@ class Server:
     async def _reject(self, stream: trio.SocketStream, exc: BeagledError) -> None:
         with trio.move_on_after(self.cfg.write_timeout_s):
             await stream.send_all(protocol.encode_error(None, exc))
+        await self._linger(stream, REJECT_LINGER_S)  # the peer may have sent its request already
 
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
         if self.active > self.cfg.max_connections:
@@ -193,76 +234,130 @@ class Server:
             log.warning("refused a peer", extra={"peer_uid": uid})
             await self._reject(stream, Forbidden(f"uid {uid} may not use this daemon"))
             return
-        slots_send, slots_recv = trio.open_memory_channel[_Slot](self.cfg.max_inflight_per_connection)
+        out = _Output()
+        limit = self.cfg.max_inflight_per_connection
         streaming = False
+        closing = False
 
         async def writer() -> None:
-            async with slots_recv:
-                async for slot in slots_recv:
-                    async for data in slot.recv:
-                        with trio.fail_after(self.cfg.write_timeout_s):
-                            await stream.send_all(data)
-
-        async def handle(line: bytes, slot: _Slot) -> None:
-            nonlocal streaming
-            async with slot.send:
-                try:
-                    req = protocol.parse_request(line, self.limits)
-                except protocol.RequestError as e:
-                    await slot.send.send(protocol.encode_error(e.request_id, e))
+            while True:
+                data = out.take_ready()
+                if data:
+                    out.drained.set()
+                    with trio.fail_after(self.cfg.write_timeout_s):  # a client that does not read is dropped
+                        await stream.send_all(data)
+                    continue
+                if closing and not out.entries:
                     return
-                try:
+                await out.wait()
+
+        def answer(entry: _Entry, data: bytes) -> None:
+            entry.data = data
+            out.wake()
+
+        async def run_op(req: protocol.Request, entry: _Entry) -> None:
+            try:
+                if req.op == "watch":
+                    await self._watch(req, entry, out)
+                    return
+                data = protocol.encode_ok(req.id, await self._ops[req.op](req.fields))
+            except BeagledError as e:
+                data = protocol.encode_error(req.id, e)
+            except Exception as e:
+                log.exception("request %s failed", req.op)
+                data = protocol.encode_error(req.id, e)
+            answer(entry, data)
+
+        def dispatch(line: bytes, nursery: trio.Nursery) -> None:
+            nonlocal streaming
+            entry = _Entry()
+            out.entries.append(entry)
+            try:
+                req = protocol.parse_request(line, self.limits)
+            except protocol.RequestError as e:
+                answer(entry, protocol.encode_error(e.request_id, e))
+                return
+            try:
+                if req.op == "submit":  # the hot path: a callback after COMMIT, no task per request
+                    rid = req.id
+
+                    def done(result: dict[str, Any] | None, error: BaseException | None) -> None:
+                        if error is not None or result is None:
+                            answer(entry, protocol.encode_error(rid, error or RuntimeError("no result")))
+                        else:
+                            answer(entry, protocol.encode_ok(rid, result))
+
+                    self.engine.submit_nowait(req.fields, done)
+                elif req.op in self._sync_ops:
+                    answer(entry, protocol.encode_ok(req.id, self._sync_ops[req.op](req.fields)))
+                else:
                     if req.op == "watch":
+                        entry.stream = True
                         streaming = True
-                        await self._watch(req, slot)
-                        return
-                    result = await self._ops[req.op](req.fields)
-                    data = protocol.encode_ok(req.id, result)
-                except BeagledError as e:
-                    data = protocol.encode_error(req.id, e)
-                except Exception as e:
-                    log.exception("request %s failed", req.op)
-                    data = protocol.encode_error(req.id, e)
-                await slot.send.send(data)
+                    nursery.start_soon(run_op, req, entry)
+            except BeagledError as e:
+                answer(entry, protocol.encode_error(req.id, e))
+            except Exception as e:
+                log.exception("request %s failed", req.op)
+                answer(entry, protocol.encode_error(req.id, e))
 
         buf = protocol.LineBuffer(self.cfg.max_message_bytes)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(writer)
-            async with slots_send:
-                while True:
-                    data = b""
-                    with trio.move_on_after(self.cfg.idle_timeout_s) as idle:
-                        data = await stream.receive_some(65536)
-                    if idle.cancelled_caught:
-                        if streaming:
-                            continue
-                        log.info("closing an idle connection")
-                        nursery.cancel_scope.cancel()
-                        return
-                    if not data:
-                        break
-                    for line in buf.feed(data):
-                        if not line.strip():
-                            continue
-                        slot = _Slot(size=256)
-                        await slots_send.send(slot)  # blocks when too many requests are in flight
-                        nursery.start_soon(handle, line, slot)
-                    if buf.overflow is not None:
-                        slot = _Slot()
-                        await slots_send.send(slot)
-                        async with slot.send:
-                            await slot.send.send(protocol.encode_error(None, buf.overflow))
-                        break
-                # the client finished sending: answer what is in flight, then close (watch runs on)
+            while True:
+                data = b""
+                with trio.move_on_after(self.cfg.idle_timeout_s) as idle:
+                    data = await stream.receive_some(65536)
+                if idle.cancelled_caught:
+                    if streaming:
+                        continue
+                    log.info("closing an idle connection")
+                    nursery.cancel_scope.cancel()
+                    return
+                if not data:
+                    break
+                for line in buf.feed(data):
+                    if line.strip():
+                        dispatch(line, nursery)
+                if buf.overflow is not None:
+                    answer(_append(out), protocol.encode_error(None, buf.overflow))
+                    break
+                while len(out.entries) > limit:  # too many answers pending: stop reading (backpressure)
+                    await out.wait_drained()
+            # the client finished sending: answer what is in flight, then close (watch runs on)
+            closing = True
+            out.wake()
+        if buf.overflow is not None:
+            await self._linger(stream)
 
-    async def _watch(self, req: protocol.Request, slot: _Slot) -> None:
+    async def _linger(self, stream: trio.SocketStream, seconds: float = LINGER_S) -> None:
+        """Close after a final error (``too_large``, ``forbidden``, too many connections) so that the
+        client reads it: closing a Unix socket with unread input makes the peer's next read fail with
+        ECONNRESET, losing the answer already sent. So: shut our side for writing, then read and discard
+        what is still coming until the peer closes, for a bounded time."""
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            await stream.send_eof()
+            with trio.move_on_after(min(seconds, self.cfg.write_timeout_s)):
+                while await stream.receive_some(65536):
+                    pass
+
+    async def _watch(self, req: protocol.Request, entry: _Entry, out: _Output) -> None:
         gen = self.engine.watch(req.fields.get("from_seq"))
         try:
             async for msg in gen:
                 key = "event" if "event" in msg else "progress"
-                await slot.send.send(protocol.encode_stream(req.id, key, msg[key]))
+                entry.lines.append(protocol.encode_stream(req.id, key, msg[key]))
+                out.wake()
         finally:
             await gen.aclose()  # type: ignore[attr-defined]
-        await slot.send.send(
+        entry.lines.append(
             protocol.encode_error(req.id, Unavailable("watch stream ended: the client fell behind"))
         )
+        entry.done = True
+        out.wake()
+
+
+def _append(out: _Output) -> _Entry:
+    entry = _Entry()
+    out.entries.append(entry)
+    return entry
