@@ -108,6 +108,8 @@ class Daemon:
             probe_timeout_s=t.probe_timeout_s,
             spec_dir=cfg.state_dir / "specs",
             memory_limit_mb=t.memory_limit_mb,
+            warm=t.warm,
+            warm_max_jobs=t.warm_max_jobs,
         )
         self.engine = Engine(
             cfg,
@@ -154,6 +156,8 @@ class Daemon:
                 )
                 self.notifier.ready(self._summary())
         finally:
+            with trio.CancelScope(shield=True):
+                await self.trainer.aclose()  # the warm workers' process groups
             await trio.to_thread.run_sync(self.store.close)
             await self.engine.reloader.aclose()
             log.info("stopped")

@@ -5,15 +5,23 @@ of docs/internals.md: it loads the base model, measures the held-out completion 
 the served adapter, applies fresh LoRA layers (or the ``init_adapter`` read back from PEFT), trains
 ``steps`` Adam steps on the completion tokens only, measures again, writes the adapter in PEFT format
 (``convert.mlx_to_peft``) and finally the manifest.
+
+A warm worker (``worker serve mlx``) passes one ``Session`` to every job: it keeps the base model (and
+its sha256) loaded while the path and the files stay the same, and each job removes its LoRA layers
+again when it ends, so the next job starts from the bare base model; seeds are set per job, so a job
+trains the same adapter on a warm session as in a cold process.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import importlib.metadata
 import math
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -182,19 +190,46 @@ def _nll_sum(model: Any, inputs: Any, targets: Any, mask: Any) -> Any:
     return (nn.losses.cross_entropy(logits, targets) * mask).sum()
 
 
-def mean_nll(model: Any, examples: list[tuple[list[int], int]], pad_id: int, batch_size: int) -> float | None:
-    """Mean completion-token NLL (token-weighted) of ``examples`` under ``model``; None if there are none."""
+NllCache = dict[tuple[Any, tuple[int, ...], int], tuple[float, float]]
+
+
+def mean_nll(
+    model: Any,
+    examples: list[tuple[list[int], int]],
+    pad_id: int,
+    batch_size: int,
+    *,
+    cache: NllCache | None = None,
+    cache_key: Any = None,
+) -> float | None:
+    """Mean completion-token NLL (token-weighted) of ``examples`` under ``model``; None if there are none.
+
+    With ``cache`` (a warm session's) and ``cache_key`` (what identifies the model's function: the base
+    model's files, or an adapter's bytes), each example's NLL sum and token count are kept, so only
+    examples not seen under that key are computed again.
+    """
 
     if not examples:
         return None
     model.eval()
-    total, count = 0.0, 0.0
-    for start in range(0, len(examples), batch_size):
-        inputs, targets, mask = _batch(examples[start : start + batch_size], pad_id)
-        nll = _nll_sum(model, inputs, targets, mask)
-        mx.eval(nll)
-        total += float(nll.item())
-        count += float(mask.sum().item())
+    keys = [(cache_key, tuple(ids), prompt_len) for ids, prompt_len in examples]
+    known: NllCache = {}
+    if cache is not None and cache_key is not None:
+        known = {k: cache[k] for k in keys if k in cache}
+    todo = [i for i, k in enumerate(keys) if k not in known]
+    for start in range(0, len(todo), batch_size):
+        rows = todo[start : start + batch_size]
+        inputs, targets, mask = _batch([examples[i] for i in rows], pad_id)
+        logits = model(inputs).astype(mx.float32)
+        sums = (nn.losses.cross_entropy(logits, targets) * mask).sum(axis=1)
+        counts = mask.sum(axis=1)
+        mx.eval(sums, counts)
+        for i, total, count in zip(rows, sums.tolist(), counts.tolist(), strict=True):
+            known[keys[i]] = (float(total), float(count))
+    if cache is not None and cache_key is not None:
+        cache.update(known)
+    total = sum(known[k][0] for k in keys)
+    count = sum(known[k][1] for k in keys)
     return total / count if count else None
 
 
@@ -245,9 +280,18 @@ def _load_lora_weights(model: Any, weights: dict[str, np.ndarray], what: str) ->
 
 
 def _adapter_nll(
-    model: Any, adapter: PeftAdapter, examples: list[tuple[list[int], int]], pad: int, bs: int
+    model: Any,
+    adapter: PeftAdapter,
+    examples: list[tuple[list[int], int]],
+    pad: int,
+    bs: int,
+    *,
+    session: Session,
+    adapter_id: Any,
 ) -> float | None:
     """Held-out NLL with a PEFT adapter applied temporarily (the served one)."""
+    if all(session.nll_cache.get((adapter_id, tuple(ids), n)) for ids, n in examples):
+        return mean_nll(model, examples, pad, bs, cache=session.nll_cache, cache_key=adapter_id)
 
     apply_lora(
         model,
@@ -259,7 +303,7 @@ def _adapter_nll(
     )
     try:
         _load_lora_weights(model, adapter.weights, "served_adapter")
-        return mean_nll(model, examples, pad, bs)
+        return mean_nll(model, examples, pad, bs, cache=session.nll_cache, cache_key=adapter_id)
     finally:
         remove_lora_layers(model)
 
@@ -278,11 +322,111 @@ def base_model_sha256(base: Path) -> str:
     return digest.hexdigest()
 
 
+# --- the base model, loaded once per worker ------------------------------------------------------------
+
+
+def _model_files_key(base: Path) -> tuple[tuple[str, int, int, int], ...]:
+    """What identifies the base model's bytes cheaply: name, size, mtime and inode of each file."""
+    out = []
+    for path in sorted(base.iterdir()) if base.is_dir() else []:
+        if path.is_file():
+            st = path.stat()
+            out.append((path.name, st.st_size, st.st_mtime_ns, st.st_ino))
+    return tuple(out)
+
+
+class Session:
+    """The base model of a worker, kept between jobs: reloaded only when the path or its files change."""
+
+    def __init__(self) -> None:
+        self.base: Path | None = None
+        self.key: tuple[tuple[str, int, int, int], ...] = ()
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self._sha256: str | None = None
+        self.loads = 0
+        # per-example held-out NLL under the base model and under adapters this worker wrote or read
+        self.nll_cache: NllCache = {}
+
+    def load(self, base: Path, emit: Emit) -> tuple[Any, Any]:
+        key = _model_files_key(base)
+        if self.model is not None and self.base == base and self.key == key:
+            emit({"type": "log", "message": f"mlx: base model {base} already loaded"})
+            return self.model, self.tokenizer
+        self.model = self.tokenizer = self._sha256 = None
+        self.nll_cache = {}
+        gc.collect()
+        emit({"type": "log", "message": f"mlx: loading {base}"})
+        try:
+            loaded: Any = load(str(base))
+        except Exception as e:
+            raise TrainingError(
+                f"cannot load base model {base}: {type(e).__name__}: {e}", backend=BACKEND
+            ) from e
+        self.model, self.tokenizer = loaded[0], loaded[1]
+        self.base, self.key = base, key
+        self.loads += 1
+        return self.model, self.tokenizer
+
+    def sha256(self) -> str:
+        assert self.base is not None
+        if self._sha256 is None:
+            self._sha256 = base_model_sha256(self.base)
+        return self._sha256
+
+    def reset(self, *, release: bool = True) -> None:
+        """Leave the bare, frozen base model for the next job (and give the job's buffers back)."""
+        if self.model is not None:
+            remove_lora_layers(self.model)
+            self.model.freeze()
+            self.model.eval()
+        if release:
+            gc.collect()
+            mx.clear_cache()
+
+
+PRELOAD = (  # what mlx_lm.load imports lazily on its first call (transformers' config machinery, ~3 s)
+    "transformers.activations",
+    "transformers.core_model_loading",
+    "transformers.models.auto.tokenization_auto",
+    "transformers.tokenization_utils_fast",
+)
+
+
+def new_session() -> Session:
+    """For ``worker serve``: this backend can keep its base model loaded between jobs.
+
+    Also imports what the first ``load`` would, so that a worker started ahead of its first job has
+    paid for it before it says it is ready.
+    """
+    for name in PRELOAD:  # another transformers version may lack one: the first load pays for it then
+        with contextlib.suppress(Exception):
+            importlib.import_module(name)
+    return Session()
+
+
 # --- the job ----------------------------------------------------------------------------------------------
 
 
-def train(spec: dict[str, Any], emit: Emit) -> dict[str, Any]:
+def train(spec: dict[str, Any], emit: Emit, session: Session | None = None) -> dict[str, Any]:
+    """One job; ``session`` (a warm worker's) keeps the base model loaded for the next job."""
+    session = session or Session()
+    try:
+        return _train(spec, emit, session)
+    finally:
+        session.reset()
+
+
+def _train(spec: dict[str, Any], emit: Emit, session: Session) -> dict[str, Any]:
     started = time.monotonic()
+    timings: dict[str, float] = {}
+    mark = [started]
+
+    def phase(name: str) -> None:
+        now = time.monotonic()
+        timings[name] = round(now - mark[0], 4)
+        mark[0] = now
+
     objective = spec.get("objective", "sft")
     if objective != "sft":
         raise TrainingError(f"objective {objective!r} is not supported by the mlx backend", backend=BACKEND)
@@ -299,23 +443,26 @@ def train(spec: dict[str, Any], emit: Emit) -> dict[str, Any]:
     np.random.seed(seed)
     mx.random.seed(seed)
 
-    emit({"type": "log", "message": f"mlx: loading {base}"})
-    try:
-        loaded: Any = load(str(base))
-        model, tokenizer = loaded[0], loaded[1]
-    except Exception as e:
-        raise TrainingError(f"cannot load base model {base}: {type(e).__name__}: {e}", backend=BACKEND) from e
-    model.freeze()
+    model, tokenizer = session.load(base, emit)
+    session.reset(release=False)  # bare and frozen, whoever used it before
+    phase("load_s")
     encoder = Encoder(tokenizer, hyper["max_seq_len"])
     train_set = [encoder.encode(p.get("prompt") or "", p["chosen"]) for p in spec["train"]]
     heldout = [encoder.encode(p.get("prompt") or "", p["chosen"]) for p in spec.get("heldout") or []]
     bs, pad = hyper["batch_size"], encoder.pad_id
 
-    base_eval = mean_nll(model, heldout, pad, bs)
+    phase("encode_s")
+
+    cache = session.nll_cache
+    base_eval = mean_nll(model, heldout, pad, bs, cache=cache, cache_key=("base", session.key))
     baseline_eval = base_eval
     served = spec.get("served_adapter")
     if served and heldout:
-        baseline_eval = _adapter_nll(model, peft_to_mlx(Path(served)), heldout, pad, bs)
+        served_id = ("adapter", sha256_file(Path(served) / "adapter_model.safetensors"))
+        baseline_eval = _adapter_nll(
+            model, peft_to_mlx(Path(served)), heldout, pad, bs, session=session, adapter_id=served_id
+        )
+    phase("eval_before_s")
 
     n_layers = len(model.layers)
     if hyper["num_layers"] != -1 and hyper["num_layers"] > n_layers:
@@ -355,6 +502,7 @@ def train(spec: dict[str, Any], emit: Emit) -> dict[str, Any]:
           f"{trainable} trainable parameters, layers {layers}, modules {paths}"})  # fmt: skip
 
     optimizer = optim.Adam(learning_rate=hyper["learning_rate"])
+    phase("setup_s")
 
     def loss_fn(m: Any, inputs: Any, targets: Any, mask: Any) -> Any:
         return _nll_sum(m, inputs, targets, mask) / mx.maximum(mask.sum(), 1.0)
@@ -363,6 +511,10 @@ def train(spec: dict[str, Any], emit: Emit) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
     order: list[int] = []
     steps = hyper["steps"]
+    # train_loss: token-weighted mean loss of the last epoch's steps (every pair seen once), read off
+    # the steps themselves rather than from one more forward pass over the whole training set
+    epoch_steps = math.ceil(len(train_set) / min(bs, len(train_set)))
+    recent: deque[tuple[float, float]] = deque(maxlen=epoch_steps)
     model.train()
     loop_started = time.monotonic()
     for step in range(1, steps + 1):
@@ -379,13 +531,18 @@ def train(spec: dict[str, Any], emit: Emit) -> dict[str, Any]:
         step_loss = float(loss.item())
         if not math.isfinite(step_loss):
             raise TrainingError(f"loss is {step_loss} at step {step}", backend=BACKEND)
+        recent.append((step_loss, float(mask.sum().item())))
         tokens = int(inputs.shape[0] * inputs.shape[1])
         emit({"type": "progress", "step": step, "total": steps, "loss": step_loss,
               "tokens_per_s": tokens / max(time.perf_counter() - t0, 1e-9)})  # fmt: skip
 
     emit({"type": "log", "message": f"mlx: {steps} steps in {time.monotonic() - loop_started:.2f} s"})
-    eval_loss = mean_nll(model, heldout, pad, bs)
-    train_loss = mean_nll(model, train_set, pad, bs)
+    phase("train_s")
+    eval_nll: NllCache = {}
+    eval_loss = mean_nll(model, heldout, pad, bs, cache=eval_nll, cache_key="new")
+    seen = sum(n for _, n in recent)
+    train_loss = sum(loss * n for loss, n in recent) / seen if seen else None
+    phase("eval_after_s")
 
     weights = {k: np.array(v, dtype=np.float32) for k, v in _flat(model.trainable_parameters())}
     mlx_to_peft(
@@ -399,6 +556,10 @@ def train(spec: dict[str, Any], emit: Emit) -> dict[str, Any]:
         dropout=hyper["dropout"],
         num_hidden_layers=n_layers,
     )
+    written = ("adapter", sha256_file(out_dir / "adapter_model.safetensors"))
+    for (_, ids, n), nll in eval_nll.items():  # the next job's served adapter is likely this one
+        session.nll_cache[(written, ids, n)] = nll
+    phase("convert_s")
     duration = time.monotonic() - started
     result = {
         "train_loss": train_loss,
@@ -418,13 +579,18 @@ def train(spec: dict[str, Any], emit: Emit) -> dict[str, Any]:
             "backend": BACKEND,
             "objective": objective,
             "base_model": str(base),
-            "base_model_sha256": base_model_sha256(base),
+            "base_model_sha256": session.sha256(),
             "pair_ids": [p.get("pair_id") for p in spec["train"]],
             "heldout_pair_ids": [p.get("pair_id") for p in spec.get("heldout") or []],
             "init_adapter": init,
             "served_adapter": served,
             "hyper": hyper,
+            "timings": dict(timings),  # seconds per phase, up to the conversion
             **{k: v for k, v in result.items() if k != "backend"},
         },
     )
+    phase("manifest_s")
+    timings["total_s"] = round(time.monotonic() - started, 4)
+    emit({"type": "log", "message": "mlx: timings " + " ".join(f"{k}={v}" for k, v in timings.items())})
+    result["timings"] = timings
     return result

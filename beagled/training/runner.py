@@ -4,6 +4,13 @@ Each try runs in its own process session (a process group) with a timeout; on ti
 when the daemon dies (``PR_SET_PDEATHSIG`` on Linux) the whole group is killed. Availability probes run
 once, in subprocesses, so the daemon never imports an ML library; their answers are cached and shown in
 ``status``. Only this module and ``engine`` know what a backend is; the engine sees the ``Trainer`` port.
+
+Warm mode (``warm=True``, built-in backends in ``WARM_BACKENDS``): one long-lived worker per backend
+(``python -m beagled.training.worker serve BACKEND TOKEN``, its own session, its pgid recorded like a
+cold try's) keeps the base model loaded and takes jobs as JSON lines on its stdin. Any failure, timeout
+or cancellation of a job kills its process group; it is also retired after ``warm_max_jobs`` jobs; a
+fresh one is started in the background right away (and after the probes), so the next job finds its
+imports done. A worker that cannot start makes that job (and the next ones, for a while) run cold.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +38,9 @@ from beagled.config import BUILTIN_BACKENDS
 from beagled.errors import TrainingError
 
 log = logging.getLogger("beagled.training")
+
+WARM_BACKENDS = frozenset({"mlx"})  # built-in backends whose worker has a ``serve`` mode
+WARM_RETRY_AFTER_S = 300.0  # after a warm worker failed to start, run cold this long before trying again
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -64,7 +75,8 @@ def _limit_memory(mb: int) -> Callable[[], None]:
 def reap_orphans(spec_dir: Path) -> int:
     """Kill training process groups left running by a daemon that died (SIGKILL, power loss).
 
-    Each try records its process group in ``<spec_dir>/<name>.pgid`` with the spec path it was given;
+    Each try (and each warm worker) records its process group in ``<spec_dir>/<name>.pgid`` with the
+    spec path (the warm worker's token) it was given;
     a group is killed only if its leader still runs with that spec path on its command line (a pid that
     was reused by an unrelated process is left alone). Returns how many groups were killed.
     (``PR_SET_PDEATHSIG`` cannot do this: it fires when the *thread* that forked exits, and trio forks
@@ -82,6 +94,9 @@ def reap_orphans(spec_dir: Path) -> int:
         except (OSError, ValueError):
             pass
         rec.unlink(missing_ok=True)
+    for err in spec_dir.glob("warm-*.stderr") if spec_dir.is_dir() else []:
+        if not err.with_suffix(".pgid").exists():  # a warm worker's stderr whose worker is gone
+            err.unlink(missing_ok=True)
     return killed
 
 
@@ -116,6 +131,145 @@ async def _kill_group(proc: trio.Process, grace_s: float = 2.0) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+def _warm_files(spec_dir: Path, backend: str) -> tuple[Path, Any]:
+    """A fresh token path for a warm worker (on its command line) and its stderr file, opened."""
+    spec_dir.mkdir(parents=True, exist_ok=True)
+    token = spec_dir / f"warm-{backend}-{uuid.uuid4().hex[:12]}"
+    return token, open(token.with_suffix(".stderr"), "ab")
+
+
+class WarmStartError(Exception):
+    """The warm worker did not come up (the job then runs cold)."""
+
+
+class WarmWorker:
+    """One ``worker serve BACKEND`` process: jobs in on stdin, the worker protocol's lines out on stdout.
+
+    Its stderr goes to a file (nothing has to drain it between jobs); a failed job reports that file's
+    tail. Not safe for concurrent jobs: the trainer holds a lock around each.
+    """
+
+    def __init__(self, proc: trio.Process, backend: str, token: Path) -> None:
+        self.proc = proc
+        self.backend = backend
+        self.token = token
+        self.jobs = 0
+        self.ready = False
+        self._buf = b""
+        self._lines: deque[bytes] = deque()
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        self._stdin, self._stdout = proc.stdin, proc.stdout
+
+    @classmethod
+    async def spawn(
+        cls, python: str, backend: str, spec_dir: Path, env: dict[str, str], memory_limit_mb: int
+    ) -> WarmWorker:
+        token, err = _warm_files(spec_dir, backend)
+        with err:
+            proc = await trio.lowlevel.open_process(
+                [python, "-m", "beagled.training.worker", "serve", backend, str(token)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                start_new_session=True,
+                preexec_fn=_limit_memory(memory_limit_mb) if memory_limit_mb else None,
+                env=worker_env({**env, "BEAGLED_PARENT_PID": str(os.getpid())}),
+            )
+        token.with_suffix(".pgid").write_text(f"{proc.pid}\n{token}")
+        log.info("warm worker started", extra={"backend": backend, "pid": proc.pid})
+        return cls(proc, backend, token)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.returncode is None
+
+    async def _line(self) -> bytes | None:
+        """The next stdout line, or None at end of file."""
+        while not self._lines:
+            chunk = await self._stdout.receive_some(65536)
+            if not chunk:
+                return None
+            self._buf += chunk
+            *lines, self._buf = self._buf.split(b"\n")
+            self._lines.extend(lines)
+        return self._lines.popleft()
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        if self.ready:
+            return
+        with trio.move_on_after(timeout_s):
+            while True:
+                raw = await self._line()
+                if raw is None:
+                    break
+                msg = _parse_line(raw)
+                if msg is None:
+                    continue
+                if msg.get("type") == "ready":
+                    self.ready = True
+                    return
+                if msg.get("type") == "error":
+                    raise WarmStartError(str(msg.get("message", "error"))[:2000])
+            raise WarmStartError(f"exited before it was ready; {self.stderr_tail()}")
+        raise WarmStartError(f"not ready after {timeout_s:.0f}s")
+
+    async def run(
+        self, spec: dict[str, Any], on_progress: Progress
+    ) -> tuple[dict[str, Any] | None, str | None, list[str]]:
+        """Send one job; read its lines up to its ``result``/``error`` line (or the end of stdout)."""
+        self.jobs += 1
+        stray: list[str] = []
+        await self._stdin.send_all(json.dumps(spec).encode() + b"\n")
+        while True:
+            raw = await self._line()
+            if raw is None:
+                return None, None, stray
+            msg = _parse_line(raw)
+            if msg is None:
+                stray.append(raw.decode(errors="replace")[:500])
+            elif msg.get("type") == "progress":
+                on_progress(msg)
+            elif msg.get("type") == "result":
+                return msg, None, stray
+            elif msg.get("type") == "error":
+                return None, str(msg.get("message", "error"))[:2000], stray
+            elif msg.get("type") == "log":
+                log.debug("worker: %s", str(msg.get("message", ""))[:2000], extra={"backend": self.backend})
+
+    def stderr_tail(self, lines: int = 5) -> str:
+        try:
+            with open(self.token.with_suffix(".stderr"), "rb") as f:
+                f.seek(max(f.seek(0, os.SEEK_END) - 16384, 0))
+                tail = f.read().decode(errors="replace").splitlines()
+        except OSError:
+            return "no output"
+        return " | ".join(ln[:500] for ln in tail[-lines:]) or "no output"
+
+    async def close(self, *, graceful: bool = False) -> None:
+        """End the worker and its whole process group; ``graceful`` first closes its stdin (it exits 0)."""
+        with trio.CancelScope(shield=True):
+            if graceful and self.alive:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    await self._stdin.aclose()
+                with trio.move_on_after(5.0):
+                    await self.proc.wait()
+            await _kill_group(self.proc)
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                await self._stdin.aclose()
+            for suffix in (".pgid", ".stderr"):
+                self.token.with_suffix(suffix).unlink(missing_ok=True)
+        log.info(
+            "warm worker stopped",
+            extra={
+                "backend": self.backend,
+                "pid": self.proc.pid,
+                "jobs": self.jobs,
+                "status": self.proc.returncode,
+            },
+        )
+
+
 class SubprocessTrainer:
     """Runs built-in backends (``python -m beagled.training.worker``) and custom backend commands."""
 
@@ -130,8 +284,15 @@ class SubprocessTrainer:
         spec_dir: Path,
         env: dict[str, str] | None = None,
         memory_limit_mb: int = 0,
+        warm: bool = False,
+        warm_max_jobs: int = 20,
     ) -> None:
         self.memory_limit_mb = memory_limit_mb
+        self.warm = warm
+        self.warm_max_jobs = max(1, warm_max_jobs)
+        self._warm: dict[str, WarmWorker] = {}
+        self._warm_locks: dict[str, trio.Lock] = {}
+        self._warm_broken_until: dict[str, float] = {}
         self.order = list(backends)
         self.custom = dict(custom or {})
         self.python = python or sys.executable
@@ -155,6 +316,9 @@ class SubprocessTrainer:
         async with trio.open_nursery() as nursery:
             for name in self.order:
                 nursery.start_soon(self._probe_one, name)
+        available = self.available()
+        if available:  # the first job will very likely use the first available backend: warm it now
+            await self._prespawn(available[0])
         return self.statuses()
 
     async def _probe_one(self, name: str) -> None:
@@ -193,8 +357,112 @@ class SubprocessTrainer:
     def available(self) -> list[str]:
         return [n for n in self.order if self._status[n].available]
 
+    # -- warm workers ------------------------------------------------------------------------------
+    def warm_capable(self, backend: str) -> bool:
+        return (
+            self.warm
+            and backend in WARM_BACKENDS
+            and backend not in self.custom
+            and time.monotonic() >= self._warm_broken_until.get(backend, 0.0)
+        )
+
+    def warm_pid(self, backend: str) -> int | None:
+        """The pid (= pgid) of ``backend``'s warm worker, if one runs."""
+        worker = self._warm.get(backend)
+        return worker.proc.pid if worker is not None and worker.alive else None
+
+    async def start_warm(self, backend: str) -> None:
+        """Start ``backend``'s warm worker now (if warm mode applies and none runs); returns at once."""
+        await self._prespawn(backend)
+
+    async def _prespawn(self, backend: str) -> None:
+        """Start a warm worker for ``backend`` if there is none (it imports while we do other things)."""
+        if not self.warm_capable(backend) or backend in self._warm:
+            return
+        try:
+            self._warm[backend] = await WarmWorker.spawn(
+                self.python, backend, self.spec_dir, self.env, self.memory_limit_mb
+            )
+        except OSError as e:
+            self._warm_broken_until[backend] = time.monotonic() + WARM_RETRY_AFTER_S
+            log.warning("cannot start a warm worker: %s", e, extra={"backend": backend})
+
+    async def _retire(self, backend: str, *, graceful: bool = False) -> None:
+        worker = self._warm.pop(backend, None)
+        if worker is not None:
+            await worker.close(graceful=graceful)
+
+    async def aclose(self) -> None:
+        """Stop every warm worker (their process groups); call at shutdown."""
+        for backend in list(self._warm):
+            await self._retire(backend, graceful=True)
+
+    async def _run_warm(self, backend: str, spec: dict[str, Any], on_progress: Progress) -> dict[str, Any]:
+        """One try on the warm worker; raises WarmStartError (nothing ran: go cold) or TrainingError."""
+        worker = self._warm.get(backend)
+        if worker is not None and not worker.alive:
+            await self._retire(backend)
+            worker = None
+        if worker is None:
+            await self._prespawn(backend)
+            worker = self._warm.get(backend)
+            if worker is None:
+                raise WarmStartError("cannot start a warm worker")
+        started = time.monotonic()
+        result: dict[str, Any] | None = None
+        error: str | None = None
+        stray: list[str] = []
+        try:
+            try:
+                await worker.wait_ready(self.probe_timeout_s)
+            except WarmStartError:
+                self._warm_broken_until[backend] = time.monotonic() + WARM_RETRY_AFTER_S
+                raise
+            with trio.move_on_after(self.timeout_s) as scope:
+                result, error, stray = await worker.run({**spec, "backend": backend}, on_progress)
+            if scope.cancelled_caught:
+                raise TrainingError(f"timed out after {self.timeout_s:.0f}s", backend=backend, timeout=True)
+            if result is None:
+                with trio.move_on_after(2.0):  # it exits right after an error line: say how it ended
+                    await worker.proc.wait()
+                code = worker.proc.returncode
+                how = (
+                    f"killed by signal {-code}"
+                    if code is not None and code < 0
+                    else f"exited with status {code}"
+                    if code is not None
+                    else "failed"
+                )
+                detail = error or (" | ".join(stray[-5:]) if stray else worker.stderr_tail())
+                raise TrainingError(f"warm worker {how}: {detail}"[:2000], backend=backend)
+        except TrainingError:
+            await self._retire(backend)  # its state is unknown: end its group, start a fresh one
+            await self._prespawn(backend)
+            raise
+        except BaseException:  # cancellation (shutdown), a start failure, a bug: end it, start nothing
+            await self._retire(backend)
+            raise
+        if worker.jobs >= self.warm_max_jobs:  # memory hygiene: a fresh process every N jobs
+            await self._retire(backend)
+        await self._prespawn(backend)  # (no-op while it lives) imports while the engine uses this result
+        result.setdefault("duration_s", time.monotonic() - started)
+        return result
+
     # -- a training try ----------------------------------------------------------------------------
     async def run(self, backend: str, spec: dict[str, Any], on_progress: Progress) -> dict[str, Any]:
+        if self.warm_capable(backend):
+            lock = self._warm_locks.setdefault(backend, trio.Lock())
+            if not lock.locked():  # a second concurrent try of the same backend runs cold
+                async with lock:
+                    try:
+                        return await self._run_warm(backend, spec, on_progress)
+                    except WarmStartError as e:
+                        log.warning(
+                            "warm worker unavailable, training cold: %s", e, extra={"backend": backend}
+                        )
+        return await self._run_cold(backend, spec, on_progress)
+
+    async def _run_cold(self, backend: str, spec: dict[str, Any], on_progress: Progress) -> dict[str, Any]:
         self.spec_dir.mkdir(parents=True, exist_ok=True)
         spec_path = self.spec_dir / f"{spec['job_id']}-a{spec['attempt']}-{backend}.json"
         spec_path.write_text(json.dumps({**spec, "backend": backend}), encoding="utf-8")

@@ -1,9 +1,16 @@
-"""Entry point of a training subprocess: ``python -m beagled.training.worker probe|train ...``.
+"""Entry point of a training subprocess: ``python -m beagled.training.worker probe|train|serve ...``.
 
 Speaks the worker protocol of docs/internals.md: JSON lines on stdout, a final ``result`` or ``error``
 line, exit status 0 on success. Each backend lives in ``backend_<name>.py`` and exposes
 ``probe() -> tuple[bool, str]`` and ``train(spec, emit) -> dict``; it is imported only here, inside the
 subprocess, so the daemon never loads an ML library.
+
+``serve BACKEND [TOKEN]`` is the warm worker: for a backend that also exposes ``new_session()`` (and
+``train(spec, emit, session)``), it imports the backend once, says ``{"type": "ready"}``, then reads one
+JSON spec per line on stdin and answers each with the same lines as ``train`` (ending with its
+``result`` or ``error`` line), keeping the session (the loaded base model) between jobs. It exits 0 at
+the end of stdin, and 1 right after a failed job (the daemon starts a fresh worker: a failed job may
+leave the session in any state). ``TOKEN`` only marks the command line, for orphan reaping.
 """
 
 from __future__ import annotations
@@ -75,6 +82,38 @@ def train(spec_path: Path) -> int:
     return 0
 
 
+def serve(name: str) -> int:
+    try:
+        module = _backend(name)
+        if not hasattr(module, "new_session"):
+            raise ValueError(f"backend {name!r} has no warm mode")
+        available, reason = module.probe()
+        if not available:
+            raise RuntimeError(f"backend {name!r} is not available: {reason}")
+        session = module.new_session()
+    except Exception as e:
+        emit({"type": "error", "message": f"{type(e).__name__}: {e}"})
+        return 1
+    emit({"type": "ready", "backend": name, "pid": os.getpid()})
+    for raw in sys.stdin.buffer:
+        if not raw.strip():
+            continue
+        started = time.monotonic()
+        try:
+            spec = json.loads(raw)
+            if not isinstance(spec, dict) or spec.get("backend") != name:
+                raise ValueError(f"this worker serves backend {name!r} only")
+            result = dict(module.train(spec, emit, session))
+        except Exception as e:
+            emit({"type": "log", "message": traceback.format_exc(limit=8)})
+            emit({"type": "error", "message": f"{type(e).__name__}: {e}"})
+            return 1
+        result.setdefault("duration_s", time.monotonic() - started)
+        result.setdefault("backend", name)
+        emit({"type": "result", **result, "worker_pid": os.getpid()})
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) == 2 and args[0] == "probe":
@@ -83,7 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) == 2 and args[0] == "train":
         watch_parent()
         return train(Path(args[1]))
-    sys.stderr.write("usage: python -m beagled.training.worker probe BACKEND | train SPEC.json\n")
+    if len(args) in (2, 3) and args[0] == "serve":
+        watch_parent()
+        return serve(args[1])
+    sys.stderr.write(
+        "usage: python -m beagled.training.worker probe BACKEND | train SPEC.json | serve BACKEND [TOKEN]\n"
+    )
     return 2
 
 
