@@ -36,6 +36,21 @@ def file_hashes(directory: Path) -> dict[str, str]:
     return out
 
 
+def base_model_sha256(base: Path) -> str | None:
+    """sha256 of a model's ``model.safetensors``; for a sharded model, over the sorted shards' digests.
+    None when the directory holds no safetensors weights."""
+    single = base / "model.safetensors"
+    if single.is_file():
+        return sha256_file(single)
+    shards = sorted(base.glob("model*.safetensors"))
+    if not shards:
+        return None
+    digest = hashlib.sha256()
+    for shard in shards:
+        digest.update(f"{shard.name}:{sha256_file(shard)}\n".encode())
+    return digest.hexdigest()
+
+
 def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:

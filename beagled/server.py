@@ -282,10 +282,16 @@ class Server:
                     rid = req.id
 
                     def done(result: dict[str, Any] | None, error: BaseException | None) -> None:
-                        if error is not None or result is None:
-                            answer(entry, protocol.encode_error(rid, error or RuntimeError("no result")))
-                        else:
-                            answer(entry, protocol.encode_ok(rid, result))
+                        # runs inside the engine's committer: it must never raise
+                        try:
+                            if error is not None or result is None:
+                                data = protocol.encode_error(rid, error or RuntimeError("no result"))
+                            else:
+                                data = protocol.encode_ok(rid, result)
+                        except Exception as e:  # e.g. an id the response line cannot encode
+                            log.exception("cannot encode the answer to a submit")
+                            data = protocol.encode_error(None, e)
+                        answer(entry, data)
 
                     self.engine.submit_nowait(req.fields, done)
                 elif req.op in self._sync_ops:

@@ -53,4 +53,4 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny local model (MLX-built, Hugging Face layout), built once per test session."""
     from beagled.training.tinymodel import ensure_tiny_model
 
-    return ensure_tiny_model(tmp_path_factory.getbasetemp() / "tiny-model-cache")
+    return ensure_tiny_model(tmp_path_factory.getbasetemp() / "tiny-models")

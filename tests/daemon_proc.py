@@ -145,6 +145,20 @@ class DaemonProc:
             self.kill()
         return self.start(**kw)
 
+    def events(self, from_seq: int = 0) -> list[dict[str, Any]]:
+        """Every event after ``from_seq`` up to now, read through ``watch`` (drafts elided)."""
+        out: list[dict[str, Any]] = []
+        with self.client() as c:
+            last = c.status()["event_seq"]
+            if last <= from_seq:
+                return out
+            for msg in c.watch(from_seq=from_seq):
+                if "event" in msg:
+                    out.append(msg["event"])
+                    if msg["event"]["seq"] >= last:
+                        break
+        return out
+
     def wait_job(self, job_id: str, states: tuple[str, ...], timeout: float = 60.0) -> dict[str, Any]:
         def done() -> dict[str, Any] | None:
             with self.client() as c:

@@ -15,18 +15,12 @@ from beagled.errors import BeagledError
 from beagled.manifest import sha256_file, verify
 from beagled.training import backend_mlx
 from beagled.training.corpus import voice_pairs
-from beagled.training.tinymodel import ensure_tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
 HYPER = {
     "rank": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"], "num_layers": -1,
     "learning_rate": 0.005, "steps": 40, "batch_size": 4, "max_seq_len": 256, "seed": 0,
 }  # fmt: skip
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ensure_tiny_model(tmp_path_factory.getbasetemp() / "tiny-models")
 
 
 def _pairs(n: int, seed: int, start: int = 0, style: str = "plain") -> list[dict[str, str]]:

@@ -23,7 +23,6 @@ pytest.importorskip("trl")
 
 from beagled import manifest
 from beagled.training.corpus import voice_pairs
-from beagled.training.tinymodel import ensure_tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -80,8 +79,8 @@ def rows(pairs: list[tuple[str, str, str]], prefix: str) -> list[dict[str, str]]
 
 
 @pytest.fixture(scope="module")
-def base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ensure_tiny_model(tmp_path_factory.mktemp("models"))
+def base_model(tiny_model: Path) -> Path:
+    return tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,6 @@ pytest.importorskip("unsloth", exc_type=ImportError)
 
 from beagled import manifest
 from beagled.training.corpus import voice_pairs
-from beagled.training.tinymodel import ensure_tiny_model
 
 pytestmark = [pytest.mark.unsloth, pytest.mark.slow]
 
@@ -99,8 +98,8 @@ def probe(allow_cpu: bool) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ensure_tiny_model(tmp_path_factory.mktemp("models"))
+def base_model(tiny_model: Path) -> Path:
+    return tiny_model
 
 
 @pytest.fixture(scope="module")

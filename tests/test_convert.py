@@ -21,15 +21,9 @@ from beagled.errors import AdapterError
 from beagled.training.backend_mlx import apply_lora, module_paths
 from beagled.training.convert import mlx_to_peft, peft_to_mlx
 from beagled.training.corpus import voice_pairs
-from beagled.training.tinymodel import ensure_tiny_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ensure_tiny_model(tmp_path_factory.getbasetemp() / "tiny-models")
 
 
 def _random_mlx_weights(

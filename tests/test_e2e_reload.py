@@ -35,23 +35,8 @@ def submit_n(d: DaemonProc, n: int, voice: str = "default", start: int = 0) -> l
         ]
 
 
-def events(d: DaemonProc, from_seq: int = 0) -> list[dict[str, Any]]:
-    """Every event in the log (``watch`` from ``from_seq`` up to the current seq)."""
-    out: list[dict[str, Any]] = []
-    with d.client() as c:
-        last = c.status()["event_seq"]
-        if last <= from_seq:
-            return out
-        for msg in c.watch(from_seq=from_seq):
-            if "event" in msg:
-                out.append(msg["event"])
-                if msg["event"]["seq"] >= last:
-                    break
-    return out
-
-
 def job_events(d: DaemonProc, job_id: str, kind: str) -> list[dict[str, Any]]:
-    return [e for e in events(d) if e["type"] == kind and e["data"].get("job_id") == job_id]
+    return [e for e in d.events() if e["type"] == kind and e["data"].get("job_id") == job_id]
 
 
 def new_job(d: DaemonProc, n: int, state: str = "reloaded", timeout: float = 30.0) -> dict[str, Any]:
@@ -145,7 +130,7 @@ def test_vllm_versioned_names_served_json_and_keep(make_daemon: Any, standin: Vl
         "default-v0002": str(adapter_dir(d, j2["job_id"])),
         "default-v0003": str(adapter_dir(d, j3["job_id"])),
     }
-    durations = [e["data"]["duration_s"] for e in events(d) if e["type"] == "Reloaded"]
+    durations = [e["data"]["duration_s"] for e in d.events() if e["type"] == "Reloaded"]
     print(f"\nvllm reload durations (s): {[round(x, 4) for x in durations]}")
     assert len(durations) == 3
 
@@ -186,7 +171,7 @@ def test_vllm_restart_is_reconciled(make_daemon: Any, standin: VllmStandin) -> N
     j1 = new_job(d, 0)
     want = {"default-v0001": str(adapter_dir(d, j1["job_id"]))}
     assert standin.adapters == want
-    seq = events(d)[-1]["seq"]
+    seq = d.events()[-1]["seq"]
     t0 = time.monotonic()
     standin.restart()  # vLLM restarted: runtime adapters are gone
     poll(lambda: standin.adapters == want, 10, 0.01, "adapter loaded again after the restart")
@@ -194,7 +179,7 @@ def test_vllm_restart_is_reconciled(make_daemon: Any, standin: VllmStandin) -> N
     print(f"\ntime to re-serve after a vLLM restart: {reserve_s:.3f} s (reconcile_interval_s = 0.5)")
     assert reserve_s < 5
     later = poll(
-        lambda: [e for e in events(d, seq) if e["type"] == "Reloaded"], 10, what="reconcile Reloaded event"
+        lambda: [e for e in d.events(seq) if e["type"] == "Reloaded"], 10, what="reconcile Reloaded event"
     )
     assert later[0]["data"]["reason"] == "reconcile" and later[0]["data"]["job_id"] == j1["job_id"]
     assert d.wait_job(j1["job_id"], ("reloaded",))["served_name"] == "default-v0001"
@@ -205,12 +190,12 @@ def test_vllm_outage_after_serving_backs_off(make_daemon: Any, standin: VllmStan
     tables["reload"].update(reconcile_interval_s=0.1, retry_backoff_s=1.0, retry_backoff_max_s=30.0)
     d = make_daemon(tables)
     j1 = new_job(d, 0)
-    seq = events(d)[-1]["seq"]
+    seq = d.events()[-1]["seq"]
     standin.fail_next(503, 1_000_000)  # the server is up but failing from now on
-    poll(lambda: [e for e in events(d, seq) if e["type"] == "ReloadFailed"], 10, what="first failure")
+    poll(lambda: [e for e in d.events(seq) if e["type"] == "ReloadFailed"], 10, what="first failure")
     # an absence over time cannot be polled: watch a 1.2 s window (12 reconcile intervals)
     time.sleep(1.2)
-    fails = [e for e in events(d, seq) if e["type"] == "ReloadFailed"]
+    fails = [e for e in d.events(seq) if e["type"] == "ReloadFailed"]
     assert all(e["data"]["job_id"] == j1["job_id"] for e in fails)
     # backoff 1 s, 2 s, ...: at most 2 failures in the first ~1.3 s, not one per 0.1 s interval
     assert len(fails) <= 2, [round(e["at"] - fails[0]["at"], 2) for e in fails]
@@ -408,7 +393,7 @@ def test_ssh_wrong_host_key_is_refused_without_leaking_the_key(
     key_text = sshd.identity_file.read_text()
     secret_lines = [ln for ln in key_text.splitlines() if ln and not ln.startswith("-----")]
     assert secret_lines
-    everything = "\n".join([d.log_text(), json.dumps(events(d)), status, jobtext])
+    everything = "\n".join([d.log_text(), json.dumps(d.events()), status, jobtext])
     for line in secret_lines:
         assert line not in everything
     assert "PRIVATE KEY" not in everything

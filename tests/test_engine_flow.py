@@ -28,18 +28,6 @@ def history(d: DaemonProc, job_id: str) -> list[str]:
         return [h["event"] for h in c.job(job_id)["job"]["history"]]
 
 
-def events(d: DaemonProc, from_seq: int = 0) -> list[dict[str, Any]]:
-    out = []
-    with d.client() as c:
-        last = c.status()["event_seq"]
-        for msg in c.watch(from_seq=from_seq):
-            if "event" in msg:
-                out.append(msg["event"])
-                if msg["event"]["seq"] >= last:
-                    break
-    return out
-
-
 def test_min_pairs_cuts_a_job_that_is_promoted(make_daemon: Any) -> None:
     d = make_daemon({"training": {"heldout_share": 0.0}})
     submit_n(d, 3)
@@ -76,7 +64,7 @@ def test_max_wait_and_train_and_pause(make_daemon: Any) -> None:
     (job,) = d.wait_jobs(lambda js: len(js) == 1)
     with d.client() as c:
         assert c.job(job["job_id"])["job"]["history"][0]["event"] == "JobCreated"
-        (created,) = [e for e in events(d) if e["type"] == "JobCreated"]
+        (created,) = [e for e in d.events() if e["type"] == "JobCreated"]
         assert created["data"]["reason"] == "max_wait"
         c.submit(bad="c", good="d", voice="manual")
         jid = c.train("manual")["job_id"]
@@ -92,7 +80,7 @@ def test_fallback_to_the_next_backend_records_each_failure(make_daemon: Any) -> 
     )
     submit_n(d, 4)
     (job,) = d.wait_jobs(lambda js: len(js) == 1 and js[0]["state"] == "promoted", timeout=60)
-    evs = [e for e in events(d) if e["type"] == "TrainingFailed"]
+    evs = [e for e in d.events() if e["type"] == "TrainingFailed"]
     assert [(e["data"]["backend"], e["data"]["timeout"]) for e in evs] == [("broken", False), ("stuck", True)]
     assert "status 3" in evs[0]["data"]["error"] and "crashing as told" in evs[0]["data"]["error"]
     assert job["backend"] == "fake"

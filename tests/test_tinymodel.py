@@ -25,11 +25,6 @@ MESSAGES = [
 ]
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ensure_tiny_model(tmp_path_factory.getbasetemp() / "tiny-models")
-
-
 # --- corpus ------------------------------------------------------------------------------------------
 
 

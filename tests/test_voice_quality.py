@@ -102,21 +102,9 @@ def test_dpo_is_refused_by_mlx_and_trained_by_peft(make_daemon: Any, tiny_model:
         hist = c.job(jid)["job"]["history"]
     assert [h["event"] for h in hist][:3] == ["JobCreated", "TrainingStarted", "TrainingFailed"]
     assert job["backend"] == "peft" and job["state"] in ("promoted", "rejected")
-    failed = [e for e in _events(d) if e["type"] == "TrainingFailed"]
+    failed = [e for e in d.events() if e["type"] == "TrainingFailed"]
     assert failed[0]["data"]["backend"] == "mlx"
     assert "objective 'dpo' is not supported by the mlx backend" in failed[0]["data"]["error"]
-
-
-def _events(d: DaemonProc) -> list[dict[str, Any]]:
-    out = []
-    with d.client() as c:
-        last = c.status()["event_seq"]
-        for msg in c.watch(from_seq=0):
-            if "event" in msg:
-                out.append(msg["event"])
-                if msg["event"]["seq"] >= last:
-                    return out
-    return out
 
 
 # --- the replay window, at the worker level ----------------------------------------------------

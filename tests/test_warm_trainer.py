@@ -26,17 +26,11 @@ from safetensors.numpy import load_file
 from beagled.errors import TrainingError
 from beagled.training.corpus import voice_pairs
 from beagled.training.runner import SubprocessTrainer, reap_orphans
-from beagled.training.tinymodel import ensure_tiny_model
 
 HYPER = {
     "rank": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"], "num_layers": -1,
     "learning_rate": 0.005, "steps": 4, "batch_size": 4, "max_seq_len": 128, "seed": 0,
 }  # fmt: skip
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ensure_tiny_model(tmp_path_factory.getbasetemp() / "tiny-models")
 
 
 def _pairs(n: int, seed: int, start: int = 0, style: str = "plain") -> list[dict[str, str]]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import hashlib
 import importlib.metadata
 import math
 import random
@@ -36,6 +35,7 @@ from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import remove_lora_layers
 
 from beagled.errors import ConfigError, TrainingError
+from beagled.manifest import base_model_sha256 as manifest_base_sha256
 from beagled.manifest import sha256_file, write_manifest
 from beagled.training.convert import PeftAdapter, mlx_to_peft, peft_to_mlx
 
@@ -309,17 +309,10 @@ def _adapter_nll(
 
 
 def base_model_sha256(base: Path) -> str:
-    """sha256 of ``model.safetensors``; for a sharded model, sha256 over the sorted shards' digests."""
-    single = base / "model.safetensors"
-    if single.is_file():
-        return sha256_file(single)
-    shards = sorted(base.glob("model*.safetensors"))
-    if not shards:
+    digest = manifest_base_sha256(base)
+    if digest is None:
         raise TrainingError(f"{base} holds no model*.safetensors", backend=BACKEND)
-    digest = hashlib.sha256()
-    for shard in shards:
-        digest.update(f"{shard.name}:{sha256_file(shard)}\n".encode())
-    return digest.hexdigest()
+    return digest
 
 
 # --- the base model, loaded once per worker ------------------------------------------------------------

@@ -31,7 +31,6 @@ functions, so the unsloth backend can import ``unsloth`` before any of them.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib
 import importlib.metadata
 import json
@@ -47,7 +46,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from beagled.manifest import MANIFEST, PEFT_FILES, sha256_file, write_manifest
+from beagled.manifest import MANIFEST, PEFT_FILES, base_model_sha256, write_manifest
 
 # them, and Unsloth must be imported before any of them)
 
@@ -668,20 +667,6 @@ def save_adapter(model: Any, out_dir: Path) -> None:
     for name in PEFT_FILES:
         if not (out_dir / name).is_file():
             raise RuntimeError(f"save_pretrained wrote no {name} in {out_dir}")
-
-
-def base_model_sha256(base: Path) -> str | None:
-    """sha256 of ``model.safetensors``; for a sharded model, over the sorted shards' digests (as mlx)."""
-    single = base / "model.safetensors"
-    if single.is_file():
-        return sha256_file(single)
-    shards = sorted(base.glob("model*.safetensors"))
-    if not shards:
-        return None
-    digest = hashlib.sha256()
-    for shard in shards:
-        digest.update(f"{shard.name}:{sha256_file(shard)}\n".encode())
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------
