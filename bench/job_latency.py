@@ -44,28 +44,11 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from _common import write_config  # noqa: E402
+
 from beagled.client import Client  # noqa: E402
 from beagled.errors import BeagledError  # noqa: E402
 from beagled.training.corpus import voice_pairs  # noqa: E402
-
-
-def toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    return repr(v)
-
-
-def to_toml(tables: dict[str, dict[str, Any]]) -> str:
-    out = []
-    for name, table in tables.items():
-        out.append(f"[{name}]")
-        out += [f"{k} = {toml_value(v)}" for k, v in table.items()]
-        out.append("")
-    return "\n".join(out)
 
 
 def poll(predicate: Any, timeout: float, what: str, interval: float = 0.02) -> Any:
@@ -103,7 +86,7 @@ class Daemon:
             "reload": {"method": "command"},
             "reload.command": {"argv": ["true"]},
         }  # fmt: skip
-        (root / "config.toml").write_text(to_toml(tables))
+        write_config(root / "config.toml", tables)
         self.log = (root / "daemon.log").open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "beagled", "serve", "--config", str(root / "config.toml")],
