@@ -317,6 +317,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("training.prompt_template", f"may use only {{bad}} and {{voice}}: {e}") from e
     if not 0 <= h.dropout < 1:
         raise ConfigError("training.hyper.dropout", f"must be in [0, 1), got {h.dropout}")
+    if cfg.voices.keep_versions > 64:
+        raise ConfigError("voices.keep_versions", "at most 64 (finished jobs kept in memory per voice)")
     if not h.target_modules:
         raise ConfigError("training.hyper.target_modules", "name at least one module")
     if h.num_layers == 0 or h.num_layers < -1:

@@ -302,10 +302,17 @@ class Engine:
             if (voice is None or j.voice == voice) and (state is None or j.state.value == state)
         ]
         sel.sort(key=lambda j: (j.created_at, j.job_id), reverse=True)
-        return {"jobs": [j.public() for j in sel[:limit]]}
+        # older finished jobs are not listed (``job ID`` still answers for them)
+        return {"jobs": [j.public() for j in sel[:limit]], "archived": sum(self.state.archived.values())}
 
-    def job(self, job_id: str) -> dict[str, Any]:
-        j = self.state.job(job_id)
+    async def job(self, job_id: str) -> dict[str, Any]:
+        """A job with its state history; one that left memory is rebuilt from its own stream."""
+        j = self.state.jobs.get(job_id)
+        if j is None:
+            stream = await trio.to_thread.run_sync(self.store.read_stream, f"job:{job_id}")
+            if not stream:
+                raise NotFound(f"no job {job_id!r}")
+            j = jobs.fold_job(stream)
         history = [{"event": t, "state": s, "at": at, "seq": seq} for t, s, at, seq in j.history]
         return {
             "job": {
@@ -892,7 +899,11 @@ class Engine:
                 except snapshot.SnapshotError as e:
                     log.warning("skipping an unreadable snapshot: %s", e, extra={"seq": seq})
                     continue
-                if state.seq != seq or state.heldout_max != self.state.heldout_max:
+                if (
+                    state.seq != seq
+                    or state.heldout_max != self.state.heldout_max
+                    or state.keep_finished != self.state.keep_finished
+                ):
                     log.warning("skipping a snapshot that does not match", extra={"seq": seq})
                     continue
                 return state

@@ -176,6 +176,11 @@ class State:
     jobs: dict[str, Job] = field(default_factory=dict)
     voices: dict[str, Voice] = field(default_factory=dict)
     heldout_max: int = 64
+    # Finished jobs (failed, rejected, reloaded) kept per voice besides its current and served ones;
+    # older ones leave the projection (their events stay: ``fold_job`` rebuilds one from its stream),
+    # so memory and start-up follow the live work, not the history.
+    keep_finished: int = 64
+    archived: dict[str, int] = field(default_factory=dict)  # finished jobs out of memory, by state
 
     def job(self, job_id: str) -> Job:
         try:
@@ -187,7 +192,7 @@ class State:
         return self.voices.get(name) or Voice(name=name)
 
     def counts(self) -> dict[str, int]:
-        out = {s.value: 0 for s in JobState}
+        out = {s.value: self.archived.get(s.value, 0) for s in JobState}
         for j in self.jobs.values():
             out[j.state.value] += 1
         return out
@@ -232,6 +237,49 @@ def _job_update(job: Job, event: ev.Event, **changes: Any) -> Job:
     )
 
 
+def _new_job(p: ev.JobCreated, event: ev.Event) -> Job:
+    return Job(
+        job_id=p.job_id,
+        voice=p.voice,
+        state=JobState.QUEUED,
+        pair_ids=p.pair_ids,
+        replay_ids=p.replay_ids,
+        created_at=event.at,
+        updated_at=event.at,
+        history=(("JobCreated", JobState.QUEUED.value, event.at, event.seq),),
+    )
+
+
+def _archive(state: State, voice: str) -> None:
+    """Drop the voice's oldest finished jobs beyond ``keep_finished`` from memory (never its current
+    or served job, nor one with an intent in flight)."""
+    v = state.voices.get(voice)
+    keep = {v.current_job, v.served_job} if v is not None else set()
+    finished = [
+        j
+        for j in state.jobs.values()
+        if j.voice == voice and j.state in TERMINAL and j.pending_intent is None and j.job_id not in keep
+    ]
+    for j in sorted(finished, key=lambda j: (j.created_at, j.job_id))[
+        : max(0, len(finished) - state.keep_finished)
+    ]:
+        del state.jobs[j.job_id]
+        state.archived[j.state.value] = state.archived.get(j.state.value, 0) + 1
+
+
+def fold_job(events: Sequence[ev.Event]) -> Job:
+    """One job rebuilt from its own stream (``job:<id>``): how an archived job is answered."""
+    first = events[0].payload
+    if not isinstance(first, ev.JobCreated):
+        raise IllegalTransition(f"a job stream starts with JobCreated, not {events[0].type}")
+    scratch = State()
+    scratch.jobs[first.job_id] = _new_job(first, events[0])
+    for e in events[1:]:
+        if isinstance(e.payload, ev.JobEvent):
+            _evolve_job(scratch, e, e.payload)
+    return scratch.jobs[first.job_id]
+
+
 def _stored_voice(state: State, name: str) -> Voice:
     v = state.voices.get(name)
     if v is None:
@@ -253,7 +301,7 @@ def evolve(state: State, event: ev.Event) -> State:
         v.pairs_total += 1
     elif isinstance(p, ev.JobCreated):
         if p.job_id in state.jobs:
-            raise IllegalTransition(f"job {p.job_id} exists already")
+            raise IllegalTransition(f"job {p.job_id} exists already")  # (an archived id is never reused)
         transition(None, p.TYPE)
         taken = set(p.pair_ids)
         pending = state.voices[p.voice].pending if p.voice in state.voices else []
@@ -264,18 +312,12 @@ def evolve(state: State, event: ev.Event) -> State:
         v.trained.extend(p.pair_ids)
         if len(v.trained) > TRAINED_MAX:
             del v.trained[:-TRAINED_MAX]
-        state.jobs[p.job_id] = Job(
-            job_id=p.job_id,
-            voice=p.voice,
-            state=JobState.QUEUED,
-            pair_ids=p.pair_ids,
-            replay_ids=p.replay_ids,
-            created_at=event.at,
-            updated_at=event.at,
-            history=(("JobCreated", JobState.QUEUED.value, event.at, event.seq),),
-        )
+        state.jobs[p.job_id] = _new_job(p, event)
     elif isinstance(p, ev.JobEvent):
         _evolve_job(state, event, p)
+        job = state.jobs[p.job_id]
+        if job.state in TERMINAL:
+            _archive(state, job.voice)
     elif isinstance(p, ev.RollbackStarted):
         _stored_voice(state, p.voice).reload_intent = p.job_id
     elif isinstance(p, ev.RolledBack):

@@ -163,10 +163,10 @@ class Server:
             "ping": lambda f: engine.ping(),
             "status": lambda f: engine.status(),
             "jobs": lambda f: engine.list_jobs(f.get("voice"), f.get("state"), f["limit"]),
-            "job": lambda f: engine.job(f["job_id"]),
             "voices": lambda f: engine.list_voices(),
         }
         self._ops: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
+            "job": lambda f: engine.job(f["job_id"]),
             "train": lambda f: engine.train_now(f["voice"]),
             "rollback": lambda f: engine.rollback(f["voice"], f.get("to")),
             "pause": lambda f: engine.set_paused(True, f.get("voice")),

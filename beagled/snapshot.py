@@ -27,7 +27,7 @@ from typing import Any
 from beagled import jobs
 from beagled.jobs import Job, JobState, Voice
 
-SCHEMA = 1
+SCHEMA = 2  # 2: keep_finished and archived counts in the header
 MAGIC = "beagled-state"
 
 
@@ -85,6 +85,8 @@ def to_snapshot(state: jobs.State) -> bytes:
         "seq": state.seq,
         "paused": state.paused,
         "heldout_max": state.heldout_max,
+        "keep_finished": state.keep_finished,
+        "archived": state.archived,
         "job_fields": _JOB_FIELDS,
         "voice_fields": _VOICE_FIELDS,
         "crc32": zlib.crc32(body),
@@ -94,14 +96,21 @@ def to_snapshot(state: jobs.State) -> bytes:
 
 
 def view(state: jobs.State) -> jobs.State:
-    """A consistent copy to serialise off the event loop: the records are frozen and replaced, never
-    mutated, so copying the two dicts (not the records) is enough."""
+    """A consistent copy to serialise off the event loop: ``Job`` records are frozen and replaced, so
+    copying the dict is enough; ``Voice`` records are updated in place, so their lists are copied too."""
     return jobs.State(
         seq=state.seq,
         paused=state.paused,
         jobs=dict(state.jobs),
-        voices=dict(state.voices),
+        voices={
+            name: dataclasses.replace(
+                v, pending=list(v.pending), heldout=list(v.heldout), trained=list(v.trained)
+            )
+            for name, v in state.voices.items()
+        },
         heldout_max=state.heldout_max,
+        keep_finished=state.keep_finished,
+        archived=dict(state.archived),
     )
 
 
@@ -143,7 +152,11 @@ def from_snapshot(blob: bytes) -> jobs.State:
         voice_line, job_line = bytes(body).split(b"\n")
         voice_rows, job_rows = json.loads(voice_line), json.loads(job_line)
         state = jobs.State(
-            seq=int(header["seq"]), paused=bool(header["paused"]), heldout_max=int(header["heldout_max"])
+            seq=int(header["seq"]),
+            paused=bool(header["paused"]),
+            heldout_max=int(header["heldout_max"]),
+            keep_finished=int(header["keep_finished"]),
+            archived={str(k): int(n) for k, n in dict(header["archived"]).items()},
         )
         nv, nj = len(_VOICE_FIELDS), len(_JOB_FIELDS)
         for row in voice_rows:

@@ -193,6 +193,29 @@ def test_rollback_targets_the_previous_version() -> None:
         jobs.decide(s, jobs.Rollback("v"))  # nothing earlier than v1
 
 
+def test_finished_jobs_leave_memory_but_stay_countable_and_foldable() -> None:
+    s, log = jobs.State(keep_finished=2), Log()
+    for n in range(1, 6):
+        submit(s, log, "v", f"p{n}")
+        run(s, log, jobs.CutJob("v", f"j{n}", "manual"))
+        run(s, log, jobs.StartAttempt(f"j{n}", ("mlx",)))
+        if n == 3:  # one job fails instead
+            run(s, log, jobs.FailJob("j3", "boom"))
+            continue
+        run(s, log, jobs.FinishTraining(f"j{n}", "mlx", "/a", None, None, None, None, 1.0))
+        run(s, log, jobs.Gate(f"j{n}", 0.0))
+        run(s, log, jobs.FinishPromotion(f"j{n}", f"/a{n}"))
+        run(s, log, jobs.StartReload(f"j{n}", "vllm"))
+        run(s, log, jobs.FinishReload(f"j{n}", "vllm", f"v-{n}", 0.1))
+    # kept: the two newest finished jobs besides the current/served one (j5)
+    assert sorted(s.jobs) == ["j3", "j4", "j5"]
+    assert s.archived == {"reloaded": 2}
+    assert s.counts()["reloaded"] == 4 and s.counts()["failed"] == 1
+    assert jobs.replay(log.events, jobs.State(keep_finished=2)) == s
+    j1 = jobs.fold_job([e for e in log.events if e.stream == "job:j1"])
+    assert j1.state == JobState.RELOADED and j1.served_name == "v-1" and len(j1.history) == 7
+
+
 # --- the crash-and-replay state machine -----------------------------------------------------------
 
 VOICES = st.sampled_from(["a", "b"])
@@ -205,7 +228,7 @@ class JobMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.state = jobs.State()
+        self.state = jobs.State(keep_finished=1)  # archive early, so that random runs exercise it
         self.log = Log()
         self.n = 0
 
@@ -286,7 +309,7 @@ class JobMachine(RuleBasedStateMachine):
     @precondition(lambda self: bool(self.log.events))
     @rule()
     def crash_and_replay(self) -> None:
-        replayed = jobs.replay(self.log.events)
+        replayed = jobs.replay(self.log.events, jobs.State(keep_finished=1))
         assert replayed == self.state
         self.state = replayed
 

@@ -187,7 +187,7 @@ def test_snapshot_errors_are_specific() -> None:
     with pytest.raises(snapshot.SnapshotError):
         snapshot.from_snapshot(zlib.compress(good))
     header, _, body = good.partition(b"\n")
-    other = json.dumps({**json.loads(header), "schema": 2}).encode()
+    other = json.dumps({**json.loads(header), "schema": snapshot.SCHEMA + 1}).encode()
     with pytest.raises(snapshot.SnapshotError, match="schema"):
         snapshot.from_snapshot(other + b"\n" + body)
 
