@@ -201,3 +201,39 @@ def test_replay_window_keeps_older_pairs_loss(tmp_path: Path, tiny_model: Path) 
     assert without > after_first + 0.3  # forgetting, without the window
     assert with_replay < without - 0.2  # the window keeps the old voice
     assert with_replay <= after_first + 0.3  # within tolerance of where it was
+
+
+def test_two_voices_train_fairly_and_never_see_each_other_s_pairs(make_daemon: Any, tiny_model: Path) -> None:
+    d = make_daemon(
+        {
+            "training": {
+                "backends": ["mlx"],
+                "base_model": str(tiny_model),
+                "heldout_share": 0.0,
+                "replay_pairs": 4,
+            },
+            "training.hyper": {"steps": 5, "learning_rate": 0.005, "batch_size": 4},
+            "scheduler": {"min_pairs": 4},
+        }
+    )
+    mine: dict[str, set[str]] = {"flood": set(), "quiet": set()}
+    plain, shifted = voice_pairs(60, seed=21, style="plain"), voice_pairs(8, seed=22, style="shifted")
+    with d.client() as c:
+        for prompt, bad, good in plain[:4]:
+            mine["flood"].add(c.submit(bad=bad, good=good, prompt=prompt, voice="flood")["pair_id"])
+        d.wait_jobs(
+            lambda js: len(js) == 1 and js[0]["state"] in ("training", "trained", "promoted"), timeout=120
+        )
+        for prompt, bad, good in plain[4:]:  # the flood goes on …
+            mine["flood"].add(c.submit(bad=bad, good=good, prompt=prompt, voice="flood")["pair_id"])
+        for prompt, bad, good in shifted[:4]:  # … while a quiet voice sends one batch
+            mine["quiet"].add(c.submit(bad=bad, good=good, prompt=prompt, voice="quiet")["pair_id"])
+    js = d.wait_jobs(lambda js: sum(j["state"] == "promoted" for j in js) >= 3, timeout=300)
+    order = [j["voice"] for j in sorted(js, key=lambda j: j["updated_at"]) if j["state"] == "promoted"]
+    assert "quiet" in order[:3], order  # served within the flood's first jobs, not after all of them
+    for voice in ("flood", "quiet"):
+        for adapter in (d.state_dir / "voices" / voice / "adapters").iterdir():
+            if adapter.name.startswith("."):
+                continue
+            trained_on = set(json.loads((adapter / "manifest.json").read_text())["pair_ids"])
+            assert trained_on and trained_on <= mine[voice], (voice, adapter.name)
