@@ -97,7 +97,13 @@ class Daemon:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.notifier = Notifier.from_env(unset_environment=True)
+        # every file the daemon creates (the event log holds every draft; specs, adapters) is private to
+        # its user, even when the state dir is made traversable for a shared socket (allowed_uids)
+        os.umask(0o077)
         cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for p in cfg.state_dir.glob("events.sqlite3*"):  # logs created before the umask was set
+            if p.is_file() and p.stat().st_mode & 0o077:
+                p.chmod(0o600)
         self.store = SqliteStore(cfg.db_path)
         t = cfg.training
         self.trainer = SubprocessTrainer(

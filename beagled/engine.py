@@ -262,7 +262,9 @@ class Engine:
                             limiter=self._store_limiter,
                         )
                         self._apply_pairs([r.event for r in results if r.event is not None])
-                except StoreError as e:
+                except Exception as e:  # StoreError, or anything unforeseen: answer, never die
+                    if not isinstance(e, StoreError):
+                        log.exception("submit batch failed")
                     log.error("submit batch not committed: %s", e)
                     self.metrics.submissions.labels("rejected").inc(len(batch))
                     for b in batch:

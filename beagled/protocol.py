@@ -245,11 +245,19 @@ def _decode_json(line: bytes) -> Any:
     except UnicodeDecodeError as e:
         raise InvalidJSON(f"request is not valid UTF-8 (byte {e.start})") from None
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        obj = json.loads(text, parse_constant=_reject_constant)
     except RecursionError:
         raise InvalidJSON("request JSON is nested too deeply") from None
     except ValueError as e:
         raise InvalidJSON(f"request is not valid JSON: {e}") from None
+    if "\\u" in text:  # only an escape can smuggle in a lone surrogate (the raw text is valid UTF-8)
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidJSON(
+                "request holds a lone surrogate escape (\\ud800-\\udfff), which is not Unicode text"
+            ) from None
+    return obj
 
 
 def _reject_constant(name: str) -> Any:

@@ -43,6 +43,7 @@ WARM_BACKENDS = frozenset({"mlx"})  # built-in backends whose worker has a ``ser
 WARM_RETRY_AFTER_S = 300.0  # after a warm worker failed to start, run cold this long before trying again
 
 Progress = Callable[[dict[str, Any]], None]
+MAX_LINE_BYTES = 1 << 20  # a worker's stdout line longer than this is garbage, not protocol
 
 
 @dataclass(frozen=True)
@@ -493,9 +494,22 @@ class SubprocessTrainer:
         async def read_stdout() -> None:
             nonlocal result, error
             buf = b""
-            async for chunk in stdout:
-                buf += chunk
+            skipping = False  # inside a line over MAX_LINE_BYTES: drop it up to its newline
+            async for received in stdout:
+                data = received
+                if skipping:
+                    nl = data.find(b"\n")
+                    if nl < 0:
+                        continue
+                    data, skipping = data[nl + 1 :], False
+                buf += data
                 *lines, buf = buf.split(b"\n")
+                if len(buf) > MAX_LINE_BYTES:  # no protocol line is this long: keep only its head
+                    stderr_tail.append(
+                        f"(stdout line over {MAX_LINE_BYTES} bytes dropped) "
+                        + buf[:200].decode(errors="replace")
+                    )
+                    buf, skipping = b"", True
                 for raw in lines:
                     msg = _parse_line(raw)
                     if msg is None:
