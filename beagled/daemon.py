@@ -137,7 +137,16 @@ class Daemon:
             log.warning("killed training processes left by a previous run", extra={"groups": reaped})
         n = await trio.to_thread.run_sync(self.engine.recover)
         await self.engine.repair_links()
-        log.info("recovered", extra={"events": n, "seconds": round(time.monotonic() - started, 3)})
+        snap = (self.engine.recovery or {}).get("snapshot_seq")
+        log.info(
+            "recovered",
+            extra={
+                "events": n,
+                "replayed": n,
+                "snapshot_seq": snap,
+                "seconds": round(time.monotonic() - started, 3),
+            },
+        )
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self._signals, nursery.cancel_scope)
