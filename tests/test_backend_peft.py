@@ -8,10 +8,8 @@ trainers, the held-out evaluation and the adapter directory the daemon promotes.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,59 +21,11 @@ pytest.importorskip("trl")
 
 from beagled import manifest
 from beagled.training.corpus import voice_pairs
+from tests.worker_run import Run, rows, run_worker, spec_for, worker_env
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
 BACKEND = "peft"
-
-
-@dataclass
-class Run:
-    rc: int
-    lines: list[dict[str, Any]]
-    stderr: str
-    out_dir: Path
-
-    def of_type(self, kind: str) -> list[dict[str, Any]]:
-        return [line for line in self.lines if line["type"] == kind]
-
-    @property
-    def result(self) -> dict[str, Any]:
-        results = self.of_type("result")
-        assert len(results) == 1, (self.lines, self.stderr[-3000:])
-        assert self.lines[-1] is results[0], "the result line is the last line"
-        return results[0]
-
-
-def worker_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["HF_HUB_OFFLINE"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
-    return env
-
-
-def run_worker(tmp: Path, spec: dict[str, Any], timeout: float = 300) -> Run:
-    spec_path = tmp / f"{spec['job_id']}.json"
-    spec_path.write_text(json.dumps(spec), encoding="utf-8")
-    proc = subprocess.run(
-        [sys.executable, "-m", "beagled.training.worker", "train", str(spec_path)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=tmp,
-        env=worker_env(),
-        check=False,
-    )
-    lines = [json.loads(line) for line in proc.stdout.splitlines()]  # stdout is JSON lines only
-    return Run(proc.returncode, lines, proc.stderr, Path(spec["out_dir"]))
-
-
-def rows(pairs: list[tuple[str, str, str]], prefix: str) -> list[dict[str, str]]:
-    return [
-        {"pair_id": f"{prefix}{i}", "prompt": p, "chosen": good, "rejected": bad}
-        for i, (p, bad, good) in enumerate(pairs)
-    ]
 
 
 @pytest.fixture(scope="module")
@@ -89,37 +39,8 @@ def data() -> dict[str, list[dict[str, str]]]:
     return {"train": rows(pairs[:32], "t"), "heldout": rows(pairs[32:], "h")}
 
 
-def make_spec(
-    base: Path, out_dir: Path, data: dict[str, list[dict[str, str]]], job_id: str, **overrides: Any
-) -> dict[str, Any]:
-    hyper = {
-        "rank": 8,
-        "alpha": 16.0,
-        "dropout": 0.0,
-        "target_modules": ["q_proj", "v_proj"],
-        "num_layers": -1,
-        "learning_rate": 0.002,
-        "steps": 24,
-        "batch_size": 4,
-        "max_seq_len": 256,
-        "seed": 0,
-        **overrides.pop("hyper", {}),
-    }
-    return {
-        "job_id": job_id,
-        "voice": "default",
-        "attempt": 1,
-        "backend": BACKEND,
-        "base_model": str(base),
-        "out_dir": str(out_dir / f"{job_id}.partial-1"),
-        "init_adapter": None,
-        "served_adapter": None,
-        "objective": "sft",
-        "train": data["train"],
-        "heldout": data["heldout"],
-        "hyper": hyper,
-        **overrides,
-    }
+def make_spec(*args: Any, **overrides: Any) -> dict[str, Any]:
+    return spec_for(BACKEND, *args, **overrides)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +26,10 @@ pytest.importorskip("unsloth", exc_type=ImportError)
 
 from beagled import manifest
 from beagled.training.corpus import voice_pairs
+from tests.worker_run import Run, run_worker, spec_for, worker_env
 
 pytestmark = [pytest.mark.unsloth, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[1]
 BACKEND = "unsloth"
 PEFT_KEYS = {
     f"base_model.model.model.layers.{n}.self_attn.{m}.lora_{ab}.weight"
@@ -40,48 +39,13 @@ PEFT_KEYS = {
 }
 
 
-@dataclass
-class Run:
-    rc: int
-    lines: list[dict[str, Any]]
-    stderr: str
-    out_dir: Path
-
-    def of_type(self, kind: str) -> list[dict[str, Any]]:
-        return [line for line in self.lines if line["type"] == kind]
-
-    @property
-    def result(self) -> dict[str, Any]:
-        results = self.of_type("result")
-        assert len(results) == 1, (self.lines, self.stderr[-3000:])
-        assert self.lines[-1] is results[0]
-        return results[0]
+def unsloth_env(allow_cpu: bool = True) -> dict[str, str]:
+    extra = {"BEAGLED_UNSLOTH_ALLOW_CPU": "1"} if allow_cpu else {}
+    return worker_env(extra, drop=("BEAGLED_UNSLOTH_ALLOW_CPU",))
 
 
-def worker_env(allow_cpu: bool = True) -> dict[str, str]:
-    env = dict(os.environ)
-    env["HF_HUB_OFFLINE"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
-    env.pop("BEAGLED_UNSLOTH_ALLOW_CPU", None)
-    if allow_cpu:
-        env["BEAGLED_UNSLOTH_ALLOW_CPU"] = "1"
-    return env
-
-
-def run_worker(tmp: Path, spec: dict[str, Any], timeout: float = 600) -> Run:
-    spec_path = tmp / f"{spec['job_id']}.json"
-    spec_path.write_text(json.dumps(spec), encoding="utf-8")
-    proc = subprocess.run(
-        [sys.executable, "-m", "beagled.training.worker", "train", str(spec_path)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=tmp,
-        env=worker_env(),
-        check=False,
-    )
-    lines = [json.loads(line) for line in proc.stdout.splitlines()]  # stdout is JSON lines only
-    return Run(proc.returncode, lines, proc.stderr, Path(spec["out_dir"]))
+def run_unsloth(tmp: Path, spec: dict[str, Any]) -> Run:
+    return run_worker(tmp, spec, timeout=600, env=unsloth_env())
 
 
 def probe(allow_cpu: bool) -> dict[str, Any]:
@@ -90,7 +54,7 @@ def probe(allow_cpu: bool) -> dict[str, Any]:
         capture_output=True,
         text=True,
         timeout=300,
-        env=worker_env(allow_cpu),
+        env=unsloth_env(allow_cpu),
         check=True,
     )
     (answer,) = [json.loads(line) for line in proc.stdout.splitlines()]  # Unsloth's banner went to stderr
@@ -114,43 +78,14 @@ def data() -> dict[str, list[dict[str, str]]]:
     }
 
 
-def make_spec(
-    base: Path, out_dir: Path, data: dict[str, list[dict[str, str]]], job_id: str, **overrides: Any
-) -> dict[str, Any]:
-    hyper = {
-        "rank": 8,
-        "alpha": 16.0,
-        "dropout": 0.0,
-        "target_modules": ["q_proj", "v_proj"],
-        "num_layers": -1,
-        "learning_rate": 0.002,
-        "steps": 24,
-        "batch_size": 4,
-        "max_seq_len": 256,
-        "seed": 0,
-        **overrides.pop("hyper", {}),
-    }
-    return {
-        "job_id": job_id,
-        "voice": "default",
-        "attempt": 1,
-        "backend": BACKEND,
-        "base_model": str(base),
-        "out_dir": str(out_dir / f"{job_id}.partial-1"),
-        "init_adapter": None,
-        "served_adapter": None,
-        "objective": "sft",
-        "train": data["train"],
-        "heldout": data["heldout"],
-        "hyper": hyper,
-        **overrides,
-    }
+def make_spec(*args: Any, **overrides: Any) -> dict[str, Any]:
+    return spec_for(BACKEND, *args, **overrides)
 
 
 @pytest.fixture(scope="module")
 def sft_run(base_model: Path, data: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Run:
     tmp = tmp_path_factory.mktemp("sft")
-    return run_worker(tmp, make_spec(base_model, tmp, data, "j-usft"))
+    return run_unsloth(tmp, make_spec(base_model, tmp, data, "j-usft"))
 
 
 def test_probe_says_where_unsloth_runs() -> None:
@@ -223,7 +158,7 @@ def test_continue_from_init_adapter(
         served_adapter=str(sft_run.out_dir),
         hyper={"steps": 8},
     )
-    run = run_worker(tmp_path, spec)
+    run = run_unsloth(tmp_path, spec)
     assert run.rc == 0, run.stderr[-4000:]
     result = run.result
     assert result["baseline_eval_loss"] == pytest.approx(sft_run.result["eval_loss"], rel=1e-3)
@@ -235,7 +170,7 @@ def test_dpo_raises_the_heldout_margin(base_model: Path, data: dict[str, Any], t
     spec = make_spec(
         base_model, tmp_path, data, "j-udpo", objective="dpo", hyper={"steps": 16, "learning_rate": 0.001}
     )
-    run = run_worker(tmp_path, spec)
+    run = run_unsloth(tmp_path, spec)
     assert run.rc == 0, run.stderr[-4000:]
     result = run.result
     assert result["eval_margin"] > result["base_eval_margin"], result
