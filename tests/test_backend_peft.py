@@ -20,8 +20,7 @@ pytest.importorskip("peft")
 pytest.importorskip("trl")
 
 from beagled import manifest
-from beagled.training.corpus import voice_pairs
-from tests.worker_run import Run, rows, run_worker, spec_for, worker_env
+from tests.worker_run import Run, run_worker, spec_for, voice_data, worker_env
 
 pytestmark = pytest.mark.slow
 
@@ -35,8 +34,7 @@ def base_model(tiny_model: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def data() -> dict[str, list[dict[str, str]]]:
-    pairs = voice_pairs(40, seed=1, style="plain")
-    return {"train": rows(pairs[:32], "t"), "heldout": rows(pairs[32:], "h")}
+    return voice_data()
 
 
 def make_spec(*args: Any, **overrides: Any) -> dict[str, Any]:

@@ -25,8 +25,7 @@ if os.environ.get("BEAGLED_TEST_UNSLOTH") != "1":
 pytest.importorskip("unsloth", exc_type=ImportError)
 
 from beagled import manifest
-from beagled.training.corpus import voice_pairs
-from tests.worker_run import Run, run_worker, spec_for, worker_env
+from tests.worker_run import Run, run_worker, spec_for, voice_data, worker_env
 
 pytestmark = [pytest.mark.unsloth, pytest.mark.slow]
 
@@ -68,14 +67,7 @@ def base_model(tiny_model: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def data() -> dict[str, list[dict[str, str]]]:
-    pairs = voice_pairs(40, seed=1, style="plain")
-    return {
-        split: [
-            {"pair_id": f"{split[0]}{i}", "prompt": p, "chosen": good, "rejected": bad}
-            for i, (p, bad, good) in enumerate(chunk)
-        ]
-        for split, chunk in (("train", pairs[:32]), ("heldout", pairs[32:]))
-    }
+    return voice_data()
 
 
 def make_spec(*args: Any, **overrides: Any) -> dict[str, Any]:

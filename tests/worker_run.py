@@ -66,6 +66,14 @@ def rows(pairs: list[tuple[str, str, str]], prefix: str) -> list[dict[str, str]]
     ]
 
 
+def voice_data() -> dict[str, list[dict[str, str]]]:
+    """32 training and 8 held-out pairs of the plain synthetic voice (the backend tests' data)."""
+    from beagled.training.corpus import voice_pairs
+
+    pairs = voice_pairs(40, seed=1, style="plain")
+    return {"train": rows(pairs[:32], "t"), "heldout": rows(pairs[32:], "h")}
+
+
 def spec_for(
     backend: str,
     base: Path,
