@@ -228,6 +228,7 @@ def _submit_fields(
     prompt: str | None,
     quality: Mapping[str, float] | None,
     key: str | None,
+    heldout: bool | None = None,
 ) -> dict[str, Any]:
     return {
         "voice": voice,
@@ -236,6 +237,7 @@ def _submit_fields(
         "prompt": prompt,
         "quality": dict(quality) if quality is not None else None,
         "key": key,
+        "heldout": heldout,
     }
 
 
@@ -417,9 +419,13 @@ class Client:
         prompt: str | None = None,
         quality: Mapping[str, float] | None = None,
         key: str | None = None,
+        heldout: bool | None = None,
     ) -> dict[str, Any]:
         return self.request(
-            "submit", **_submit_fields(bad, good, voice=voice, prompt=prompt, quality=quality, key=key)
+            "submit",
+            **_submit_fields(
+                bad, good, voice=voice, prompt=prompt, quality=quality, key=key, heldout=heldout
+            ),
         )
 
     def status(self) -> dict[str, Any]:
@@ -652,9 +658,13 @@ class AsyncClient:
         prompt: str | None = None,
         quality: Mapping[str, float] | None = None,
         key: str | None = None,
+        heldout: bool | None = None,
     ) -> dict[str, Any]:
         return await self.request(
-            "submit", **_submit_fields(bad, good, voice=voice, prompt=prompt, quality=quality, key=key)
+            "submit",
+            **_submit_fields(
+                bad, good, voice=voice, prompt=prompt, quality=quality, key=key, heldout=heldout
+            ),
         )
 
     async def status(self) -> dict[str, Any]:

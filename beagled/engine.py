@@ -232,7 +232,9 @@ class Engine:
             key=idempotency_key(voice, fields["bad"], fields["good"], fields.get("key")),
             prompt=fields.get("prompt"),
             quality=fields.get("quality"),
-            heldout=jobs.is_heldout(pair_id, self.cfg.training.heldout_share),
+            heldout=fields["heldout"]
+            if fields.get("heldout") is not None
+            else jobs.is_heldout(pair_id, self.cfg.training.heldout_share),
         )
         self._submits.append(_PendingSubmit(payload, arrived, on_done))
         self._submit_wakeup.set()
@@ -459,7 +461,9 @@ class Engine:
         t = self.cfg.training
         v = self.state.voice(job.voice)
         ids = list(job.pair_ids) + list(job.replay_ids)
-        pairs = await trio.to_thread.run_sync(self.store.get_pairs, ids + list(v.heldout))
+        pairs = await trio.to_thread.run_sync(
+            self.store.get_pairs, ids + list(job.eval_ids) + list(job.sibling_ids)
+        )
 
         def example(pid: str) -> dict[str, Any]:
             p = pairs[pid]
@@ -477,7 +481,10 @@ class Engine:
             "served_adapter": str(current) if current else None,
             "objective": t.objective,
             "train": [example(pid) for pid in ids if pid in pairs],
-            "heldout": [example(pid) for pid in v.heldout if pid in pairs],
+            # judged on the evaluation set as it was when the job was cut (never its own siblings,
+            # unless the voice had no set yet); the siblings travel apart, for reports only
+            "heldout": [example(pid) for pid in job.eval_ids if pid in pairs],
+            "siblings": [example(pid) for pid in job.sibling_ids if pid in pairs],
             "hyper": {
                 "rank": t.hyper.rank,
                 "alpha": t.hyper.alpha,
@@ -780,10 +787,9 @@ class Engine:
             )
             return
         elapsed = time.monotonic() - started
-        fault("after_reload_before_event")
-        self.metrics.reload_duration.labels(self.reloader.method, "success").observe(elapsed)
-        await self.execute(jobs.FinishReload(job.job_id, self.reloader.method, served, elapsed, reason))
-        self.verified_at[job.voice] = time.time()
+        # served.json is part of the effect: durable before the outcome is recorded and published, so a
+        # loop that polls the file and one that asks the socket never see two truths (a crash before the
+        # outcome reruns the reload, which rewrites the file: idempotent).
         await trio.to_thread.run_sync(
             self.voices.write_served,
             job.voice,
@@ -797,6 +803,10 @@ class Engine:
                 "at": time.time(),
             },
         )
+        fault("after_reload_before_event")
+        self.metrics.reload_duration.labels(self.reloader.method, "success").observe(elapsed)
+        await self.execute(jobs.FinishReload(job.job_id, self.reloader.method, served, elapsed, reason))
+        self.verified_at[job.voice] = time.time()
         log.info(
             "voice served",
             extra={

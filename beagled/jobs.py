@@ -104,6 +104,11 @@ class Job:
     base_eval_loss: float | None = None
     reload_attempts: int = 0
     pending_intent: str | None = None  # the intent event type whose outcome is not yet recorded
+    # The held-out pairs that judge this job: those of the voice's evaluation set when it was cut (never
+    # its own siblings, so a batch cannot vouch for itself); for a voice's first job, with no set yet,
+    # its siblings. ``sibling_ids``: held out from this job's own window, reported apart.
+    eval_ids: tuple[str, ...] = ()
+    sibling_ids: tuple[str, ...] = ()
     history: tuple[tuple[str, str, float, int], ...] = ()  # (event type, state after, at, seq)
 
     def public(self) -> dict[str, Any]:
@@ -123,6 +128,8 @@ class Job:
             "train_loss": self.train_loss,
             "eval_loss": self.eval_loss,
             "baseline_eval_loss": self.baseline_eval_loss,
+            "eval_pairs": len(self.eval_ids),
+            "sibling_pairs": len(self.sibling_ids),
         }
 
 
@@ -136,7 +143,11 @@ class Voice:
 
     name: str
     pending: list[tuple[str, float]] = field(default_factory=list)  # (pair_id, submitted at), oldest first
-    heldout: list[str] = field(default_factory=list)  # newest last, bounded by heldout_max
+    # The evaluation set: held-out pairs of windows already cut into jobs, newest last, bounded by
+    # heldout_max. Held-out pairs of the window still pending wait in ``heldout_window``: they join the
+    # set when the window is cut, so they judge later jobs but never the job of their own batch.
+    heldout: list[str] = field(default_factory=list)
+    heldout_window: list[str] = field(default_factory=list)
     trained: list[str] = field(default_factory=list)  # newest TRAINED_MAX pair ids cut into jobs (replay)
     pairs_total: int = 0
     current_job: str | None = None
@@ -157,7 +168,7 @@ class Voice:
             "current_job": self.current_job,
             "version": self.current_version,
             "pending_pairs": len(self.pending),
-            "heldout_pairs": len(self.heldout),
+            "heldout_pairs": len(self.heldout) + len(self.heldout_window),
             "pairs_total": self.pairs_total,
             "adapter_path": self.adapter_path,
             "served_name": self.served_name,
@@ -293,9 +304,7 @@ def evolve(state: State, event: ev.Event) -> State:
     if isinstance(p, ev.PairSubmitted):
         v = _stored_voice(state, p.voice)
         if p.heldout:
-            v.heldout.append(p.pair_id)
-            if len(v.heldout) > state.heldout_max:
-                del v.heldout[: -state.heldout_max]
+            v.heldout_window.append(p.pair_id)
         else:
             v.pending.append((p.pair_id, event.at))
         v.pairs_total += 1
@@ -312,7 +321,15 @@ def evolve(state: State, event: ev.Event) -> State:
         v.trained.extend(p.pair_ids)
         if len(v.trained) > TRAINED_MAX:
             del v.trained[:-TRAINED_MAX]
-        state.jobs[p.job_id] = _new_job(p, event)
+        siblings = tuple(v.heldout_window)
+        job = _new_job(p, event)
+        state.jobs[p.job_id] = dataclasses.replace(
+            job, eval_ids=tuple(v.heldout) or siblings, sibling_ids=siblings
+        )
+        v.heldout.extend(siblings)  # from now on they judge the voice's later jobs
+        v.heldout_window.clear()
+        if len(v.heldout) > state.heldout_max:
+            del v.heldout[: -state.heldout_max]
     elif isinstance(p, ev.JobEvent):
         _evolve_job(state, event, p)
         job = state.jobs[p.job_id]

@@ -154,6 +154,10 @@ def _submit(f: dict[str, Any], limits: Limits) -> dict[str, Any]:
         out["quality"] = _quality(f["quality"])
     if f.get("key") is not None:
         out["key"] = _str("key", f["key"], max_chars=MAX_KEY_CHARS, non_empty=True)
+    if f.get("heldout") is not None:  # the loop's own evaluation pairs; default: training.heldout_share
+        if not isinstance(f["heldout"], bool):
+            raise BadRequest("heldout must be true or false")
+        out["heldout"] = f["heldout"]
     return out
 
 
@@ -215,7 +219,7 @@ def _delete_voice(f: dict[str, Any], _limits: Limits) -> dict[str, Any]:
 Validator = Callable[[dict[str, Any], Limits], dict[str, Any]]
 OPS: dict[str, tuple[frozenset[str], Validator]] = {
     "ping": (frozenset(), _none),
-    "submit": (frozenset({"voice", "bad", "good", "prompt", "quality", "key"}), _submit),
+    "submit": (frozenset({"voice", "bad", "good", "prompt", "quality", "key", "heldout"}), _submit),
     "status": (frozenset(), _none),
     "jobs": (frozenset({"voice", "state", "limit"}), _jobs),
     "job": (frozenset({"job_id"}), _job),

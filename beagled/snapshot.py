@@ -27,7 +27,7 @@ from typing import Any
 from beagled import jobs
 from beagled.jobs import Job, JobState, Voice
 
-SCHEMA = 2  # 2: keep_finished and archived counts in the header
+SCHEMA = 3  # 2: keep_finished and archived counts in the header; 3: held-out window, jobs' eval ids
 MAGIC = "beagled-state"
 
 
@@ -104,7 +104,11 @@ def view(state: jobs.State) -> jobs.State:
         jobs=dict(state.jobs),
         voices={
             name: dataclasses.replace(
-                v, pending=list(v.pending), heldout=list(v.heldout), trained=list(v.trained)
+                v,
+                pending=list(v.pending),
+                heldout=list(v.heldout),
+                heldout_window=list(v.heldout_window),
+                trained=list(v.trained),
             )
             for name, v in state.voices.items()
         },

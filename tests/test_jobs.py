@@ -73,6 +73,38 @@ def test_happy_path_through_every_state() -> None:
     ]
 
 
+def test_a_job_is_judged_on_the_heldout_pairs_that_existed_before_its_own() -> None:
+    s, log = jobs.State(), Log()
+    submit(s, log, "v", "a1")
+    submit(s, log, "v", "h1", heldout=True)
+    submit(s, log, "v", "a2")
+    run(s, log, jobs.CutJob("v", "j1", "manual"))
+    # the first job of a voice has no evaluation set yet: its own held-out pairs are all there is
+    assert s.jobs["j1"].eval_ids == ("h1",) and s.jobs["j1"].sibling_ids == ("h1",)
+    assert s.voices["v"].heldout == ["h1"] and s.voices["v"].heldout_window == []
+    submit(s, log, "v", "b1")
+    submit(s, log, "v", "h2", heldout=True)  # a sibling of the second job's pairs (a poisoned one, say)
+    submit(s, log, "v", "h3", heldout=True)
+    assert s.voices["v"].public()["heldout_pairs"] == 3
+    run(s, log, jobs.CutJob("v", "j2", "manual"))
+    j2 = s.jobs["j2"]
+    assert j2.eval_ids == ("h1",) and j2.sibling_ids == ("h2", "h3")  # never judged on its siblings
+    assert j2.public()["eval_pairs"] == 1 and j2.public()["sibling_pairs"] == 2
+    submit(s, log, "v", "c1")
+    run(s, log, jobs.CutJob("v", "j3", "manual"))
+    assert s.jobs["j3"].eval_ids == ("h1", "h2", "h3") and s.jobs["j3"].sibling_ids == ()  # later jobs
+
+
+def test_the_evaluation_set_is_bounded_but_a_job_keeps_its_own() -> None:
+    s, log = jobs.State(heldout_max=2), Log()
+    for n in range(3):
+        submit(s, log, "v", f"p{n}")
+        submit(s, log, "v", f"h{n}", heldout=True)
+        run(s, log, jobs.CutJob("v", f"j{n}", "manual"))
+    assert s.voices["v"].heldout == ["h1", "h2"]
+    assert s.jobs["j2"].eval_ids == ("h0", "h1")
+
+
 def test_gate_rejects_a_worse_adapter_with_both_figures() -> None:
     s, log = jobs.State(), Log()
     submit(s, log, "v", "p0")
@@ -319,8 +351,16 @@ class JobMachine(RuleBasedStateMachine):
             pending = {p for p, _ in v.pending}
             assert not pending & set(v.trained)
             assert not pending & set(v.heldout)
+            assert not set(v.heldout) & set(v.heldout_window)
             assert len(v.trained) == len(set(v.trained))
             assert v.current_version <= v.versions
+
+    @invariant()
+    def no_job_is_judged_on_its_own_siblings_once_a_set_exists(self) -> None:
+        for j in self.state.jobs.values():
+            assert not set(j.eval_ids) & set(j.pair_ids)
+            if j.eval_ids != j.sibling_ids:  # the voice had an evaluation set when the job was cut
+                assert not set(j.eval_ids) & set(j.sibling_ids)
 
     @invariant()
     def histories_follow_the_table(self) -> None:

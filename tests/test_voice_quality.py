@@ -5,6 +5,7 @@ keeps older pairs' loss."""
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 from collections.abc import Iterable
@@ -21,7 +22,9 @@ pytestmark = pytest.mark.slow
 HYPER = {"steps": 30, "learning_rate": 0.005, "batch_size": 4}
 
 
-def quality_daemon(make_daemon: Any, tiny_model: Path, **training: Any) -> DaemonProc:
+def quality_daemon(
+    make_daemon: Any, tiny_model: Path, scheduler: dict[str, Any] | None = None, **training: Any
+) -> DaemonProc:
     return make_daemon(
         {
             "training": {
@@ -32,7 +35,7 @@ def quality_daemon(make_daemon: Any, tiny_model: Path, **training: Any) -> Daemo
                 **training,
             },
             "training.hyper": HYPER,
-            "scheduler": {"min_pairs": 12},
+            "scheduler": scheduler or {"min_pairs": 12},
         }
     )
 
@@ -50,19 +53,51 @@ def feed_until_job(
     raise AssertionError("ran out of pairs before the job was cut")
 
 
+# The split between training and held-out pairs is random in the product (a hash of a random pair id);
+# these tests make it explicit (submit's ``heldout``) from a seeded RNG, so that every run holds out the
+# same pairs, including runs that hold poisoned pairs out.
+ONLY_TRAIN = {"min_pairs": 10**6, "max_wait_s": 10**6}  # jobs are cut by ``train`` alone
+
+
+def train_split(
+    d: DaemonProc, pairs: list[tuple[str, str, str]], n_held: int, rng: random.Random, voice: str = "bea"
+) -> dict[str, Any]:
+    """Submit ``pairs``, holding out ``n_held`` of them chosen by ``rng``, cut a job, wait for its end."""
+    held = set(rng.sample(range(len(pairs)), n_held))
+    with d.client() as c:
+        for i, (prompt, bad, good) in enumerate(pairs):
+            c.submit(bad=bad, good=good, prompt=prompt, voice=voice, heldout=i in held)
+        jid = c.train(voice)["job_id"]
+    d.wait_job(jid, ("promoted", "rejected", "failed"), timeout=180)
+    with d.client() as c:
+        job: dict[str, Any] = c.job(jid)["job"]
+    assert job["pairs"] == len(pairs) - n_held, job
+    return job
+
+
+def assert_rejected_and_unchanged(d: DaemonProc, job: dict[str, Any], before: dict[str, Any]) -> None:
+    assert job["state"] == "rejected", job
+    assert job["eval_loss"] > job["baseline_eval_loss"]
+    with d.client() as c:
+        after = c.voices()["voices"][0]
+    assert len([e for e in job["history"] if e["event"] == "JobRejected"]) == 1
+    assert after["current_job"] == before["current_job"] and after["version"] == before["version"]
+    cur = d.state_dir / "voices" / "bea" / "current"
+    assert cur.resolve().name == before["current_job"]
+
+
 def test_a_consistent_voice_lowers_heldout_loss_and_a_poisoned_batch_is_rejected(
     make_daemon: Any, tiny_model: Path
 ) -> None:
-    d = quality_daemon(make_daemon, tiny_model)
-    plain = iter(voice_pairs(200, seed=3, style="plain"))
+    d = quality_daemon(make_daemon, tiny_model, ONLY_TRAIN)
+    rng = random.Random(3)
+    plain = voice_pairs(48, seed=3, style="plain")
     losses = []
-    for n in (1, 2, 3):
-        jid = feed_until_job(d, plain, n)
-        job = d.wait_job(jid, ("promoted", "rejected", "failed"), timeout=180)
+    for n in range(3):
+        job = train_split(d, plain[16 * n : 16 * (n + 1)], 4, rng)
         assert job["state"] == "promoted", job
-        with d.client() as c:
-            full = c.job(jid)["job"]
-        losses.append((full["base_eval_loss"], full["baseline_eval_loss"], full["eval_loss"]))
+        assert job["eval_pairs"] == 4 * max(n, 1) and job["sibling_pairs"] == 4
+        losses.append((job["base_eval_loss"], job["baseline_eval_loss"], job["eval_loss"]))
     base0, _, first = losses[0]
     assert first < base0 - 0.5  # the first adapter already beats the base on held-out drafts
     assert all(new <= served for _, served, new in losses)  # the gate held every time
@@ -70,17 +105,25 @@ def test_a_consistent_voice_lowers_heldout_loss_and_a_poisoned_batch_is_rejected
 
     with d.client() as c:
         before = c.voices()["voices"][0]
-    jid = feed_until_job(d, voice_pairs(60, seed=4, style="noise"), 4)
-    job = d.wait_job(jid, ("promoted", "rejected", "failed"), timeout=180)
-    assert job["state"] == "rejected", job
-    assert job["eval_loss"] > job["baseline_eval_loss"]
+    job = train_split(d, voice_pairs(15, seed=4, style="noise"), 3, rng)  # 3 poisoned pairs held out
+    assert job["eval_pairs"] == 12 and job["sibling_pairs"] == 3  # judged on the clean set only
+    assert_rejected_and_unchanged(d, job, before)
+
+
+@pytest.mark.parametrize(("seed", "poison_held"), [(5, 0), (6, 6)])
+def test_a_poisoned_batch_is_rejected_however_its_pairs_fall(
+    make_daemon: Any, tiny_model: Path, seed: int, poison_held: int
+) -> None:
+    d = quality_daemon(make_daemon, tiny_model, ONLY_TRAIN)
+    rng = random.Random(seed)
+    first = train_split(d, voice_pairs(16, seed=seed, style="plain"), 4, rng)
+    assert first["state"] == "promoted", first
     with d.client() as c:
-        after = c.voices()["voices"][0]
-        rejected = [e for e in c.job(jid)["job"]["history"] if e["event"] == "JobRejected"]
-    assert len(rejected) == 1
-    assert after["current_job"] == before["current_job"] and after["version"] == before["version"]
-    cur = d.state_dir / "voices" / "bea" / "current"
-    assert cur.resolve().name == before["current_job"]
+        before = c.voices()["voices"][0]
+    noise = voice_pairs(12 + poison_held, seed=seed + 100, style="noise")
+    job = train_split(d, noise, poison_held, rng)
+    assert job["eval_pairs"] == 4 and job["sibling_pairs"] == poison_held
+    assert_rejected_and_unchanged(d, job, before)
 
 
 def test_dpo_is_refused_by_mlx_and_trained_by_peft(make_daemon: Any, tiny_model: Path) -> None:
