@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from beagled.notify import Notifier
 
@@ -166,15 +167,17 @@ def test_unset_environment(monkeypatch: pytest.MonkeyPatch, receiver: tuple[sock
     notifier.close()
 
 
-async def test_run_watchdog_pings_until_cancelled(receiver: tuple[socket.socket, str]) -> None:
+async def test_run_watchdog_pings_until_cancelled(
+    receiver: tuple[socket.socket, str], autojump_clock: trio.testing.MockClock
+) -> None:
     sock, path = receiver
-    notifier = Notifier(path, watchdog_usec=20_000)  # ping every 10 ms
+    notifier = Notifier(path, watchdog_usec=20_000)  # ping every 10 ms (of the mock clock: no load skews it)
     async with trio.open_nursery() as nursery:
         await nursery.start(notifier.run_watchdog)
-        await trio.sleep(0.1)
+        await trio.sleep(0.105)
         nursery.cancel_scope.cancel()
     pings = drain(sock)
-    assert len(pings) >= 3
+    assert len(pings) == 11  # at 0, 10, ..., 100 ms
     assert set(pings) == {"WATCHDOG=1"}
     notifier.close()
 
