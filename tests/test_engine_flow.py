@@ -201,6 +201,12 @@ def test_command_reloader_rollback_and_retention(make_daemon: Any, tmp_path: Pat
     poll(lambda: len(calls.read_text().splitlines()) == 4, 20, what="rollback reload")
     assert calls.read_text().splitlines()[-1].endswith(ids[1])
     assert (d.state_dir / "voices" / "default" / "current").resolve().name == ids[1]
+
+    def rollback_served() -> bool:  # the command ran; its outcome (Reloaded) is recorded just after
+        with d.client() as c:
+            return bool(c.voices()["voices"][0]["served_name"] == "default-v0002")
+
+    poll(rollback_served, 20, what="rollback reload recorded")
     d.kill()
     d.start()
     with d.client() as c:
