@@ -128,6 +128,8 @@ class Engine:
         self.verified_at: dict[str, float] = {}
         self.accepting = True
         self.sleep_guard = guard_for(cfg, reloader)  # reload.vllm.sleep_during_training
+        if callable(getattr(reloader, "collect", None)):  # per-replica metrics (vLLM replicas)
+            self.metrics.registry.register(reloader)  # type: ignore[arg-type]
 
     # -- recovery ----------------------------------------------------------------------------------
     def recover(self) -> int:

@@ -68,7 +68,7 @@ def reference_logprobs(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(base), torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, str(adapter))
     model.eval()
@@ -134,7 +134,7 @@ def test_end_to_end_through_the_daemon_serves_what_was_trained(
 ) -> None:
     d = make_daemon(
         {
-            "training": {"backends": ["mlx"], "base_model": str(tiny_model)},
+            "training": {"backends": ["mlx"], "base_model": str(tiny_model), "heldout_share": 0.0},
             "training.hyper": {"steps": 6, "learning_rate": 0.02},
             "reload": {"method": "vllm", "reconcile_interval_s": 5.0},
             "reload.vllm": {"url": vllm.url},

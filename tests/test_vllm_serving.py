@@ -34,7 +34,7 @@ def vllm_daemon(
 ) -> DaemonProc:
     return make_daemon(
         {
-            "training": {"base_model": str(tiny_model)},
+            "training": {"base_model": str(tiny_model), "heldout_share": 0.0},
             "reload": {"method": "vllm", "reconcile_interval_s": reconcile_s, "retry_backoff_s": 0.2},
             "reload.vllm": {"urls": urls, **(vllm or {})},
             "voices": voices or {},

@@ -255,6 +255,7 @@ def tiny_adapter(
     modules: tuple[str, ...] = ("self_attn.q_proj", "self_attn.v_proj"),
     layers: tuple[int, ...] = (0, 1),
     key_prefix: str = "base_model.model.model.layers",
+    suffixes: tuple[str, str] = ("lora_A.weight", "lora_B.weight"),
     weights: bool = True,
 ) -> Path:
     """A random PEFT LoRA over the tiny model (config, safetensors, manifest)."""
@@ -270,8 +271,8 @@ def tiny_adapter(
         for module in modules:
             n_in, n_out = TINY_SHAPES[module]
             key = f"{key_prefix}.{layer}.{module}"
-            tensors[f"{key}.lora_A.weight"] = (rng.standard_normal((rank, n_in)) * 0.1).astype(np.float32)
-            tensors[f"{key}.lora_B.weight"] = (rng.standard_normal((n_out, rank)) * 0.1).astype(np.float32)
+            tensors[f"{key}.{suffixes[0]}"] = (rng.standard_normal((rank, n_in)) * 0.1).astype(np.float32)
+            tensors[f"{key}.{suffixes[1]}"] = (rng.standard_normal((n_out, rank)) * 0.1).astype(np.float32)
     if weights:
         save_file(tensors, str(directory / "adapter_model.safetensors"))
     config = {
@@ -285,5 +286,6 @@ def tiny_adapter(
         "bias": "none",
     }
     (directory / "adapter_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    write_manifest(directory, {"job_id": directory.name, "voice": "default", "backend": "test"})
+    if weights:
+        write_manifest(directory, {"job_id": directory.name, "voice": "default", "backend": "test"})
     return directory

@@ -169,7 +169,10 @@ class VllmStandin:
         try:
             header = _safetensors_keys(directory / "adapter_model.safetensors")
         except (OSError, ValueError, struct.error):
-            return 500, f"Loading lora {name} failed: No adapter_model.safetensors found in <path>"
+            return 500, (
+                "Call to add_lora method failed: Worker failed with error '<path> doesn't contain "
+                "tensors', please check the stack trace above for the root cause"
+            )
         bad = sorted(k for k in header if not _KEY_RE.fullmatch(k))
         if bad or not any(k.endswith("lora_A.weight") for k in header):
             return 500, (

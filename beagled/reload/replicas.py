@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import trio
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from beagled.errors import ConfigError, ReloadError
 from beagled.reload import ServeTarget
@@ -72,6 +73,24 @@ class VllmReplicas:
 
     def forget(self, voice: str) -> None:
         self._views.pop(voice, None)
+
+    def collect(self) -> Iterator[Metric]:
+        """``beagled_vllm_replica_behind{replica}``: voices a replica does not serve as it should;
+        ``beagled_vllm_replica_verified_timestamp_seconds{replica}``: its newest verification."""
+        behind = GaugeMetricFamily(
+            "beagled_vllm_replica_behind", "Voices a vLLM replica is behind on.", labels=["replica"]
+        )
+        verified = GaugeMetricFamily(
+            "beagled_vllm_replica_verified_timestamp_seconds",
+            "When a vLLM replica was last seen serving a voice's current adapter.",
+            labels=["replica"],
+        )
+        for server in self.servers:
+            views = [v[server.url] for v in self._views.values() if server.url in v]
+            behind.add_metric([server.url], sum(1 for v in views if v.behind))
+            verified.add_metric([server.url], max((v.verified_at or 0.0 for v in views), default=0.0))
+        yield behind
+        yield verified
 
     # --- the port ---------------------------------------------------------------------------------
 

@@ -29,6 +29,8 @@ _RANK = re.compile(r"rank (\d+) is greater than max_lora_rank (\d+)", re.IGNOREC
 # messages of a load that failed because of the adapter's files (500 on the real server)
 _ADAPTER_FAULTS = (
     re.compile(r"no adapter found", re.IGNORECASE),
+    re.compile(r"doesn't contain tensors", re.IGNORECASE),
+    re.compile(r"add_lora method failed", re.IGNORECASE),
     re.compile(r"adapter_model\.(safetensors|bin)", re.IGNORECASE),
     re.compile(r"safetensors", re.IGNORECASE),
     re.compile(r"expected target modules", re.IGNORECASE),
