@@ -219,6 +219,10 @@ def vllm(vllm_server: RealVllm) -> Iterator[RealVllm]:
     vllm_server.unload_all()
     yield vllm_server
     assert vllm_server.alive(), f"the test killed vLLM:\n{vllm_server.log_tail()}"
+    status, body = http("GET", vllm_server.url + "/is_sleeping")
+    if status == 200 and body.get("is_sleeping"):
+        http("POST", vllm_server.url + "/wake_up")  # leave the shared server usable, and fail the test
+        pytest.fail("the test left the shared vLLM server asleep")
     vllm_server.unload_all()
 
 
