@@ -111,6 +111,10 @@ class VllmConfig:
     max_lora_rank: int = 16
     timeout_s: float = 30.0
     api_key: str = ""  # sent as a bearer token when the server was started with --api-key
+    urls: list[str] = field(default_factory=list)  # several replicas; empty: just ``url``
+    served_base: str = ""  # the base model as the server lists it; "" = whatever it lists
+    sleep_during_training: bool = False  # POST /sleep before each training, /wake_up after
+    sleep_level: int = 1
 
 
 @dataclass(frozen=True)
@@ -329,6 +333,13 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("reload.method", f"must be none, vllm, ssh or command, got {r.method!r}")
     if r.vllm.naming not in ("versioned", "fixed"):
         raise ConfigError("reload.vllm.naming", f"must be versioned or fixed, got {r.vllm.naming!r}")
+    for i, url in enumerate(r.vllm.urls):
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ConfigError(f"reload.vllm.urls[{i}]", f"{url!r} is not an http(s) URL")
+    if len(set(r.vllm.urls)) != len(r.vllm.urls):
+        raise ConfigError("reload.vllm.urls", "a server is listed twice")
+    if r.vllm.sleep_level not in (1, 2):
+        raise ConfigError("reload.vllm.sleep_level", f"must be 1 or 2, got {r.vllm.sleep_level!r}")
     for i, pair in enumerate(r.vllm.path_map):
         if len(pair) != 2:
             raise ConfigError(f"reload.vllm.path_map[{i}]", "expected [daemon_prefix, server_prefix]")

@@ -43,17 +43,24 @@ def build_reloader(cfg: Config) -> Reloader:
             list(r.command.argv), timeout_s=r.command.timeout_s, verify_argv=list(r.command.verify_argv)
         )
     if r.method == "vllm":
+        from beagled.reload.replicas import VllmReplicas
         from beagled.reload.vllm import VllmReloader
 
-        return VllmReloader(
-            r.vllm.url,
-            naming=r.vllm.naming,
-            prefix=r.vllm.prefix,
-            keep=r.vllm.keep,
-            path_map=[(a, b) for a, b in r.vllm.path_map],
-            timeout_s=r.vllm.timeout_s,
-            max_lora_rank=r.vllm.max_lora_rank,
-            api_key=r.vllm.api_key,
+        return VllmReplicas(
+            [
+                VllmReloader(
+                    url,
+                    naming=r.vllm.naming,
+                    prefix=r.vllm.prefix,
+                    keep=r.vllm.keep,
+                    path_map=[(a, b) for a, b in r.vllm.path_map],
+                    timeout_s=r.vllm.timeout_s,
+                    max_lora_rank=r.vllm.max_lora_rank,
+                    served_base=r.vllm.served_base,
+                    api_key=r.vllm.api_key,
+                )
+                for url in (r.vllm.urls or [r.vllm.url])
+            ]
         )
     if r.method == "ssh":
         from beagled.reload.ssh import SshReloader

@@ -31,7 +31,7 @@ from typing import Any
 import trio
 import trio.lowlevel
 
-from beagled import __version__, jobs, snapshot
+from beagled import __version__, jobs, retention, snapshot
 from beagled import events as ev
 from beagled.config import Config
 from beagled.errors import (
@@ -49,6 +49,7 @@ from beagled.faults import fault
 from beagled.jobs import JobState
 from beagled.metrics import Metrics
 from beagled.reload import Reloader, ServeTarget
+from beagled.reload.sleep import guard_for
 from beagled.store import Store
 from beagled.training.runner import Trainer
 from beagled.voices import VoiceStore
@@ -126,6 +127,9 @@ class Engine:
         self.progress: dict[str, dict[str, Any]] = {}
         self.verified_at: dict[str, float] = {}
         self.accepting = True
+        self.sleep_guard = guard_for(cfg, reloader)  # reload.vllm.sleep_during_training
+        if callable(getattr(reloader, "collect", None)):  # per-replica metrics (vLLM replicas)
+            self.metrics.registry.register(reloader)  # type: ignore[arg-type]
 
     # -- recovery ----------------------------------------------------------------------------------
     def recover(self) -> int:
@@ -283,7 +287,7 @@ class Engine:
     def status(self) -> dict[str, Any]:
         voices = {}
         for name, v in sorted(self.state.voices.items()):
-            voices[name] = {**v.public(), "last_verified_at": self.verified_at.get(name)}
+            voices[name] = self._with_replicas({**v.public(), "last_verified_at": self.verified_at.get(name)})
         running = dict(self.progress)
         return {
             "event_seq": self.state.seq,
@@ -331,7 +335,12 @@ class Engine:
         }
 
     def list_voices(self) -> dict[str, Any]:
-        return {"voices": [v.public() for _, v in sorted(self.state.voices.items())]}
+        return {"voices": [self._with_replicas(v.public()) for _, v in sorted(self.state.voices.items())]}
+
+    def _with_replicas(self, voice: dict[str, Any]) -> dict[str, Any]:
+        """Per-replica serving (url, served_name, verified_at), where the reloader knows replicas."""
+        replicas = getattr(self.reloader, "replicas", None)
+        return {**voice, "replicas": replicas(voice["voice"])} if callable(replicas) else voice
 
     # -- commands ----------------------------------------------------------------------------------
     async def train_now(self, voice: str) -> dict[str, Any]:
@@ -368,7 +377,9 @@ class Engine:
             raise Conflict(str(e)) from None
         removed = False
         if remove_adapters:
-            removed = await trio.to_thread.run_sync(self.voices.remove, voice)
+            removed = await retention.remove_voice(
+                self.voices, self.reloader, voice, lambda name: name in self.state.voices
+            )
         self.verified_at.pop(voice, None)
         log.info("voice deleted", extra={"voice": voice, "adapters_removed": removed})
         return {"voice": voice, "deleted": True, "adapters_removed": removed}
@@ -396,6 +407,8 @@ class Engine:
 
     # -- loops -------------------------------------------------------------------------------------
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        if self.sleep_guard is not None:  # before anything else: never leave a server asleep
+            await self.sleep_guard.recover()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._committer)
             nursery.start_soon(self._scheduler)
@@ -557,7 +570,8 @@ class Engine:
             spec["out_dir"] = str(staging / "adapter")
             started = time.monotonic()
             try:
-                result = await self.trainer.run(backend, spec, self._progress_cb(job, backend))
+                async with self.sleep_guard.asleep(job.job_id) if self.sleep_guard else _nothing():
+                    result = await self.trainer.run(backend, spec, self._progress_cb(job, backend))
                 fault("after_training_before_outcome")
                 final = await trio.to_thread.run_sync(
                     self.voices.finalize, job.voice, job.job_id, Path(spec["out_dir"])
@@ -735,7 +749,7 @@ class Engine:
             for j in self.state.jobs.values()
             if j.voice == voice and j.state in (JobState.TRAINED, JobState.TRAINING, JobState.QUEUED)
         ]
-        await trio.to_thread.run_sync(self.voices.prune, voice, keep)
+        await retention.prune(self.voices, self.reloader, voice, keep)
 
     async def _finish_rollback(self, voice: str) -> None:
         async with self._lock:
@@ -819,7 +833,13 @@ class Engine:
 
     async def _reconcile_loop(self) -> None:
         interval = self.cfg.reload.reconcile_interval_s
+        await self._check_served_base()
+        for name in list(self.state.voices):  # a crash between an unload and its delete: finish it
+            await self._guarded(self._prune(name), "retention", voice=name)
         while True:
+            await self._guarded(
+                retention.sweep(self.voices, self.reloader, lambda name: name in self.state.voices), "sweep"
+            )
             await trio.sleep(interval)
             for v in list(self.state.voices.values()):
                 if not v.served_job or v.served_job != v.current_job:
@@ -844,6 +864,21 @@ class Engine:
                     await self._reload(j, "reconcile")
                 except Exception:
                     log.exception("reconcile failed", extra={"voice": v.name})
+
+    async def _check_served_base(self) -> None:
+        """At start-up: is the server's base model the training base? A mismatch is logged loudly
+        (each load checks again and fails with the same message)."""
+        check = getattr(self.reloader, "check_base", None)
+        if check is None:
+            return
+        try:
+            with trio.fail_after(_reload_timeout(self.cfg)):
+                await check(self.cfg.training.base_model or None)
+        except ReloadError as e:
+            if not e.retryable:
+                log.error("the inference server's base model does not match: %s", e)
+        except trio.TooSlowError:
+            log.warning("cannot check the inference server's base model: no answer")
 
     # -- shutdown ----------------------------------------------------------------------------------
     def stop_accepting(self) -> None:
@@ -955,6 +990,11 @@ class Engine:
         finally:
             self._snap_running = False
             self._snap_not_before = time.monotonic() + 19 * (time.monotonic() - started)
+
+
+@contextlib.asynccontextmanager
+async def _nothing() -> AsyncIterator[None]:
+    yield
 
 
 def _reload_timeout(cfg: Config) -> float:

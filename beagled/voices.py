@@ -99,8 +99,8 @@ class VoiceStore:
         tmp.replace(vdir / "served.json")
         manifest.fsync_dir(vdir)
 
-    def prune(self, voice: str, keep: list[str]) -> list[str]:
-        """Remove finished adapters not in ``keep`` (the engine passes the newest versions) nor current."""
+    def prunable(self, voice: str, keep: list[str]) -> list[str]:
+        """Finished adapters that ``prune(voice, keep)`` would remove (neither in ``keep`` nor current)."""
         adir = self.adapters_dir(voice)
         if not adir.is_dir():
             return []
@@ -108,13 +108,67 @@ class VoiceStore:
         cur = self.current_job(voice)
         if cur:
             protected.add(cur)
-        removed = []
-        for d in adir.iterdir():
-            if d.name.startswith(".") or d.name in protected or not d.is_dir():
-                continue
-            shutil.rmtree(d)
-            removed.append(d.name)
+        return sorted(
+            d.name
+            for d in adir.iterdir()
+            if not d.name.startswith(".") and d.name not in protected and d.is_dir()
+        )
+
+    def prune(self, voice: str, keep: list[str]) -> list[str]:
+        """Remove finished adapters not in ``keep`` (the engine passes the newest versions) nor current.
+
+        The engine keeps, too, every directory a server may still have registered (``retention``)."""
+        removed = self.prunable(voice, keep)
+        for name in removed:
+            shutil.rmtree(self.adapter_dir(voice, name))
         return removed
+
+    # -- removing a deleted voice's adapters (an intent on disk, finished by ``retention.sweep``) ----
+    REMOVAL = ".remove.json"
+
+    def mark_removal(self, voice: str) -> list[str]:
+        """Record (durably) that the voice's adapters are to go; returns their job ids."""
+        adir = self.adapters_dir(voice)
+        jobs = sorted(d.name for d in adir.iterdir() if not d.name.startswith(".")) if adir.is_dir() else []
+        vdir = self.voice_dir(voice)
+        if not vdir.is_dir():
+            return []
+        tmp = vdir / (self.REMOVAL + ".tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            json.dump({"voice": voice, "jobs": jobs}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(vdir / self.REMOVAL)
+        manifest.fsync_dir(vdir)
+        return jobs
+
+    def pending_removals(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for vdir in self.root.iterdir() if self.root.is_dir() else []:
+            marker = vdir / self.REMOVAL
+            try:
+                data = json.loads(marker.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            jobs = data.get("jobs") if isinstance(data, dict) else None
+            out[vdir.name] = [j for j in jobs if isinstance(j, str)] if isinstance(jobs, list) else []
+        return out
+
+    def finish_removal(
+        self, voice: str, jobs: list[str], *, whole_voice: bool, keep_marker: bool = False
+    ) -> None:
+        """Delete the released adapters; then the marker (unless some are still held), or the whole
+        voice directory."""
+        for job in jobs:
+            d = self.adapter_dir(voice, job)
+            if d.is_dir():
+                shutil.rmtree(d)
+        if keep_marker:
+            return
+        if whole_voice:
+            self.remove(voice)
+        else:
+            (self.voice_dir(voice) / self.REMOVAL).unlink(missing_ok=True)
 
     def remove(self, voice: str) -> bool:
         """Delete every adapter of the voice (its events stay in the log). True if anything was there."""

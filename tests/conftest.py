@@ -54,3 +54,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from beagled.training.tinymodel import ensure_tiny_model
 
     return ensure_tiny_model(tmp_path_factory.getbasetemp() / "tiny-models")
+
+
+# real vLLM CPU servers, session-scoped (tests/vllm_real.py)
+from tests.vllm_real import vllm, vllm_replica, vllm_server  # noqa: E402, F401

