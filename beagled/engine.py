@@ -235,9 +235,11 @@ class Engine:
             try:
                 async with self._lock:
                     await self._catch_up()
-            except StoreError as e:
+            except Exception as e:  # StoreError (the database is away), or a bug: never fatal
+                if not isinstance(e, StoreError):
+                    log.exception("catching up with the shared log failed")
                 log.error("cannot read the shared log: %s", e)
-                await trio.sleep(1.0)  # the database is away; the listener reconnects too
+                await trio.sleep(1.0)  # nothing to wait on while the database is away
                 continue
             self._behind_since = None
 

@@ -301,7 +301,7 @@ class SqlStore:
 
     def _reconnect(self) -> None:
         self._wconn.invalidate()
-        self._wconn = self._writer.raw_connection()
+        self._wconn = self._writer.raw_connection()  # (raises the driver's error: _tx translates it)
         self._db = self._d.wrap(self._wconn.driver_connection)
 
     def _stream_version(self, stream: str) -> int:
@@ -376,7 +376,7 @@ class SqlStore:
     def _read_db(self) -> Iterator[DbConn]:
         try:
             raw = self._reader.raw_connection()
-        except SQLAlchemyError as e:
+        except (SQLAlchemyError, self._d.error) as e:  # (a pool's pre-ping may raise the driver's own)
             raise StoreError(f"the event log could not be read: {e}") from e
         try:
             yield self._d.wrap(raw.driver_connection)
