@@ -387,7 +387,14 @@ class Engine:
 
     def _leader_status(self) -> dict[str, Any]:
         if self.leadership is None:
-            return {"node": self.node, "leader": True, "leader_node": self.node, "term": 0, "lag_s": 0.0}
+            return {
+                "node": self.node,
+                "leader": True,
+                "leader_node": self.node,
+                "term": 0,
+                "lag_s": 0.0,
+                "nodes": [self.node],
+            }
         who = self.leadership.leader
         return {
             "node": self.node,
@@ -395,6 +402,7 @@ class Engine:
             "leader_node": who.node if who else None,
             "term": who.term if who else None,
             "lag_s": round(self.current_lag_s(), 3),
+            "nodes": self.leadership.nodes or [self.node],
         }
 
     def list_jobs(

@@ -31,6 +31,7 @@ from beagled.dialects import NOTIFY_CHANNEL, PostgresDialect
 log = logging.getLogger("beagled.leader")
 
 LOCK_KEY = 0x62656168  # the advisory lock the leader holds
+NODE_PREFIX = "beagled:"
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class Lease:
 
     def __init__(self, dialect: PostgresDialect, node: str, timeout_s: float) -> None:
         self._kw = _conninfo(dialect)
+        self._kw["application_name"] = (NODE_PREFIX + node)[:63]  # how `nodes` finds the live daemons
         self.node = node
         self.timeout_s = timeout_s
         self._conn: Any = None
@@ -150,17 +152,22 @@ class Lease:
                 log.warning("could not clear the lease: %s", e)
         self._drop()
 
-    def current(self) -> LeaderInfo | None:
-        """Who holds the newest term (from any connection this node has), or None."""
+    def current(self) -> tuple[LeaderInfo | None, list[str]]:
+        """Who holds the newest term, and the nodes connected now (each holds a lease connection)."""
         import psycopg
 
         try:
             c = self._connect()
             row = c.execute("SELECT node, term FROM lease WHERE id = 1").fetchone()
+            names = c.execute(
+                "SELECT DISTINCT substr(application_name, %s) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND application_name LIKE %s ORDER BY 1",
+                (len(NODE_PREFIX) + 1, NODE_PREFIX + "%"),
+            ).fetchall()
         except psycopg.Error:
             self._drop()
-            return None
-        return None if row is None else LeaderInfo(str(row[0]), int(row[1]))
+            return None, []
+        return (None if row is None else LeaderInfo(str(row[0]), int(row[1]))), [str(n[0]) for n in names]
 
     def close(self) -> None:
         self._drop()
@@ -206,6 +213,7 @@ class Leadership:
         self.is_leader = False
         self.term: int | None = None
         self.leader: LeaderInfo | None = None
+        self.nodes: list[str] = []
         self._limiter = trio.CapacityLimiter(1)  # the lease's connection: one call at a time
 
     async def _call(self, fn: Callable[[], Any]) -> Any:
@@ -222,7 +230,7 @@ class Leadership:
             while True:
                 term = await self._call(self.lease.try_acquire)
                 if term is None:
-                    self.leader = await self._call(self.lease.current)
+                    self.leader, self.nodes = await self._call(self.lease.current)
                     await trio.sleep(period)  # nothing to wait on: a lease is a clock
                     continue
                 log.info("leading", extra={"term": term, "node": self.lease.node})

@@ -153,6 +153,7 @@ def test_leader_lost_while_training(
     poll(  # every node knows who leads
         lambda: {(st or {}).get("leader_node") for st in map(status, ds)} == {s0["node"]}, 30, 0.05
     )
+    poll(lambda: (status(ds[-1]) or {}).get("nodes") == ["n0", "n1", "n2"], 30, 0.05, "the node list")
     with Submitter(ds) as sub:
         first.wait_jobs(lambda js: any(j["state"] == "training" for j in js), timeout=60)
         lost_at = time.monotonic()
@@ -197,3 +198,13 @@ def test_leader_lost_while_training(
     assert any(j["state"] == "promoted" for j in jobs)
     check_current(leader, shared)
     check_terms(url)
+
+
+def test_beaglectl_status_shows_the_node_and_who_leads() -> None:
+    from beagled.ctl import format_status
+
+    text = format_status(
+        {"node": "n1", "leader": False, "leader_node": "n0", "term": 3, "lag_s": 0.02, "nodes": ["n0", "n1"]}
+    )
+    assert "node       n1 (follower; leader n0, term 3, lag 0.02 s)" in text
+    assert "nodes      n0 *, n1" in text
