@@ -262,6 +262,8 @@ class Leadership:
                 scope.cancel()
                 return
             last_ok = sent
+            with trio.move_on_at(last_ok + grace):
+                _, self.nodes = await self._call(self.lease.current)
             await trio.sleep(period)
 
 

@@ -19,11 +19,18 @@ from typing import Any
 import pytest
 
 from beagled import errors, manifest
-from beagled.dialects import PostgresDialect
 from beagled.leader import LOCK_KEY
-from beagled.store import SqlStore
 from tests.daemon_proc import DaemonProc, fake_backend, poll
-from tests.invariants import FINAL_WITHOUT_RELOADER, Ack, all_jobs, check_acked, check_pairs_trained_once
+from tests.invariants import (
+    FINAL_WITH_RELOADER,
+    Ack,
+    all_jobs,
+    check_acked,
+    check_pairs_trained_once,
+    check_shared_log,
+    command_reload_tables,
+    reload_script,
+)
 from tests.pg import PgServer
 
 pytestmark = pytest.mark.slow
@@ -87,12 +94,13 @@ class Submitter:
             t.join()
 
 
-@pytest.fixture
-def team(
-    make_daemon: Callable[..., DaemonProc], pg_server: PgServer, tmp_path: Path
+def make_team(
+    make_daemon: Callable[..., DaemonProc], pg_server: PgServer, tmp_path: Path, fault: str = ""
 ) -> tuple[list[DaemonProc], str, Path]:
+    """Three daemons on a fresh database; with ``fault``, the first one leads and dies at that point."""
     url = pg_server.fresh_url()
     shared = tmp_path / "adapters"
+    script, _ = reload_script(tmp_path)
     ds = [
         make_daemon(
             {
@@ -104,32 +112,21 @@ def team(
                 },
                 "scheduler": {"min_pairs": 6, "max_wait_s": 300.0},
                 "training": {"heldout_share": 0.0},
+                **command_reload_tables(script),
             },
             backend=fake_backend("slow:1.5"),
             start=False,
         )
         for i in range(3)
     ]
-    for d in ds:  # started together, as a team's hosts would be
+    if fault:
+        ds[0].start(env={"BEAGLED_FAULTS": f"{fault}:kill:1"})
+        poll(lambda: (status(ds[0]) or {}).get("leader"), 30, 0.05, "the first daemon leads")
+    for d in ds[1 if fault else 0 :]:  # started together, as a team's hosts would be
         d.start(wait=False)
     for d in ds:
         d.wait_ready()
     return ds, url, shared
-
-
-def check_terms(url: str) -> None:
-    store = SqlStore(PostgresDialect(url))
-    try:
-        rows = store.terms()
-    finally:
-        store.close()
-    newest = 0
-    for seq, type_, term in rows:
-        if type_ == "PairSubmitted":
-            continue
-        assert term is not None, f"effect event {seq} {type_} carries no term"
-        assert term >= newest, f"event {seq} {type_} written under deposed term {term} after term {newest}"
-        newest = term
 
 
 def check_current(leader: DaemonProc, shared: Path) -> None:
@@ -143,11 +140,14 @@ def check_current(leader: DaemonProc, shared: Path) -> None:
         manifest.verify(link.resolve())
 
 
-@pytest.mark.parametrize("loss", ["kill", "cut", "db_restart"])
-def test_leader_lost_while_training(
-    team: tuple[list[DaemonProc], str, Path], pg_server: PgServer, loss: str
+@pytest.mark.parametrize("loss", ["kill", "cut", "db_restart", "mid_promotion", "mid_reload"])
+def test_leader_lost(
+    make_daemon: Callable[..., DaemonProc], pg_server: PgServer, tmp_path: Path, loss: str
 ) -> None:
-    ds, url, shared = team
+    """kill -9 while training, cut from the database while training, the database restarted while it
+    trains; or the leader SIGKILLs itself inside a promotion or a reload (a fault point)."""
+    fault = loss if loss.startswith("mid_") else ""
+    ds, url, shared = make_team(make_daemon, pg_server, tmp_path, fault)
     (first, s0), *others = poll(lambda: leaders(ds) or None, 30, 0.1, "a leader")
     assert not others, "two leaders"
     poll(  # every node knows who leads
@@ -155,9 +155,15 @@ def test_leader_lost_while_training(
     )
     poll(lambda: (status(ds[-1]) or {}).get("nodes") == ["n0", "n1", "n2"], 30, 0.05, "the node list")
     with Submitter(ds) as sub:
-        first.wait_jobs(lambda js: any(j["state"] == "training" for j in js), timeout=60)
+        if fault:
+            assert first is ds[0]
+            first.wait_exit(120)  # it kills itself at the fault point
+        else:
+            first.wait_jobs(lambda js: any(j["state"] == "training" for j in js), timeout=60)
         lost_at = time.monotonic()
-        if loss == "kill":
+        if fault:
+            pass
+        elif loss == "kill":
             first.kill()
         elif loss == "cut":
             db = url.split("/")[3].split("?", maxsplit=1)[0]
@@ -185,7 +191,7 @@ def test_leader_lost_while_training(
 
     def settled() -> bool:
         with leader.client() as c:
-            return all(j["state"] in FINAL_WITHOUT_RELOADER for j in all_jobs(c))
+            return all(j["state"] in FINAL_WITH_RELOADER for j in all_jobs(c))
 
     poll(settled, 120, 0.2, "every job terminal")
     for d in alive:  # every follower's projection caught up, every acked key in the log once
@@ -195,9 +201,9 @@ def test_leader_lost_while_training(
     with leader.client() as c:
         jobs = all_jobs(c)
     check_pairs_trained_once(jobs)
-    assert any(j["state"] == "promoted" for j in jobs)
+    assert any(j["state"] == "reloaded" for j in jobs)
     check_current(leader, shared)
-    check_terms(url)
+    check_shared_log(url)
 
 
 def test_beaglectl_status_shows_the_node_and_who_leads() -> None:
