@@ -154,6 +154,9 @@ def test_leader_lost(
         lambda: {(st or {}).get("leader_node") for st in map(status, ds)} == {s0["node"]}, 30, 0.05
     )
     poll(lambda: (status(ds[-1]) or {}).get("nodes") == ["n0", "n1", "n2"], 30, 0.05, "the node list")
+    follower = next(d for d in ds if d is not first)
+    with follower.client() as c, pytest.raises(errors.Unavailable, match=f"{s0['node']} does"):
+        c.pause()  # effects are the leader's: a follower names it
     with Submitter(ds) as sub:
         if fault:
             assert first is ds[0]
