@@ -207,6 +207,12 @@ def test_leader_lost(
     assert any(j["state"] == "reloaded" for j in jobs)
     check_current(leader, shared)
     check_shared_log(url)
+    promoted: dict[int, set[str]] = {}  # exactly one adapter per version
+    for e in leader.events():
+        if e["type"] == "Promoted":
+            promoted.setdefault(e["data"]["version"], set()).add(e["data"]["job_id"])
+    assert sorted(promoted) == list(range(1, len(promoted) + 1)), promoted
+    assert all(len(jobs) == 1 for jobs in promoted.values()), promoted
 
 
 def test_beaglectl_status_shows_the_node_and_who_leads() -> None:
