@@ -241,6 +241,11 @@ class Leadership:
                         nursery.start_soon(self._keep, nursery.cancel_scope, period)
                         await on_elected(term)
                         await effects()
+                except Exception:  # taking over failed (the log unreadable, a bug): step down, never die
+                    log.exception("leading failed: stepping down", extra={"term": term})
+                    self.is_leader = False
+                    await self._call(self.lease.release)
+                    await trio.sleep(period)
                 finally:
                     self.is_leader = False
                     on_deposed()
