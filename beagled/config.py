@@ -45,6 +45,11 @@ class DaemonConfig:
     snapshot_every: int = (
         10_000  # events between snapshots of the projected state (recovery replays the tail)
     )
+    database_url: str = ""  # "" → SQLite in state_dir; "postgresql+psycopg://user@host:port/db" (shared)
+    database_password_file: str = ""  # first line: the database password (never printed)
+    node_name: str = ""  # "" → host name + pid
+    leader_timeout_s: float = 10.0  # a leader that cannot renew its lease this long is replaced
+    adapters_dir: str = ""  # "" → <state_dir>/voices; shared storage when daemons share a log
 
 
 @dataclass(frozen=True)
@@ -177,6 +182,8 @@ class Config:
 
     @property
     def voices_dir(self) -> Path:
+        if self.daemon.adapters_dir:
+            return Path(self.daemon.adapters_dir).expanduser()
         return self.state_dir / "voices"
 
     @property
@@ -251,6 +258,7 @@ def validate(cfg: Config) -> Config:
         ("daemon.write_timeout_s", d.write_timeout_s),
         ("daemon.max_inflight_per_connection", d.max_inflight_per_connection),
         ("daemon.snapshot_every", d.snapshot_every),
+        ("daemon.leader_timeout_s", d.leader_timeout_s),
         ("training.warm_max_jobs", t.warm_max_jobs),
         ("scheduler.min_pairs", s.min_pairs),
         ("scheduler.max_wait_s", s.max_wait_s),
@@ -286,6 +294,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("daemon.log_format", f"must be auto, json or text, got {d.log_format!r}")
     if d.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError("daemon.log_level", f"must be debug, info, warning or error, got {d.log_level!r}")
+    if d.database_url and not d.database_url.startswith(("postgresql://", "postgresql+psycopg://")):
+        raise ConfigError(
+            "daemon.database_url", 'expected "" (SQLite in state_dir) or postgresql+psycopg://user@host/db'
+        )
     if any(u < 0 for u in d.allowed_uids):
         raise ConfigError("daemon.allowed_uids", "uids are ≥ 0")
     if cfg.metrics.listen:
@@ -404,7 +416,8 @@ def to_toml(cfg: Config) -> str:
         lines.append(f"[{name}]")
         for k, v in scalars:
             if not dataclasses.is_dataclass(v):
-                lines.append(f"{k} = {value(v)}")
+                shown = re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", v) if k == "database_url" else v
+                lines.append(f"{k} = {value(shown)}")  # a password in the URL is never printed
         lines.append("")
         for k, v in scalars:
             if dataclasses.is_dataclass(v):

@@ -214,6 +214,16 @@ def format_status(status: Mapping[str, Any]) -> str:
         f"event seq  {_clean(status.get('event_seq'))}",
         f"paused     {_clean(bool(status.get('paused')))}",
     ]
+    if status.get("node") is not None:  # who leads the log this daemon writes to
+        role = "leader" if status.get("leader") else "follower"
+        lead = status.get("leader_node") or "none"
+        lines.append(
+            f"node       {_clean(status.get('node'))} ({role}; leader {_clean(lead)}, "
+            f"term {_clean(status.get('term'))}, lag {_clean(status.get('lag_s'))} s)"
+        )
+        nodes = status.get("nodes")
+        if isinstance(nodes, list) and nodes:
+            lines.append("nodes      " + ", ".join(_clean(n) + (" *" if n == lead else "") for n in nodes))
     jobs = status.get("jobs") or {}
     if isinstance(jobs, Mapping) and any(jobs.values()):
         counts = ", ".join(f"{_clean(state)} {_clean(n)}" for state, n in jobs.items() if n)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,7 +26,7 @@ from beagled.metrics import serve_metrics
 from beagled.notify import Notifier
 from beagled.reload import NoneReloader, Reloader
 from beagled.server import Server
-from beagled.store import SqliteStore
+from beagled.store import SqliteStore, SqlStore
 from beagled.training.runner import SubprocessTrainer, reap_orphans
 from beagled.voices import VoiceStore
 
@@ -111,7 +112,19 @@ class Daemon:
         for p in cfg.state_dir.glob("events.sqlite3*"):  # logs created before the umask was set
             if p.is_file() and p.stat().st_mode & 0o077:
                 p.chmod(0o600)
-        self.store = SqliteStore(cfg.db_path)
+        d = cfg.daemon
+        self.node = d.node_name or f"{socket.gethostname()}-{os.getpid()}"
+        self.leadership = self.listener = None
+        if d.database_url:  # several daemons may share this log: one leads (beagled.leader)
+            from beagled.dialects import PostgresDialect
+            from beagled.leader import Leadership, Lease, Listener
+
+            dialect = PostgresDialect(d.database_url, d.database_password_file)
+            self.store: SqlStore = SqlStore(dialect)
+            self.leadership = Leadership(Lease(dialect, self.node, d.leader_timeout_s))
+            self.listener = Listener(dialect)
+        else:
+            self.store = SqliteStore(cfg.db_path)
         t = cfg.training
         self.trainer = SubprocessTrainer(
             list(t.backends),
@@ -131,6 +144,9 @@ class Daemon:
             self.trainer,
             build_reloader(cfg),
             base_model=lambda: tiny_model_builder(cfg),
+            leadership=self.leadership,
+            listener=self.listener,
+            node=self.node,
         )
         self.engine.metrics.prime(list(t.backends), cfg.reload.method)
         self.server = Server(self.engine)
@@ -143,7 +159,8 @@ class Daemon:
         if reaped:
             log.warning("killed training processes left by a previous run", extra={"groups": reaped})
         n = await trio.to_thread.run_sync(self.engine.recover)
-        await self.engine.repair_links()
+        if self.leadership is None:  # a shared log's leader repairs them once elected
+            await self.engine.repair_links()
         snap = (self.engine.recovery or {}).get("snapshot_seq")
         log.info(
             "recovered",
@@ -180,6 +197,8 @@ class Daemon:
         finally:
             with trio.CancelScope(shield=True):
                 await self.trainer.aclose()  # the warm workers' process groups
+            if self.listener is not None:
+                self.listener.close()
             await trio.to_thread.run_sync(self.store.close)
             await self.engine.reloader.aclose()
             log.info("stopped")

@@ -12,6 +12,11 @@ Loops (each a task in the daemon's nursery):
 - ``_trainer_loop``: one training at a time, backends tried in order, attempts retried with backoff;
 - ``_serve_loop``: evaluation gate, promotion, reload, rollback;
 - ``_reconcile_loop``: checks the server still serves each voice, and serves it again if not.
+
+Several daemons on one (PostgreSQL) log: every node runs the committer and ``_tail_loop``, which folds
+in what the others append (woken by ``NOTIFY``, reading by position; ``lag_s``); only the leader
+(``beagled.leader.Leadership``) runs the loops above, from ``_effect_loops``, cancelled the moment it
+loses the lease. A follower refuses commands that write effects (``unavailable``, naming the leader).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 import trio.lowlevel
@@ -53,6 +58,9 @@ from beagled.reload.sleep import guard_for
 from beagled.store import Store
 from beagled.training.runner import Trainer
 from beagled.voices import VoiceStore
+
+if TYPE_CHECKING:
+    from beagled.leader import Leadership, Listener
 
 log = logging.getLogger("beagled.engine")
 
@@ -106,6 +114,9 @@ class Engine:
         *,
         metrics: Metrics | None = None,
         base_model: Callable[[], Path] | None = None,
+        leadership: Leadership | None = None,
+        listener: Listener | None = None,
+        node: str = "",
     ) -> None:
         self.cfg = cfg
         self.store = store
@@ -130,6 +141,12 @@ class Engine:
         self.sleep_guard = guard_for(cfg, reloader)  # reload.vllm.sleep_during_training
         if callable(getattr(reloader, "collect", None)):  # per-replica metrics (vLLM replicas)
             self.metrics.registry.register(reloader)  # type: ignore[arg-type]
+        self.leadership = leadership  # None: the only daemon on its log, always the leader
+        self.listener = listener
+        self.node = node
+        self._shared = leadership is not None
+        self.lag_s = 0.0  # how old the oldest event was when the last catch-up folded it in
+        self._behind_since: float | None = None
 
     # -- recovery ----------------------------------------------------------------------------------
     def recover(self) -> int:
@@ -155,7 +172,8 @@ class Engine:
             "snapshot_seq": base.seq if base is not None else None,
             "seconds": round(time.monotonic() - started, 3),
         }
-        self.voices.clean_staging()
+        if not self._shared:  # shared adapter storage: only the leader may touch it (see _elected)
+            self.voices.clean_staging()
         return n
 
     async def repair_links(self) -> None:
@@ -171,15 +189,80 @@ class Engine:
 
     # -- the one writer ----------------------------------------------------------------------------
     async def execute(self, cmd: jobs.Command) -> list[ev.Event]:
+        if self.leadership is not None and not self.leadership.is_leader:
+            who = self.leadership.leader
+            raise Unavailable(
+                f"this node ({self.node}) does not lead; "
+                + (f"{who.node} does (term {who.term})" if who else "no leader yet")
+            )
         async with self._lock:
+            if self._shared:
+                await self._catch_up()  # decide on everything in the log
             payloads = jobs.decide(self.state, cmd)
             if not payloads:
                 return []
             events = await trio.to_thread.run_sync(
                 self.store.append, payloads, time.time(), limiter=self._store_limiter
             )
-            self._apply(events)
+            if self._shared:
+                await self._catch_up()  # ours, in log order with whatever others appended first
+            else:
+                self._apply(events)
         return events
+
+    async def _catch_up(self) -> None:
+        """Fold in every event after the projection's position, in order (caller holds the lock)."""
+        since = self.state.seq
+        events = await trio.to_thread.run_sync(lambda: list(self.store.read(since)))
+        now = time.time()
+        pairs: list[ev.Event] = []
+        for e in events:
+            if isinstance(e.payload, ev.PairSubmitted):
+                pairs.append(e)
+                continue
+            if pairs:
+                self._apply_pairs(pairs)
+                pairs = []
+            self._apply([e])
+        if pairs:
+            self._apply_pairs(pairs)
+        self.lag_s = max(0.0, now - events[0].at) if events else 0.0
+        self.metrics.replication_lag.set(self.lag_s)
+
+    async def _tail_loop(self) -> None:
+        """Follow the shared log: a ``NOTIFY`` (or a second without one) wakes a catch-up."""
+        assert self.listener is not None
+        while True:
+            head = await trio.to_thread.run_sync(self.listener.wait, 1.0, abandon_on_cancel=True)
+            if head is not None and head > self.state.seq and self._behind_since is None:
+                self._behind_since = time.time()
+            try:
+                async with self._lock:
+                    await self._catch_up()
+            except Exception as e:  # StoreError (the database is away), or a bug: never fatal
+                if not isinstance(e, StoreError):
+                    log.exception("catching up with the shared log failed")
+                log.error("cannot read the shared log: %s", e)
+                await trio.sleep(1.0)  # nothing to wait on while the database is away
+                continue
+            self._behind_since = None
+
+    def current_lag_s(self) -> float:
+        behind = time.time() - self._behind_since if self._behind_since is not None else 0.0
+        return max(self.lag_s, behind)
+
+    async def _elected(self, term: int) -> None:
+        """This node now leads ``term``: fence its appends with it, catch up, then run as after a crash."""
+        self.store.term = term  # type: ignore[attr-defined]
+        async with self._lock:
+            await self._catch_up()
+        await trio.to_thread.run_sync(self.voices.clean_staging)
+        await self.repair_links()
+        self.metrics.leader.set(1)
+
+    def _deposed(self) -> None:
+        self.metrics.leader.set(0)
+        self.progress.clear()
 
     def _apply(self, events: list[ev.Event]) -> None:
         for e in events:
@@ -267,7 +350,11 @@ class Engine:
                             time.time(),
                             limiter=self._store_limiter,
                         )
-                        self._apply_pairs([r.event for r in results if r.event is not None])
+                        fresh = [r.event for r in results if r.event is not None]
+                        if self._shared and fresh and fresh[0].seq != self.state.seq + 1:
+                            await self._catch_up()  # others appended first: fold theirs, then ours
+                        else:
+                            self._apply_pairs(fresh)
                 except Exception as e:  # StoreError, or anything unforeseen: answer, never die
                     if not isinstance(e, StoreError):
                         log.exception("submit batch failed")
@@ -299,6 +386,27 @@ class Engine:
             "running": running,
             "version": __version__,
             "uptime_s": time.monotonic() - self.started_at,
+            **self._leader_status(),
+        }
+
+    def _leader_status(self) -> dict[str, Any]:
+        if self.leadership is None:
+            return {
+                "node": self.node,
+                "leader": True,
+                "leader_node": self.node,
+                "term": 0,
+                "lag_s": 0.0,
+                "nodes": [self.node],
+            }
+        who = self.leadership.leader
+        return {
+            "node": self.node,
+            "leader": self.leadership.is_leader,
+            "leader_node": who.node if who else None,
+            "term": who.term if who else None,
+            "lag_s": round(self.current_lag_s(), 3),
+            "nodes": self.leadership.nodes or [self.node],
         }
 
     def list_jobs(
@@ -411,12 +519,22 @@ class Engine:
             await self.sleep_guard.recover()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._committer)
+            if self.leadership is None:
+                self.metrics.leader.set(1)
+                nursery.start_soon(self._effect_loops)
+            else:
+                nursery.start_soon(self._tail_loop)
+                nursery.start_soon(self.leadership.run, self._elected, self._effect_loops, self._deposed)
+            task_status.started()
+
+    async def _effect_loops(self) -> None:
+        """What only the leader runs: cutting jobs, training, promotion, reload, reconciliation."""
+        async with trio.open_nursery() as nursery:
             nursery.start_soon(self._scheduler)
             nursery.start_soon(self._trainer_loop)
             nursery.start_soon(self._serve_loop)
             if self.reloader.method != "none":
                 nursery.start_soon(self._reconcile_loop)
-            task_status.started()
 
     async def _scheduler(self) -> None:
         s = self.cfg.scheduler

@@ -91,6 +91,10 @@ class ConcurrencyError(StoreError):
     """An append lost an optimistic-concurrency race on a stream version."""
 
 
+class Fenced(StoreError):
+    """An append by a leader whose term is older than the log's newest: it was deposed."""
+
+
 class TrainingError(BeagledError):
     """A training backend failed: crashed, timed out, wrote garbage, or is unavailable."""
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import trio
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
@@ -99,6 +99,14 @@ class Metrics:
             registry=r,
         )
         Info("beagled_build", "beagled build.", registry=r).info({"version": __version__})
+        self.leader = Gauge(
+            "beagled_leader", "1 on the node that runs effects (the leader), else 0.", registry=r
+        )
+        self.replication_lag = Gauge(
+            "beagled_replication_lag_seconds",
+            "Age of the oldest event the last catch-up of the shared log folded in (0: caught up).",
+            registry=r,
+        )
         for outcome in ("accepted", "duplicate", "rejected"):
             self.submissions.labels(outcome)
         if state is not None:

@@ -1,5 +1,14 @@
-"""The event log: SQLAlchemy Core on SQLite (the only module that imports sqlalchemy), plus an
-in-memory twin with the same behaviour for fast tests.
+"""The event log: SQLAlchemy Core on SQLite or PostgreSQL (with ``beagled.dialects``, the only modules
+that import sqlalchemy), plus an in-memory twin with the same behaviour for fast tests.
+
+One SQL store (``SqlStore``) serves both databases: the tables, the idempotency keys, the per-stream
+versions and the snapshots are the same SQL; what differs (engines, how a write transaction begins,
+commit-order positions, ``NOTIFY``) is the dialect's. On PostgreSQL several daemons may append to one
+log: each write transaction locks ``events`` and re-reads the last position and stream versions.
+
+Fencing: a store given a leader ``term`` (``beagled.leader``) stamps it on every event it ``append``s
+and refuses (``Fenced``) to append when the ``lease`` row holds a newer term: a deposed leader that
+wakes up cannot write effects. Submitted pairs carry no term (any daemon accepts them).
 
 Durability: WAL with ``synchronous=FULL``, every write in ``BEGIN IMMEDIATE``; a call returns only
 after COMMIT has returned, so an acknowledgement built on it is durable. One writer: the engine calls
@@ -22,7 +31,6 @@ replay) when one cannot be read. The newest ``KEEP_SNAPSHOTS`` are kept.
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -31,28 +39,29 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import sqlalchemy as sa
-from sqlalchemy import event as sa_event
-from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from beagled import events as ev
-from beagled.errors import ConcurrencyError, StoreError
+from beagled.dialects import DbConn, Dialect, SqliteDialect
+from beagled.errors import ConcurrencyError, Fenced, StoreError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: events.term, the lease table
 KEEP_SNAPSHOTS = 2
 _IN_CHUNK = 900  # bound parameters per IN (...) list (SQLite's old default limit is 999)
 
+_Pos = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite: the table's own rowid
 metadata = sa.MetaData()
 events_t = sa.Table(
     "events",
     metadata,
-    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("seq", _Pos, primary_key=True, autoincrement=False),
     sa.Column("stream", sa.Text, nullable=False),
     sa.Column("version", sa.Integer, nullable=False),
     sa.Column("type", sa.Text, nullable=False),
     sa.Column("schema", sa.Integer, nullable=False),
     sa.Column("at", sa.Float, nullable=False),
     sa.Column("data", sa.Text, nullable=False),
+    sa.Column("term", sa.BigInteger, nullable=True),  # the writing leader's term; NULL: a pair, or no leases
     sa.UniqueConstraint("stream", "version", name="uq_stream_version"),
 )
 keys_t = sa.Table(
@@ -60,14 +69,14 @@ keys_t = sa.Table(
     metadata,
     sa.Column("key", sa.Text, primary_key=True),
     sa.Column("pair_id", sa.Text, nullable=False),
-    sa.Column("seq", sa.Integer, nullable=False),
+    sa.Column("seq", _Pos, nullable=False),
     sqlite_with_rowid=False,  # one B-tree per row written, not a table plus its key index
 )
 pairs_t = sa.Table(
     "pairs",
     metadata,
     sa.Column("pair_id", sa.Text, primary_key=True),
-    sa.Column("seq", sa.Integer, nullable=False),
+    sa.Column("seq", _Pos, nullable=False),
     sqlite_with_rowid=False,
 )
 meta_t = sa.Table(
@@ -79,13 +88,21 @@ meta_t = sa.Table(
 snapshots_t = sa.Table(
     "snapshots",
     metadata,
-    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=False),  # state after this event
+    sa.Column("seq", _Pos, primary_key=True, autoincrement=False),  # state after this event
     sa.Column("schema", sa.Integer, nullable=False),  # the snapshot format's version
     sa.Column("data", sa.LargeBinary, nullable=False),
 )
+lease_t = sa.Table(  # one row: the newest leader term (written by beagled.leader, read by fencing)
+    "lease",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("term", sa.BigInteger, nullable=False),
+    sa.Column("node", sa.Text, nullable=False),
+    sa.Column("renewed_at", sa.Float, nullable=False),  # the database's clock (epoch seconds)
+)
 
 _INSERT_EVENT = (
-    "INSERT INTO events (seq, stream, version, type, schema, at, data) VALUES (?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO events (seq, stream, version, type, schema, at, data, term) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _INSERT_KEY = "INSERT INTO idempotency (key, pair_id, seq) VALUES (?, ?, ?)"
 _INSERT_PAIR = "INSERT INTO pairs (pair_id, seq) VALUES (?, ?)"
@@ -144,8 +161,8 @@ def _data(p: ev.Payload) -> str:
     return str(_encode(p.to_data()))
 
 
-def _row(e: ev.Event) -> tuple[int, str, int, str, int, float, str]:
-    return (e.seq, e.stream, e.version, e.type, e.payload.SCHEMA, e.at, _data(e.payload))
+def _row(e: ev.Event, term: int | None = None) -> tuple[int, str, int, str, int, float, str, int | None]:
+    return (e.seq, e.stream, e.version, e.type, e.payload.SCHEMA, e.at, _data(e.payload), term)
 
 
 def _event(row: tuple[int, int, str, int, float, str]) -> ev.Event:
@@ -189,6 +206,11 @@ class _Sequencer:
         self.versions.update(staged)
         self.last = seq
 
+    def refresh(self, last_seq: int) -> None:
+        """Forget what this writer knew: another daemon may have appended (shared logs)."""
+        self.last = last_seq
+        self.versions.clear()
+
 
 def _plan(
     items: Sequence[ev.PairSubmitted], found: dict[str, tuple[str, int]]
@@ -228,72 +250,59 @@ def _results(
     return out
 
 
-class SqliteStore:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        url = f"sqlite+pysqlite:///{path}"
+class SqlStore:
+    """The event log on a SQL database; ``dialect`` says which (see ``beagled.dialects``)."""
+
+    term: int | None = None  # set by the leader lease: appends are fenced by it (None: no fencing)
+
+    def __init__(self, dialect: Dialect) -> None:
+        self._d = d = dialect
         try:
             # pool: the store's own writer connection, plus one for whoever inspects the pragmas
-            self._writer = self._engine(url, immediate=True, pool_size=1, overflow=1)
-            self._reader = self._engine(url, immediate=False, pool_size=4, overflow=0)
-            metadata.create_all(self._writer)
+            self._writer = d.engine(writer=True, pool_size=1, overflow=1)
+            self._reader = d.engine(writer=False, pool_size=4, overflow=0)
             with self._writer.begin() as c:
-                c.execute(
-                    sa.insert(meta_t)
-                    .prefix_with("OR IGNORE")
-                    .values(key="schema_version", value=str(SCHEMA_VERSION))
-                )
+                d.migrate_lock(c)  # two daemons starting on one new database: one creates, one waits
+                _migrate(c)
                 last = c.execute(sa.select(sa.func.max(events_t.c.seq))).scalar()
             self._wconn = self._writer.raw_connection()  # held for the store's life: the one writer
         except SQLAlchemyError as e:
-            raise StoreError(f"cannot open the event log {path}: {e}") from e
-        self._db: sqlite3.Connection = self._wconn.driver_connection  # type: ignore[assignment]
+            raise StoreError(f"cannot open the event log {d.describe()}: {e}") from e
+        self._db: DbConn = d.wrap(self._wconn.driver_connection)
         self._lock = threading.Lock()  # guards the sequencer if a caller forgets the one-writer rule
         self._seq = _Sequencer(int(last or 0), self._stream_version)
 
-    @staticmethod
-    def _engine(url: str, *, immediate: bool, pool_size: int, overflow: int) -> Engine:
-        engine = sa.create_engine(
-            url,
-            connect_args={"check_same_thread": False, "timeout": 30},
-            pool_size=pool_size,
-            max_overflow=overflow,
-        )
-
-        @sa_event.listens_for(engine, "connect")
-        def _connect(dbapi_conn: Any, _record: Any) -> None:
-            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=FULL")
-            cur.execute("PRAGMA busy_timeout=30000")
-            cur.close()
-
-        @sa_event.listens_for(engine, "begin")
-        def _begin(conn: Connection) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
-
-        return engine
-
     # -- the writer ----------------------------------------------------------------------------------
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One ``BEGIN IMMEDIATE`` … ``COMMIT`` on the writer connection; errors translated."""
-        db = self._db
+    def _tx(self) -> Iterator[DbConn]:
+        """One write transaction (``BEGIN IMMEDIATE`` … ``COMMIT`` on SQLite; on PostgreSQL with the
+        ``events`` table locked) on the writer connection; errors translated."""
+        d = self._d
         try:
-            db.execute("BEGIN IMMEDIATE")
+            if d.broken(self._db):  # the database restarted or cut us off: a fresh connection
+                self._reconnect()
+            db = self._db
+            d.begin(db)
+            if d.shared:
+                row = db.execute("SELECT max(seq) FROM events").fetchone()
+                self._seq.refresh(int(row[0] or 0))
             try:
                 yield db
-                db.execute("COMMIT")
+                d.commit(db)
             except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
+                d.rollback(db)
                 raise
-        except sqlite3.IntegrityError as e:
+        except d.integrity_error as e:
             raise ConcurrencyError(f"another writer appended to the log: {e}") from e
-        except sqlite3.Error as e:
+        except d.error as e:
             raise StoreError(f"the event log could not be written: {e}") from e
+        except SQLAlchemyError as e:
+            raise StoreError(f"the event log could not be written: {e}") from e
+
+    def _reconnect(self) -> None:
+        self._wconn.invalidate()
+        self._wconn = self._writer.raw_connection()  # (raises the driver's error: _tx translates it)
+        self._db = self._d.wrap(self._wconn.driver_connection)
 
     def _stream_version(self, stream: str) -> int:
         # called inside the write transaction (by the sequencer): sees every committed event
@@ -301,10 +310,16 @@ class SqliteStore:
         return int(row[0] or 0)
 
     def _write(self, payloads: Sequence[ev.Payload], at: float, extra: Any = None) -> list[ev.Event]:
+        term = self.term
         with self._lock, self._tx() as db:
+            if term is not None:
+                row = db.execute("SELECT term FROM lease WHERE id = 1").fetchone()
+                if row is not None and int(row[0]) > term:
+                    raise Fenced(f"leader term {term} is deposed: the log is at term {row[0]}")
             stamped, staged, seq = self._seq.stamp(payloads, at)
             if stamped:
-                db.executemany(_INSERT_EVENT, [_row(e) for e in stamped])
+                db.executemany(_INSERT_EVENT, [_row(e, term) for e in stamped])
+                self._d.notify(db, seq)
             if extra is not None:
                 extra(db, stamped)
         self._seq.commit(staged, seq)  # only after COMMIT returned
@@ -328,11 +343,12 @@ class SqliteStore:
                 db.executemany(
                     _INSERT_PAIR, [(p.pair_id, e.seq) for p, e in zip(fresh, stamped, strict=True)]
                 )
+                self._d.notify(db, seq)
         self._seq.commit(staged, seq)
         return _results(fresh, plan, stamped)
 
     @staticmethod
-    def _find(db: sqlite3.Connection, keys: list[str]) -> dict[str, tuple[str, int]]:
+    def _find(db: DbConn, keys: list[str]) -> dict[str, tuple[str, int]]:
         out: dict[str, tuple[str, int]] = {}
         for i in range(0, len(keys), _IN_CHUNK):
             chunk = keys[i : i + _IN_CHUNK]
@@ -345,7 +361,9 @@ class SqliteStore:
         """Store a serialised projection of the state after event ``seq``; keep the newest few."""
         with self._lock, self._tx() as db:
             db.execute(
-                "INSERT OR REPLACE INTO snapshots (seq, schema, data) VALUES (?, ?, ?)", (seq, schema, blob)
+                "INSERT INTO snapshots (seq, schema, data) VALUES (?, ?, ?) ON CONFLICT (seq) DO UPDATE "
+                "SET schema = excluded.schema, data = excluded.data",
+                (seq, schema, blob),
             )
             db.execute(
                 "DELETE FROM snapshots WHERE seq NOT IN "
@@ -355,14 +373,14 @@ class SqliteStore:
 
     # -- readers -------------------------------------------------------------------------------------
     @contextmanager
-    def _read_db(self) -> Iterator[sqlite3.Connection]:
+    def _read_db(self) -> Iterator[DbConn]:
         try:
             raw = self._reader.raw_connection()
-        except SQLAlchemyError as e:
+        except (SQLAlchemyError, self._d.error) as e:  # (a pool's pre-ping may raise the driver's own)
             raise StoreError(f"the event log could not be read: {e}") from e
         try:
-            yield raw.driver_connection  # type: ignore[misc]
-        except sqlite3.Error as e:
+            yield self._d.wrap(raw.driver_connection)
+        except self._d.error as e:
             raise StoreError(f"the event log could not be read: {e}") from e
         finally:
             raw.close()  # back to the pool
@@ -418,11 +436,25 @@ class SqliteStore:
         return out
 
     def last_seq(self) -> int:
+        if self._d.shared:  # others append too: the log's, not this writer's
+            with self._read_db() as db:
+                return int(db.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0])
         return self._seq.last
+
+    def terms(self, from_seq: int = 0) -> list[tuple[int, str, int | None]]:
+        """``(seq, type, term)`` of every event after ``from_seq``: what the fencing checks rest on."""
+        with self._read_db() as db:
+            rows = db.execute(
+                "SELECT seq, type, term FROM events WHERE seq > ? ORDER BY seq", (from_seq,)
+            ).fetchall()
+        return [(int(a), str(b), None if c is None else int(c)) for a, b, c in rows]
+
+    def describe(self) -> str:
+        return self._d.describe()
 
     def integrity_check(self) -> str:
         with self._read_db() as db:
-            return str(db.execute("PRAGMA integrity_check").fetchone()[0])
+            return self._d.integrity_check(db)
 
     def close(self) -> None:
         self._wconn.close()
@@ -430,8 +462,37 @@ class SqliteStore:
         self._reader.dispose()
 
 
+class SqliteStore(SqlStore):
+    """The event log in one SQLite file (WAL, ``synchronous=FULL``): one daemon's."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        super().__init__(SqliteDialect(path))
+
+
+def _migrate(c: sa.Connection) -> None:
+    """Create the tables, or bring an older schema up to ``SCHEMA_VERSION`` (idempotent; the caller
+    holds the dialect's migration lock)."""
+    metadata.create_all(c)
+    found = c.execute(sa.select(meta_t.c.value).where(meta_t.c.key == "schema_version")).scalar()
+    version = int(found) if found is not None else SCHEMA_VERSION  # a new log: create_all made it
+    if version > SCHEMA_VERSION:
+        raise StoreError(f"the event log has schema {version}, newer than this beagled's {SCHEMA_VERSION}")
+    if version < 2:
+        columns = {col["name"] for col in sa.inspect(c).get_columns("events")}
+        if "term" not in columns:
+            c.execute(sa.text("ALTER TABLE events ADD COLUMN term BIGINT"))
+    if found is None:
+        c.execute(sa.insert(meta_t).values(key="schema_version", value=str(SCHEMA_VERSION)))
+    elif version != SCHEMA_VERSION:
+        c.execute(
+            sa.update(meta_t).where(meta_t.c.key == "schema_version").values(value=str(SCHEMA_VERSION))
+        )
+
+
 class MemoryStore:
-    """The same contract as ``SqliteStore``, in memory: a fake for tests of the engine's logic."""
+    """The same contract as ``SqlStore``, in memory: a fake for tests of the engine's logic."""
 
     def __init__(self) -> None:
         self._events: list[ev.Event] = []

@@ -39,7 +39,7 @@ from tests.invariants import (  # noqa: E402
     all_jobs,
     check_acked,
     check_all,
-    check_integrity,
+    check_log,
     check_pairs_trained_once,
     command_reload_tables,
     reload_script,
@@ -58,6 +58,7 @@ class KillLoop:
         clients: int = 3,
         max_run_s: float = 0.4,
         tiny_model: Path | None = None,
+        database_url: str = "",
     ) -> None:
         self.root = root
         self.rng = random.Random(seed)
@@ -86,6 +87,8 @@ class KillLoop:
                 "replay_pairs": 4,
             }
             tables["training.custom_backends"] = {"fake": fake_backend("slow:0.3")}
+        if database_url:  # the log on PostgreSQL: each restart first waits out the killed one's lease
+            tables["daemon"] = {"database_url": database_url, "node_name": "solo", "leader_timeout_s": 1.0}
         (root / "d").mkdir(parents=True, exist_ok=True)
         self.daemon = DaemonProc(root / "d", tables)
         self.acked: list[Ack] = []
@@ -126,7 +129,7 @@ class KillLoop:
             link = d.state_dir / "voices" / voice / "current"
             if link.is_symlink():
                 manifest.verify(link.resolve())
-        check_integrity(d.state_dir / "events.sqlite3")
+        check_log(d)
 
     def cycle(self) -> None:
         d = self.daemon
@@ -185,13 +188,16 @@ def run(
     seed: int = 0,
     max_run_s: float = 0.4,
     progress: int = 0,
+    database_url: str = "",
 ) -> dict[str, Any]:
     tiny = None
     if trainer == "mlx":
         from beagled.training.tinymodel import ensure_tiny_model
 
         tiny = ensure_tiny_model(root / "models")
-    loop = KillLoop(root, trainer=trainer, seed=seed, max_run_s=max_run_s, tiny_model=tiny)
+    loop = KillLoop(
+        root, trainer=trainer, seed=seed, max_run_s=max_run_s, tiny_model=tiny, database_url=database_url
+    )
     started = time.monotonic()
     try:
         try:

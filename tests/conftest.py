@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from tests.daemon_proc import DaemonProc, fake_backend
+from tests.pg import PgServer
 
 
 @pytest.fixture
@@ -54,6 +55,14 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from beagled.training.tinymodel import ensure_tiny_model
 
     return ensure_tiny_model(tmp_path_factory.getbasetemp() / "tiny-models")
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """One real PostgreSQL server for the session (tests take fresh databases from it)."""
+    server = PgServer()
+    yield server
+    server.close()
 
 
 # real vLLM CPU servers, session-scoped (tests/vllm_real.py)

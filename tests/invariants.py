@@ -176,6 +176,41 @@ def check_integrity(db: Path) -> None:
         con.close()
 
 
+def check_log(d: DaemonProc) -> None:
+    """The daemon's event log passes its checks: the SQLite file, or the shared PostgreSQL log."""
+    url = d.tables.get("daemon", {}).get("database_url")
+    if url:
+        check_shared_log(str(url))
+    else:
+        check_integrity(d.state_dir / "events.sqlite3")
+
+
+def check_shared_log(url: str) -> None:
+    """PostgreSQL: positions without gaps, one key per pair, and every effect event stamped with a
+    term no older than any before it (no deposed leader wrote after its successor)."""
+    from beagled.dialects import PostgresDialect
+    from beagled.store import SqlStore
+
+    store = SqlStore(PostgresDialect(url))
+    try:
+        res = store.integrity_check()
+        assert res == "ok", f"integrity_check: {res}"
+        with store._writer.connect() as c:
+            m = c.exec_driver_sql("SELECT count(*) FROM pairs").scalar()
+            k = c.exec_driver_sql("SELECT count(*) FROM idempotency").scalar()
+        assert m == k, f"{m} pairs but {k} idempotency keys"
+        rows = store.terms()
+    finally:
+        store.close()
+    newest = 0
+    for seq, type_, term in rows:
+        if type_ == "PairSubmitted":
+            continue
+        assert term is not None, f"effect event {seq} {type_} carries no term"
+        assert term >= newest, f"event {seq} {type_} written under deposed term {term} after term {newest}"
+        newest = term
+
+
 def check_no_orphans(marker: str) -> None:
     """No process whose command line contains ``marker`` is left running (killed training groups)."""
 
@@ -218,5 +253,5 @@ def check_all(
         check_served_command(calls, voices, current)
     elif reloader == "vllm":
         check_served_vllm(vllm_adapters() if callable(vllm_adapters) else vllm_adapters, voices, current)
-    check_integrity(d.state_dir / "events.sqlite3")
+    check_log(d)
     return {"acked": n, "jobs": jobs, "voices": voices}

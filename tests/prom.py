@@ -47,6 +47,9 @@ CONTRACT_METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
     "beagled_voice_version": ("gauge", ("voice",)),
     "beagled_eval_loss": ("gauge", ("voice",)),
     "beagled_build_info": ("info", ("version",)),
+    # "Additions of the next wave" (several daemons on one log; the lag gauge is this issue's name)
+    "beagled_leader": ("gauge", ()),
+    "beagled_replication_lag_seconds": ("gauge", ()),
 }
 # Series names a query may use: histograms expose _bucket/_count/_sum; plus Prometheus' own `up`.
 ALLOWED_SERIES: dict[str, tuple[str, ...]] = {"up": ("job", "instance")}

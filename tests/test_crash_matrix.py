@@ -85,10 +85,19 @@ def _jobs_or_none(d: DaemonProc) -> list[dict[str, Any]] | None:
 
 
 def run_point(
-    make_daemon: Any, tiny_model: Path, tmp_path: Path, point: str, reloader: str, nth: int, standin: Any
+    make_daemon: Any,
+    tiny_model: Path,
+    tmp_path: Path,
+    point: str,
+    reloader: str,
+    nth: int,
+    standin: Any,
+    database_url: str = "",
 ) -> dict[str, Any]:
     script, calls = reload_script(tmp_path)
     tables = _tables(tiny_model)
+    if database_url:  # the log on PostgreSQL; the restart waits out the killed daemon's lease
+        tables["daemon"] = {"database_url": database_url, "node_name": "solo", "leader_timeout_s": 1.0}
     if reloader == "command":
         tables.update(command_reload_tables(script))
     else:
@@ -154,3 +163,21 @@ def test_kill_at_fault_point(
     nth: int,
 ) -> None:
     run_point(make_daemon, tiny_model, tmp_path, point, reloader, nth, standin)
+
+
+# The same crashes with the log on PostgreSQL: inside training (resumed as attempt 2) and inside the
+# promotion of a second version (each case trains for real: the list stays short).
+PG_CASES = [("mid_training", "command", 1), ("mid_promotion", "command", 2)]
+
+
+@pytest.mark.parametrize(("point", "reloader", "nth"), PG_CASES, ids=[f"{p}-{r}-{n}" for p, r, n in PG_CASES])
+def test_kill_at_fault_point_postgres(
+    make_daemon: Any,
+    tiny_model: Path,
+    tmp_path: Path,
+    pg_server: Any,
+    point: str,
+    reloader: str,
+    nth: int,
+) -> None:
+    run_point(make_daemon, tiny_model, tmp_path, point, reloader, nth, None, pg_server.fresh_url())

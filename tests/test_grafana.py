@@ -227,6 +227,8 @@ def contract_target() -> Iterator[str]:
     version = Gauge("beagled_voice_version", "version", ["voice"], registry=registry)
     loss = Gauge("beagled_eval_loss", "loss", ["voice"], registry=registry)
     Info("beagled_build", "build", registry=registry).info({"version": "0.0.0-test"})
+    Gauge("beagled_leader", "leader", registry=registry).set(1)
+    Gauge("beagled_replication_lag_seconds", "lag", registry=registry).set(0.05)
     step = 0
     lock = threading.Lock()
 

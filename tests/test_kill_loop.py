@@ -17,11 +17,17 @@ from bench.kill_loop import run
 pytestmark = pytest.mark.slow
 
 CYCLES = int(os.environ.get("BEAGLED_KILL_CYCLES", "50"))
+PG_CYCLES = int(os.environ.get("BEAGLED_KILL_CYCLES_PG", "6"))
 
 
-def test_random_kills_break_no_invariant(tmp_path: Path) -> None:
-    out = run(CYCLES, tmp_path, seed=int(os.environ.get("BEAGLED_KILL_SEED", "0")), max_run_s=0.4)
-    print(f"kill loop: {out}")
-    assert out["cycles"] == CYCLES
-    assert out["acked"] > CYCLES  # clients got acknowledgements in most cycles
+@pytest.mark.parametrize("log", ["sqlite", "postgres"])
+def test_random_kills_break_no_invariant(tmp_path: Path, log: str, request: pytest.FixtureRequest) -> None:
+    # PostgreSQL: fewer cycles (each restart waits out the killed daemon's 1 s lease before it leads)
+    url = request.getfixturevalue("pg_server").fresh_url() if log == "postgres" else ""
+    cycles = CYCLES if log == "sqlite" else PG_CYCLES
+    seed = int(os.environ.get("BEAGLED_KILL_SEED", "0"))
+    out = run(cycles, tmp_path, seed=seed, max_run_s=0.4, database_url=url)
+    print(f"kill loop ({log}): {out}")
+    assert out["cycles"] == cycles
+    assert out["acked"] > cycles  # clients got acknowledgements in most cycles
     assert out["jobs"] > 0 and set(out["jobs_by_state"]) <= {"reloaded", "failed", "rejected"}

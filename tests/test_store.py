@@ -1,4 +1,4 @@
-"""One store test suite run against SQLite (a real file) and the in-memory twin."""
+"""One store test suite run against SQLite (a real file), a real PostgreSQL server and the in-memory twin."""
 
 from __future__ import annotations
 
@@ -10,13 +10,21 @@ from pathlib import Path
 import pytest
 
 from beagled import events as ev
+from beagled.dialects import PostgresDialect
 from beagled.errors import ConcurrencyError
-from beagled.store import MemoryStore, SqliteStore, Store
+from beagled.store import MemoryStore, SqliteStore, SqlStore, Store
+from tests.pg import PgServer
 
 
-@pytest.fixture(params=["sqlite", "memory"])
+@pytest.fixture(params=["sqlite", "postgres", "memory"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    s: Store = SqliteStore(tmp_path / "events.sqlite3") if request.param == "sqlite" else MemoryStore()
+    s: Store
+    if request.param == "sqlite":
+        s = SqliteStore(tmp_path / "events.sqlite3")
+    elif request.param == "postgres":
+        s = SqlStore(PostgresDialect(request.getfixturevalue("pg_server").fresh_url()))
+    else:
+        s = MemoryStore()
     yield s
     s.close()
 
@@ -111,3 +119,118 @@ def test_store_error_on_unwritable_log(tmp_path: Path) -> None:
         m.submit_batch([pair(1)], 1.0)
     assert list(m.read(0)) == []
     assert m.submit_batch([pair(1)], 1.0)[0].duplicate is False
+
+
+# -- PostgreSQL: several daemons on one log ------------------------------------------------------------
+@pytest.fixture
+def pg_url(pg_server: PgServer) -> str:
+    return pg_server.fresh_url()
+
+
+def test_two_daemons_share_one_log_with_contiguous_positions(pg_url: str) -> None:
+    one, two = SqlStore(PostgresDialect(pg_url)), SqlStore(PostgresDialect(pg_url))
+    a = one.append([ev.Paused()], 1.0)
+    b = two.append([ev.Resumed()], 2.0)  # two's counters are stale: it re-reads them under the lock
+    c = one.submit_batch([pair(1)], 3.0)
+    d = two.submit_batch([pair(2, key="k1"), pair(3)], 4.0)  # k1 committed by the other daemon
+    assert [e.seq for e in a + b] == [1, 2]
+    assert [(e.stream, e.version) for e in a + b] == [("daemon", 1), ("daemon", 2)]
+    assert (c[0].seq, d[0].pair_id, d[0].duplicate, d[1].seq) == (3, "p1", True, 4)
+    assert one.last_seq() == two.last_seq() == 4
+    assert [e.seq for e in one.read(0)] == [1, 2, 3, 4]
+    assert one.integrity_check() == "ok"
+    one.close()
+    two.close()
+
+
+def test_racing_daemons_same_key_one_pair_and_a_reader_never_skips(pg_url: str) -> None:
+    """Writers in threads (one store each, as daemons) race on shared keys while a reader tails by
+    position: every key is stored once, and the reader sees every position in order, no gaps."""
+    stores = [SqlStore(PostgresDialect(pg_url)) for _ in range(3)]
+    reader = SqlStore(PostgresDialect(pg_url))
+    results: list[list[tuple[str, bool]]] = [[] for _ in stores]
+    done = threading.Event()
+    seen: list[int] = []
+
+    def write(i: int) -> None:
+        for n in range(40):
+            r = stores[i].submit_batch([pair(n * 10 + i, key=f"k{n}"), pair(1000 + n * 10 + i)], float(n))
+            results[i].extend((x.pair_id, x.duplicate) for x in r[:1])
+
+    def tail() -> None:
+        while True:
+            stop = done.is_set()
+            seen.extend(e.seq for e in reader.read(seen[-1] if seen else 0))
+            if stop:
+                return
+
+    t = threading.Thread(target=tail)
+    t.start()
+    writers = [threading.Thread(target=write, args=(i,)) for i in range(3)]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+    done.set()
+    t.join()
+    total = reader.last_seq()
+    assert total == 40 + 3 * 40  # each shared key once, each unkeyed pair once
+    assert seen == list(range(1, total + 1))
+    for n in range(40):  # all three daemons got the same first pair_id for key k{n}
+        assert len({results[i][n][0] for i in range(3)}) == 1
+        assert sorted(results[i][n][1] for i in range(3)) == [False, True, True]
+    for s in [*stores, reader]:
+        s.close()
+
+
+def test_a_deposed_leader_cannot_append(pg_url: str) -> None:
+    s = SqlStore(PostgresDialect(pg_url))
+    s.term = 1
+    with s._writer.begin() as c:
+        c.exec_driver_sql("INSERT INTO lease (id, term, node, renewed_at) VALUES (1, 1, 'a', 0)")
+    s.append([ev.Paused()], 1.0)
+    with s._writer.begin() as c:
+        c.exec_driver_sql("UPDATE lease SET term = 2, node = 'b'")
+    from beagled.errors import Fenced
+
+    with pytest.raises(Fenced, match="deposed"):
+        s.append([ev.Resumed()], 2.0)
+    assert s.submit_batch([pair(1)], 3.0)[0].duplicate is False  # pairs are not effects: any node takes them
+    assert s.terms() == [(1, "Paused", 1), (2, "PairSubmitted", None)]
+    s.close()
+
+
+def test_store_reconnects_after_its_connection_is_cut(pg_url: str, pg_server: PgServer) -> None:
+    s = SqlStore(PostgresDialect(pg_url))
+    s.append([ev.Paused()], 1.0)
+    db = pg_url.split("/")[3].split("?", maxsplit=1)[0]
+    pg_server.sql(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db}'")
+    from beagled.errors import StoreError
+
+    with pytest.raises(StoreError):  # the cut is noticed by the write in flight: not acked
+        s.append([ev.Resumed()], 2.0)
+    assert [e.seq for e in s.append([ev.Resumed()], 3.0)] == [2]  # then a fresh connection
+    assert [e.type for e in s.read(0)] == ["Paused", "Resumed"]
+    s.close()
+
+
+def test_sqlite_log_of_schema_1_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "e.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE events (seq INTEGER PRIMARY KEY, stream TEXT NOT NULL, version INTEGER NOT NULL,"
+        " type TEXT NOT NULL, schema INTEGER NOT NULL, at FLOAT NOT NULL, data TEXT NOT NULL,"
+        " UNIQUE (stream, version));"
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+        "INSERT INTO meta VALUES ('schema_version', '1');"
+        """INSERT INTO events VALUES (1, 'daemon', 1, 'Paused', 1, 1.0, '{}');"""
+    )
+    db.close()
+    for i in range(2):  # idempotent
+        s = SqliteStore(path)
+        assert [e.type for e in s.read(0)] == ["Paused"] + ["Resumed"] * i
+        assert s.append([ev.Resumed()], 2.0)[0].seq == 2 + i
+        s.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT value FROM meta").fetchone() == ("2",)
+        assert [r[0] for r in db.execute("SELECT term FROM events")] == [None, None, None]

@@ -1,0 +1,258 @@
+"""The event log on PostgreSQL beside SQLite, same run, same disk; fail-over time; follower lag.
+
+    .venv/bin/python bench/postgres.py [--total 20000] [--clients 64] [--trials 20] [--leader-timeout 2]
+
+1. Durable submits/s and ack p99, 64 closed-loop clients (each sends its next submit when the ack of
+   the last, sent only after COMMIT, comes back): one daemon on SQLite; one daemon on PostgreSQL; three
+   daemons on one PostgreSQL database, the clients spread over the three sockets. During the three-
+   daemon run each follower's ``status.lag_s`` is sampled every 50 ms (median and max reported).
+2. Fail-over: three daemons (fake trainer, 30 s per job), ``daemon.leader_timeout_s`` = --leader-timeout.
+   Per trial: make the leader train, ``kill -9`` it, and time until the new leader's first effect event
+   (the first event in the log stamped with the new term, by its ``at``); restart the killed daemon.
+
+PostgreSQL: a private server (``initdb`` + ``pg_ctl``, Unix socket, default settings: ``fsync=on``,
+``synchronous_commit=on``) in a temp dir, as in the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import selectors
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _common import FAKE_TRAINER, Conn, daemon, disk_of, machine, pct, submit_line, write_config
+
+from tests.pg import PgServer
+
+
+def closed_loop_multi(paths: list[Path], clients: int, total: int) -> tuple[float, int, list[float]]:
+    """``clients`` connections spread round-robin over ``paths``, one submit in flight each."""
+    sel = selectors.DefaultSelector()
+    conns = [Conn(paths[i % len(paths)]) for i in range(clients)]
+    sent = 0
+    ok = 0
+    done = 0
+    lat: list[float] = []
+
+    def fill(c: Conn) -> None:
+        nonlocal sent
+        if not c.inflight and sent < total:
+            c.out += submit_line(sent, f"v{sent % 4}", sent)
+            c.inflight.append(time.perf_counter())
+            sent += 1
+
+    for c in conns:
+        sel.register(c.sock, selectors.EVENT_READ, c)
+    t0 = time.perf_counter()
+    for c in conns:
+        fill(c)
+        c.sock.sendall(c.out)
+        c.out = b""
+    while done < total:
+        for key, _ in sel.select(30):
+            c = key.data
+            data = c.sock.recv(1 << 20)
+            if not data:
+                raise RuntimeError("daemon closed a connection")
+            c.buf += data
+            *lines, c.buf = c.buf.split(b"\n")
+            now = time.perf_counter()
+            for line in lines:
+                done += 1
+                ok += json.loads(line).get("ok") is True
+                lat.append(now - c.inflight.pop(0))
+            fill(c)
+            if c.out:
+                c.sock.setblocking(True)
+                c.sock.sendall(c.out)
+                c.sock.setblocking(False)
+                c.out = b""
+    dt = time.perf_counter() - t0
+    for c in conns:
+        c.sock.close()
+    return dt, ok, lat
+
+
+def request(sock: Path, op: str, **fields: Any) -> dict[str, Any]:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(sock))
+        s.sendall(json.dumps({"v": 1, "id": 1, "op": op, **fields}).encode() + b"\n")
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(1 << 20)
+            if not chunk:
+                raise RuntimeError("closed")
+            buf += chunk
+    out: dict[str, Any] = json.loads(buf)
+    return out
+
+
+def status(sock: Path) -> dict[str, Any] | None:
+    try:
+        r = request(sock, "status")
+    except (OSError, RuntimeError):
+        return None
+    return r["result"] if r.get("ok") else None
+
+
+def sample_lag(socks: list[Path], stop: threading.Event, lags: list[float]) -> None:
+    while not stop.is_set():
+        for s in socks:
+            st = status(s)
+            if st is not None and not st["leader"]:
+                lags.append(float(st["lag_s"]))
+        stop.wait(0.05)
+
+
+def throughput(pg: PgServer, root: Path, a: argparse.Namespace) -> None:
+    print(f"{'variant':34} {'submits/s':>10} {'p50 ms':>8} {'p99 ms':>8}")
+    runs: list[tuple[str, dict[str, Any] | None, int]] = [
+        ("SQLite, 1 daemon", None, 1),
+        ("PostgreSQL, 1 daemon", {"database_url": pg.fresh_url()}, 1),
+        ("PostgreSQL, 3 daemons", {"database_url": pg.fresh_url()}, 3),
+    ]
+    for label, extra, n in runs:
+        ds = []
+        try:
+            for i in range(n):
+                cfg = {**extra, "node_name": f"n{i}"} if extra else {}
+                cm = daemon(root / f"{label[:3]}{n}-{i}", **cfg)
+                ds.append((cm, cm.__enter__()))
+            for _, d in ds:
+                d.start()
+            for _, d in ds:
+                d.ready()
+            socks = [d.sock for _, d in ds]
+            closed_loop_multi(socks, a.clients, a.warmup)
+            lags: list[float] = []
+            stop = threading.Event()
+            sampler = threading.Thread(target=sample_lag, args=(socks, stop, lags))
+            if n > 1:
+                sampler.start()
+            dt, ok, lat = closed_loop_multi(socks, a.clients, a.total)
+            stop.set()
+            if n > 1:
+                sampler.join()
+            print(
+                f"{label:34} {a.total / dt:10,.0f} {pct(lat, 0.5) * 1e3:8.2f} {pct(lat, 0.99) * 1e3:8.2f}"
+                + ("" if ok == a.total else f"  ERROR: {a.total - ok} failed"),
+                flush=True,
+            )
+            if lags:
+                print(
+                    f"  follower lag under that load: median {statistics.median(lags) * 1e3:.0f} ms, "
+                    f"p99 {pct(lags, 0.99) * 1e3:.0f} ms, max {max(lags) * 1e3:.0f} ms ({len(lags)} samples)"
+                )
+        finally:
+            for cm, _ in ds:
+                cm.__exit__(None, None, None)
+
+
+def failover(pg: PgServer, root: Path, a: argparse.Namespace) -> None:
+    url = pg.fresh_url()
+    fake = [sys.executable, str(FAKE_TRAINER), "--mode", "slow:30"]
+    ds = []
+    for i in range(3):
+        cm = daemon(root / f"fo{i}", database_url=url, node_name=f"n{i}", leader_timeout_s=a.leader_timeout)
+        d = cm.__enter__()
+        tables = json.loads(json.dumps(_tables(d)))
+        tables["scheduler"] = {"min_pairs": 2, "max_wait_s": 1e9}
+        tables["training"]["custom_backends"] = {"fake": fake}
+        write_config(d.config, tables)
+        ds.append((cm, d))
+    try:
+        for _, d in ds:
+            d.start()
+        for _, d in ds:
+            d.ready()
+        times: list[float] = []
+        for trial in range(a.trials):
+            leader = _wait_leader([d for _, d in ds])
+            term = status(leader.sock)["term"]  # type: ignore[index]
+            for k in range(2):  # a job: the leader cuts it and starts training
+                request(leader.sock, "submit", voice="fo", bad=f"b{trial}-{k}", good=f"g{trial}-{k}")
+            while not any(
+                j["state"] == "training" for j in request(leader.sock, "jobs")["result"]["jobs"]
+            ):
+                time.sleep(0.02)
+            assert leader.proc is not None
+            leader.proc.kill()
+            killed_at = time.time()
+            leader.proc.wait()
+            first = None
+            while first is None:
+                rows = pg.sql(
+                    f"SELECT min(at) FROM events WHERE term > {term}", url.split("/")[3].split("?")[0]
+                )
+                first = rows[0][0]
+                if first is None:
+                    time.sleep(0.02)
+            times.append(float(first) - killed_at)  # type: ignore[arg-type]
+            print(f"  trial {trial + 1}: first effect {times[-1]:.2f} s after kill -9", flush=True)
+            leader.start()  # back as a follower
+            leader.ready()
+        print(
+            f"fail-over (leader kill -9 -> new leader's first effect), leader_timeout_s={a.leader_timeout}, "
+            f"{len(times)} trials: median {statistics.median(times):.2f} s, max {max(times):.2f} s, "
+            f"min {min(times):.2f} s"
+        )
+    finally:
+        for cm, _ in ds:
+            cm.__exit__(None, None, None)
+
+
+def _tables(d: Any) -> dict[str, dict[str, Any]]:
+    import tomllib
+
+    return tomllib.loads(d.config.read_text())
+
+
+def _wait_leader(ds: list[Any]) -> Any:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for d in ds:
+            st = status(d.sock)
+            if st is not None and st["leader"]:
+                return d
+        time.sleep(0.02)
+    raise RuntimeError("no leader")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--total", type=int, default=20_000)
+    ap.add_argument("--warmup", type=int, default=2000)
+    ap.add_argument("--clients", type=int, default=64)
+    ap.add_argument("--trials", type=int, default=20)
+    ap.add_argument("--leader-timeout", type=float, default=2.0)
+    ap.add_argument("--skip-throughput", action="store_true")
+    a = ap.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="beagled-bench-"))
+    print(machine())
+    print(f"disk: {disk_of(root)}")
+    pg = PgServer()
+    try:
+        print(f"PostgreSQL: {pg.sql('SHOW server_version')[0][0]}, fsync {pg.sql('SHOW fsync')[0][0]}")
+        if not a.skip_throughput:
+            throughput(pg, root, a)
+        if a.trials:
+            failover(pg, root, a)
+    finally:
+        pg.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
