@@ -45,7 +45,7 @@ class RayHead:
     def __init__(self, num_cpus: int = 2) -> None:
         self.num_cpus = num_cpus
         self.temp = Path(tempfile.mkdtemp(prefix="rayt-", dir="/tmp"))  # short: AF_UNIX paths
-        gcs, client, om, nm, agent_grpc, agent_http, metrics, rtenv, dash = _free_ports(9)
+        gcs, om, nm, agent_grpc, agent_http, metrics, rtenv, dash = _free_ports(8)
         workers = _free_ports(1)[0]
         self.address = f"127.0.0.1:{gcs}"
         self.env = {**os.environ, **LOOPBACK_ENV}
@@ -53,7 +53,7 @@ class RayHead:
             str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
             "--node-ip-address", "127.0.0.1", "--port", str(gcs), "--num-cpus", str(num_cpus),
             "--num-gpus", "0", "--include-dashboard", "false", "--dashboard-host", "127.0.0.1",
-            "--dashboard-port", str(dash), "--ray-client-server-port", str(client),
+            "--dashboard-port", str(dash),
             "--object-manager-port", str(om), "--node-manager-port", str(nm),
             "--dashboard-agent-grpc-port", str(agent_grpc), "--dashboard-agent-listen-port", str(agent_http),
             "--metrics-export-port", str(metrics), "--runtime-env-agent-port", str(rtenv),
@@ -64,7 +64,11 @@ class RayHead:
         self.proc = subprocess.Popen(
             argv, stdout=self.log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
         )
-        self._wait_ready()
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.close()
+            raise
 
     def _wait_ready(self, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
