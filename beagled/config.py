@@ -326,8 +326,11 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"training.custom_backends.{name}", "argv must not be empty")
     if t.executor not in ("local", "ray"):
         raise ConfigError("training.executor", f"must be local or ray, got {t.executor!r}")
-    if t.executor == "ray" and t.custom_backends:
-        raise ConfigError("training.custom_backends", "run only with training.executor = \"local\"")
+    custom_listed = [b for b in t.backends if b in t.custom_backends]
+    if t.executor == "ray" and custom_listed:
+        raise ConfigError(
+            "training.backends", f"custom backends run only with executor = \"local\": {custom_listed}"
+        )
     for key in ("num_gpus", "num_cpus", "backoff_s", "backoff_max_s", "connect_timeout_s"):
         _positive(f"training.ray.{key}", getattr(t.ray, key), zero_ok=key in ("num_gpus", "num_cpus"))
     if t.objective not in ("sft", "dpo"):

@@ -81,10 +81,11 @@ def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
 
 
 def connect(settings: dict[str, Any]) -> Any:
+    address = str(settings.get("address") or "auto")
+    check_reachable(address)  # before the (slow) import of ray
+
     import ray
 
-    address = str(settings.get("address") or "auto")
-    check_reachable(address)
     try:
         ray.init(
             address=address,
