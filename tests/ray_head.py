@@ -125,7 +125,7 @@ class RayHead:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=15)
+            self.proc.wait(timeout=3)  # `ray start --block` may not finish on SIGTERM: then SIGKILL all
         # raylet, GCS and workers share the head's session (start_new_session): end whatever is left
         sid = self.proc.pid
         for d in os.listdir("/proc"):
