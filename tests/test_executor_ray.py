@@ -64,6 +64,9 @@ def ray_trainer(head_address: str, tmp: Path, **kw: Any) -> RayTrainer:
 def test_ray_adapter_equals_local_and_the_warm_actor_stays(
     ray_head: RayHead, tiny_model: Path, tmp_path: Path
 ) -> None:
+    """Same spec on the head and locally: equal adapters; the warm actor takes the next job (with the
+    served adapter sent along) and, once lost, is replaced without failing the job."""
+
     async def main() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], list[float]]:
         rt = ray_trainer(ray_head.address, tmp_path)
         steps: list[float] = []
@@ -80,6 +83,11 @@ def test_ray_adapter_equals_local_and_the_warm_actor_stays(
                 train=spec_for(tiny_model, tmp_path, "x")["train"][:6],
             )  # fmt: skip
             r2 = await rt.run("mlx", second, _ignore)
+            lost = rt.actor_pid("mlx")
+            assert lost == r2["actor_pid"]
+            os.kill(lost, signal.SIGKILL)  # the warm actor dies between jobs (its node is lost)
+            r3 = await rt.run("mlx", spec_for(tiny_model, tmp_path / "ray3" / "adapter", "j-3"), _ignore)
+            assert r3["actor_pid"] != lost, "a new actor took the job"
         finally:
             await rt.aclose()
         local = SubprocessTrainer(["mlx"], spec_dir=tmp_path / "lspecs", warm=False, timeout_s=240.0)

@@ -198,23 +198,32 @@ class Driver:
 
     def __init__(self, settings: dict[str, Any], backend: str) -> None:
         self.ray = connect(settings)
-        resources = {str(k): float(v) for k, v in dict(settings.get("resources") or {}).items()}
+        self.settings = settings
+        self.backend = backend
+        self._new_actor()
+
+    def _new_actor(self) -> None:
+        resources = {str(k): float(v) for k, v in dict(self.settings.get("resources") or {}).items()}
         # by reference (``beagled`` is installed on the workers), not by value from ``__main__``
         actor_cls = importlib.import_module("beagled.training.ray_driver").BeagledTrainActor
         cls = self.ray.remote(actor_cls)
         self.actor = cls.options(
-            num_cpus=float(settings.get("num_cpus", 1)),
-            num_gpus=float(settings.get("num_gpus", 0)),
+            num_cpus=float(self.settings.get("num_cpus", 1)),
+            num_gpus=float(self.settings.get("num_gpus", 0)),
             resources=resources or None,
             max_restarts=0,
             max_task_retries=0,
-        ).remote(backend)
-        self.backend = backend
+        ).remote(self.backend)
         self.info: dict[str, Any] = self.ray.get(self.actor.info.remote())
 
     def run(self, spec: dict[str, Any]) -> bool:
         """One job; prints its lines; True if it ended with a result."""
         out_dir = Path(spec["out_dir"])
+        try:  # the warm actor may have gone with its node since the last job: then start another
+            self.ray.get(self.actor.info.remote(), timeout=30)
+        except self.ray.exceptions.RayError as e:
+            emit({"type": "log", "message": f"ray: the warm actor is gone ({type(e).__name__}); a new one"})
+            self._new_actor()
         gen = self.actor.train.options(num_returns="streaming").remote(pack_spec(spec))
         try:
             for ref in gen:
