@@ -46,7 +46,6 @@ class RayHead:
         self.num_cpus = num_cpus
         self.temp = Path(tempfile.mkdtemp(prefix="rayt-", dir="/tmp"))  # short: AF_UNIX paths
         gcs, om, nm, agent_grpc, agent_http, metrics, rtenv, dash = _free_ports(8)
-        workers = _free_ports(1)[0]
         self.address = f"127.0.0.1:{gcs}"
         self.env = {**os.environ, **LOOPBACK_ENV}
         argv = [
@@ -57,7 +56,7 @@ class RayHead:
             "--object-manager-port", str(om), "--node-manager-port", str(nm),
             "--dashboard-agent-grpc-port", str(agent_grpc), "--dashboard-agent-listen-port", str(agent_http),
             "--metrics-export-port", str(metrics), "--runtime-env-agent-port", str(rtenv),
-            "--min-worker-port", str(workers), "--max-worker-port", str(workers + 40),
+            "--min-worker-port", "0", "--max-worker-port", "0",  # workers: ports the OS assigns
             "--temp-dir", str(self.temp), "--disable-usage-stats",
         ]  # fmt: skip
         self.log = open(self.temp / "head.log", "wb")  # noqa: SIM115 - closed in close()

@@ -36,7 +36,7 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # only this module uses it: the rest of the suite runs without a head
 def ray_head() -> Iterator[RayHead]:
     head = RayHead(num_cpus=2)
     try:
