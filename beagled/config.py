@@ -81,6 +81,23 @@ class HyperConfig:
 
 
 @dataclass(frozen=True)
+class RayConfig:
+    """``[training.ray]``: where and how jobs run when ``training.executor = "ray"``."""
+
+    address: str = ""  # "auto", "host:port" (a head's GCS) or "ray://host:10001" (Ray Client); "" → auto
+    num_gpus: float = 0.0  # per training actor
+    num_cpus: float = 1.0
+    resources: dict[str, float] = field(default_factory=dict)  # custom resources an actor needs
+    runtime_env: dict[str, Any] = field(default_factory=dict)  # passed to ray.init as the job's runtime_env
+    namespace: str = "beagled"
+    base_model: str = ""  # the base model's path on the workers; "" → the same path as on the daemon's host
+    fallback_local: bool = False  # Ray unreachable: train locally instead of waiting
+    backoff_s: float = 1.0  # Ray unreachable: first wait before connecting again (doubles)
+    backoff_max_s: float = 60.0
+    connect_timeout_s: float = 300.0  # a new actor (worker start, imports, base model load) is up within
+
+
+@dataclass(frozen=True)
 class TrainingConfig:
     backends: list[str] = field(default_factory=lambda: list(BUILTIN_BACKENDS))
     base_model: str = ""  # "" → the tiny model built under <state_dir>/models
@@ -99,6 +116,8 @@ class TrainingConfig:
     warm_max_jobs: int = 20  # a warm worker is replaced after this many jobs (memory hygiene)
     custom_backends: dict[str, list[str]] = field(default_factory=dict)
     hyper: HyperConfig = field(default_factory=HyperConfig)
+    executor: str = "local"  # local (a subprocess on this host) | ray (an actor on a Ray cluster)
+    ray: RayConfig = field(default_factory=RayConfig)
 
 
 @dataclass(frozen=True)
@@ -196,6 +215,8 @@ class Config:
 
 def _check_type(key: str, value: Any, hint: Any) -> Any:
     origin = get_origin(hint)
+    if hint is Any:  # a table handed on as it is (training.ray.runtime_env)
+        return value
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(key, f"expected true or false, got {value!r}")
@@ -319,6 +340,15 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"training.custom_backends.{name}", "shadows a built-in backend")
         if not argv:
             raise ConfigError(f"training.custom_backends.{name}", "argv must not be empty")
+    if t.executor not in ("local", "ray"):
+        raise ConfigError("training.executor", f"must be local or ray, got {t.executor!r}")
+    custom_listed = [b for b in t.backends if b in t.custom_backends]
+    if t.executor == "ray" and custom_listed:
+        raise ConfigError(
+            "training.backends", f"custom backends run only with executor = \"local\": {custom_listed}"
+        )
+    for key in ("num_gpus", "num_cpus", "backoff_s", "backoff_max_s", "connect_timeout_s"):
+        _positive(f"training.ray.{key}", getattr(t.ray, key), zero_ok=key in ("num_gpus", "num_cpus"))
     if t.objective not in ("sft", "dpo"):
         raise ConfigError("training.objective", f"must be sft or dpo, got {t.objective!r}")
     if t.init not in ("current", "base"):

@@ -27,6 +27,7 @@ from beagled.notify import Notifier
 from beagled.reload import NoneReloader, Reloader
 from beagled.server import Server
 from beagled.store import SqliteStore, SqlStore
+from beagled.training.executor_ray import RayTrainer, build_ray_trainer
 from beagled.training.runner import SubprocessTrainer, reap_orphans
 from beagled.voices import VoiceStore
 
@@ -126,7 +127,7 @@ class Daemon:
         else:
             self.store = SqliteStore(cfg.db_path)
         t = cfg.training
-        self.trainer = SubprocessTrainer(
+        self.trainer: SubprocessTrainer | RayTrainer = SubprocessTrainer(
             list(t.backends),
             custom=dict(t.custom_backends),
             python=t.python,
@@ -137,18 +138,24 @@ class Daemon:
             warm=t.warm,
             warm_max_jobs=t.warm_max_jobs,
         )
+        if t.executor == "ray":
+            self.trainer = build_ray_trainer(cfg, self.trainer, self._executor_fault)
         self.engine = Engine(
             cfg,
             self.store,
             VoiceStore(cfg.voices_dir, keep_versions=cfg.voices.keep_versions),
             self.trainer,
             build_reloader(cfg),
-            base_model=lambda: tiny_model_builder(cfg),
+            base_model=lambda: (
+                Path(t.ray.base_model)
+                if t.executor == "ray" and t.ray.base_model
+                else tiny_model_builder(cfg)
+            ),
             leadership=self.leadership,
             listener=self.listener,
             node=self.node,
         )
-        self.engine.metrics.prime(list(t.backends), cfg.reload.method)
+        self.engine.metrics.prime(list(t.backends), cfg.reload.method, t.executor)
         self.server = Server(self.engine)
         self.metrics_address: tuple[str, int] | None = None
 
@@ -202,6 +209,9 @@ class Daemon:
             await trio.to_thread.run_sync(self.store.close)
             await self.engine.reloader.aclose()
             log.info("stopped")
+
+    def _executor_fault(self, kind: str) -> None:
+        self.engine.metrics.executor_faults.labels(self.cfg.training.executor, kind).inc()
 
     def _summary(self) -> str:
         c = self.engine.state.counts()

@@ -697,9 +697,9 @@ class Engine:
             except (TrainingError, AdapterError, OSError) as e:
                 timeout = isinstance(e, TrainingError) and e.timeout
                 elapsed = time.monotonic() - started
-                self.metrics.training_duration.labels(backend, "timeout" if timeout else "failure").observe(
-                    elapsed
-                )
+                self.metrics.training_duration.labels(
+                    backend, "timeout" if timeout else "failure", getattr(self.trainer, "executor", "local")
+                ).observe(elapsed)
                 msg = str(e) if not isinstance(e, AdapterError) else f"wrote an invalid adapter: {e}"
                 errors.append(f"{backend}: {msg}")
                 log.warning(
@@ -714,7 +714,8 @@ class Engine:
             finally:
                 self.progress.pop(job.job_id, None)
             elapsed = time.monotonic() - started
-            self.metrics.training_duration.labels(backend, "success").observe(elapsed)
+            executor = str(result.get("executor") or getattr(self.trainer, "executor", "local"))
+            self.metrics.training_duration.labels(backend, "success", executor).observe(elapsed)
             await self.execute(
                 jobs.FinishTraining(
                     job.job_id,
@@ -725,6 +726,7 @@ class Engine:
                     _num(result.get("baseline_eval_loss")),
                     _num(result.get("base_eval_loss")),
                     elapsed,
+                    executor,
                 )
             )
             log.info(
@@ -754,6 +756,7 @@ class Engine:
 
         def on_progress(msg: dict[str, Any]) -> None:
             p = {k: msg.get(k) for k in ("step", "total", "loss", "tokens_per_s")}
+            p.update({k: msg[k] for k in ("fault", "message") if k in msg})  # e.g. Ray unreachable: waiting
             elapsed = time.monotonic() - started
             step, total = p["step"], p["total"]
             eta = (

@@ -114,6 +114,7 @@ class TrainingSucceeded(JobEvent):
     baseline_eval_loss: float | None = None
     base_eval_loss: float | None = None
     duration_s: float = 0.0
+    executor: str = "local"  # local | ray: where it was trained
 
 
 @dataclass(frozen=True)

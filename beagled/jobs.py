@@ -93,6 +93,7 @@ class Job:
     updated_at: float
     attempt: int = 0
     backend: str | None = None
+    executor: str | None = None  # local | ray: where the adapter was trained
     error: str | None = None
     retry_at: float | None = None
     adapter_dir: str | None = None
@@ -118,6 +119,7 @@ class Job:
             "state": self.state.value,
             "attempt": self.attempt,
             "backend": self.backend,
+            "executor": self.executor,
             "pairs": len(self.pair_ids),
             "replay_pairs": len(self.replay_ids),
             "created_at": self.created_at,
@@ -373,6 +375,7 @@ def _evolve_job(state: State, event: ev.Event, p: ev.JobEvent) -> None:
             job,
             event,
             backend=p.backend,
+            executor=p.executor,
             adapter_dir=p.adapter_dir,
             train_loss=p.train_loss,
             eval_loss=p.eval_loss,
@@ -471,6 +474,7 @@ class FinishTraining:
     baseline_eval_loss: float | None
     base_eval_loss: float | None
     duration_s: float
+    executor: str = "local"
 
 
 @dataclass(frozen=True)
@@ -671,6 +675,7 @@ def decide(state: State, cmd: Command) -> list[ev.Payload]:
                 baseline_eval_loss=cmd.baseline_eval_loss,
                 base_eval_loss=cmd.base_eval_loss,
                 duration_s=cmd.duration_s,
+                executor=cmd.executor,
             )
         ]
     if isinstance(cmd, Gate):

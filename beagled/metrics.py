@@ -71,7 +71,7 @@ class Metrics:
         self.training_duration = Histogram(
             "beagled_training_duration_seconds",
             "Wall time of one backend's training try.",
-            ["backend", "outcome"],
+            ["backend", "outcome", "executor"],
             buckets=TRAIN_BUCKETS,
             registry=r,
         )
@@ -98,6 +98,12 @@ class Metrics:
             ["from_backend", "to_backend"],
             registry=r,
         )
+        self.executor_faults = Counter(
+            "beagled_executor_faults",
+            "Faults of the training executor (Ray unreachable, actor lost, local fallback), by kind.",
+            ["executor", "kind"],
+            registry=r,
+        )
         Info("beagled_build", "beagled build.", registry=r).info({"version": __version__})
         self.leader = Gauge(
             "beagled_leader", "1 on the node that runs effects (the leader), else 0.", registry=r
@@ -112,12 +118,15 @@ class Metrics:
         if state is not None:
             r.register(_StateCollector(state, max_voices))
 
-    def prime(self, backends: list[str], method: str) -> None:
+    def prime(self, backends: list[str], method: str, executor: str = "local") -> None:
         """Export every known label combination at zero from the start, so that ``rate()`` and
         ``increase()`` see a series' first event (a series born with its first sample hides it)."""
         for b in backends:
             for outcome in ("success", "failure", "timeout"):
-                self.training_duration.labels(b, outcome)
+                self.training_duration.labels(b, outcome, executor)
+        if executor == "ray":
+            for kind in ("unreachable", "probe_failed", "actor_start", "worker_lost", "job_failed"):
+                self.executor_faults.labels("ray", kind)
         for a, b in itertools.pairwise(backends):
             self.fallbacks.labels(a, b)
         if method != "none":

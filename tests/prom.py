@@ -36,7 +36,7 @@ PROMTOOL = "/usr/bin/promtool"
 
 # CONTRACT.md, "Metrics": name -> (type, labels).
 CONTRACT_METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "beagled_training_duration_seconds": ("histogram", ("backend", "outcome")),
+    "beagled_training_duration_seconds": ("histogram", ("backend", "outcome", "executor")),
     "beagled_reload_duration_seconds": ("histogram", ("method", "outcome")),
     "beagled_submit_ack_seconds": ("histogram", ()),
     "beagled_submissions_total": ("counter", ("outcome",)),

@@ -98,8 +98,11 @@ def test_series_exist_before_the_first_event(make_daemon: Any) -> None:
     missing = [
         series
         for series in (
-            'beagled_training_duration_seconds_count{backend="fake",outcome="success"} 0.0',
-            'beagled_training_duration_seconds_count{backend="broken",outcome="failure"} 0.0',
+            'beagled_training_duration_seconds_count{backend="fake",executor="local",outcome="success"} 0.0',
+            (
+                'beagled_training_duration_seconds_count{backend="broken",executor="local",outcome="failure"}'
+                " 0.0"
+            ),
             'beagled_reload_duration_seconds_count{method="command",outcome="success"} 0.0',
             'beagled_reload_duration_seconds_count{method="command",outcome="failure"} 0.0',
             'beagled_backend_fallbacks_total{from_backend="broken",to_backend="fake"} 0.0',

@@ -86,8 +86,9 @@ def test_fallback_to_the_next_backend_records_each_failure(make_daemon: Any) -> 
     assert job["backend"] == "fake"
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{d.metrics_port}/metrics").read().decode()
     assert 'beagled_backend_fallbacks_total{from_backend="broken",to_backend="stuck"} 1.0' in metrics
-    assert 'beagled_training_duration_seconds_count{backend="stuck",outcome="timeout"} 1.0' in metrics
-    assert 'beagled_training_duration_seconds_count{backend="fake",outcome="success"} 1.0' in metrics
+    count = "beagled_training_duration_seconds_count"
+    assert f'{count}{{backend="stuck",executor="local",outcome="timeout"}} 1.0' in metrics
+    assert f'{count}{{backend="fake",executor="local",outcome="success"}} 1.0' in metrics
     # the hung trainer's whole process group is gone
     assert not any("--mode hang" in _cmdline(p) for p in os.listdir("/proc") if p.isdigit())
 

@@ -570,6 +570,7 @@ def _train(spec: dict[str, Any], emit: Emit, session: Session) -> dict[str, Any]
             "voice": spec.get("voice"),
             "attempt": spec.get("attempt"),
             "backend": BACKEND,
+            "executor": spec.get("executor", "local"),
             "objective": objective,
             "base_model": str(base),
             "base_model_sha256": session.sha256(),

@@ -768,6 +768,7 @@ def run_training(raw_spec: dict[str, Any], emit: Emit, loader: TorchLoader) -> d
         "voice": spec.voice,
         "attempt": spec.raw.get("attempt"),
         "backend": loader.name,
+        "executor": spec.raw.get("executor", "local"),
         "objective": spec.objective,
         "base_model": str(spec.base_model),
         "base_model_sha256": base_model_sha256(spec.base_model),
