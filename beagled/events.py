@@ -47,6 +47,7 @@ class PairSubmitted(Payload):
     prompt: str | None = None
     quality: dict[str, float] | None = None
     heldout: bool = False
+    uid: int | None = None  # the submitter's uid (None in logs from before roles)
 
     def stream(self) -> str:
         return f"voice:{self.voice}"
