@@ -194,6 +194,7 @@ class Server:
         self.per_uid: dict[int, int] = {}  # open connections per uid
         self.rejecting = 0
         self.watches: dict[int, int] = {}  # live watch streams per uid
+        self.queued_submits: dict[int, int] = {}  # submits of a submitter not yet committed (quota)
         self._refusals = Throttle(burst=5, per_s=10.0)
         self.listener: trio.SocketListener | None = None
         self._sync_ops: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
@@ -379,9 +380,13 @@ class Server:
                     voice = req.fields["voice"]
                     policy.check_submit(uid, voice)
                     self._check_quota(uid)
+                    queued = self.queued_submits
 
                     def done(result: dict[str, Any] | None, error: BaseException | None) -> None:
                         # runs inside the engine's committer: it must never raise
+                        queued[uid] -= 1
+                        if not queued[uid]:
+                            del queued[uid]
                         try:
                             if error is not None or result is None:
                                 data = protocol.encode_error(rid, error or RuntimeError("no result"))
@@ -394,6 +399,7 @@ class Server:
                         answer(entry, data)
 
                     self.engine.submit_nowait(req.fields, done, uid=uid)
+                    queued[uid] = queued.get(uid, 0) + 1
                 elif req.op in self._sync_ops and not any(e.write and e.data is None for e in out.entries):
                     result = self._filtered(uid, req, self._sync_ops[req.op](req.fields))
                     answer(entry, protocol.encode_ok(req.id, result))
@@ -461,7 +467,9 @@ class Server:
         if self.policy.is_operator(uid):
             return
         voices = self.engine.state.voices
-        pending = sum(len(voices[v].pending) for v in self.policy.submitted.get(uid, ()) if v in voices)
+        pending = self.queued_submits.get(uid, 0) + sum(
+            len(voices[v].pending) for v in self.policy.submitted.get(uid, ()) if v in voices
+        )
         if pending >= self.cfg.max_pending_per_uid:
             raise Unavailable(
                 f"uid {uid} has {pending} pending pairs (daemon.max_pending_per_uid = "
