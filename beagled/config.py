@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from beagled.bounds import check_not_writable_by_others
 from beagled.errors import ConfigError
 
 BUILTIN_BACKENDS = ("mlx", "unsloth", "peft")
@@ -389,6 +390,7 @@ def load(explicit: str | None = None) -> Config:
     path = resolve_path(explicit)
     if path is None:
         return from_mapping({})
+    check_not_writable_by_others(path, "", "the config file")  # whoever may write it runs code here
     try:
         table = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as e:

@@ -113,15 +113,32 @@ class _Entry:
     """One response position in a connection's output order. ``data`` is set when the answer is ready;
     a ``watch`` entry instead streams ``lines`` until ``done``."""
 
-    __slots__ = ("data", "done", "lines", "ready", "stream", "write")
+    __slots__ = (
+        "after",
+        "data",
+        "done",
+        "lines",
+        "next_write",
+        "prev_write",
+        "ready",
+        "settled",
+        "stream",
+        "write",
+    )
 
     def __init__(self, *, stream: bool = False) -> None:
         self.data: bytes | None = None
         self.stream = stream
         self.lines: deque[bytes] = deque()
         self.done = False
-        self.write = False  # a change (submit, command): later requests wait for its answer
-        self.ready: trio.Event | None = None  # made by a later request that waits for this answer
+        # Changes (submit, commands) form a chain per connection; a write is *settled* once it and
+        # every write before it are answered. A later request waits for the last write before it.
+        self.write = False
+        self.settled = False
+        self.prev_write: _Entry | None = None
+        self.next_write: _Entry | None = None
+        self.after: _Entry | None = None  # the last write dispatched before this request
+        self.ready: trio.Event | None = None  # made by a request that waits for this write to settle
 
 
 class _Output:
@@ -132,6 +149,7 @@ class _Output:
         self.changed = trio.Event()  # for the writer: an answer became ready
         self.drained = trio.Event()  # for the reader: the writer sent some answers
         self.flushed = trio.Event()  # for the connection's one watch: the writer sent its lines
+        self.last_write: _Entry | None = None  # the newest write of the chain (see ``_Entry``)
 
     def wake(self) -> None:
         self.changed.set()
@@ -148,18 +166,41 @@ class _Output:
         await self.flushed.wait()
         self.flushed = trio.Event()
 
-    async def after_writes_before(self, entry: _Entry) -> None:
+    def unsettled(self) -> bool:
+        return self.last_write is not None and not self.last_write.settled
+
+    def add_write(self, entry: _Entry) -> None:
+        entry.write = True
+        entry.prev_write = self.last_write
+        if self.last_write is not None:
+            self.last_write.next_write = entry
+        self.last_write = entry
+
+    @staticmethod
+    def settle(entry: _Entry | None) -> None:
+        """``entry`` was answered: settle it and every answered write after it whose turn it now is."""
+        while (
+            entry is not None
+            and entry.data is not None
+            and not entry.settled
+            and (entry.prev_write is None or entry.prev_write.settled)
+        ):
+            entry.settled = True
+            entry.prev_write = None  # nothing needs it any more
+            if entry.ready is not None:
+                entry.ready.set()
+            entry = entry.next_write
+
+    @staticmethod
+    async def after_writes_before(entry: _Entry) -> None:
         """Wait until every change queued before ``entry`` on this connection is answered."""
-        waits: list[trio.Event] = []
-        for e in self.entries:
-            if e is entry:
-                break
-            if e.write and e.data is None:
-                if e.ready is None:
-                    e.ready = trio.Event()
-                waits.append(e.ready)
-        for w in waits:
-            await w.wait()
+        w = entry.after
+        entry.after = None
+        if w is None or w.settled:
+            return
+        if w.ready is None:
+            w.ready = trio.Event()
+        await w.ready.wait()
 
     def take_ready(self) -> bytes:
         """Every answer ready at the head, in order, as one write (watch lines included)."""
@@ -325,8 +366,8 @@ class Server:
 
         def answer(entry: _Entry, data: bytes) -> None:
             entry.data = data
-            if entry.ready is not None:
-                entry.ready.set()
+            if entry.write:
+                out.settle(entry)
             out.wake()
 
         async def run_op(req: protocol.Request, entry: _Entry) -> None:
@@ -340,7 +381,7 @@ class Server:
 
         async def run_op_inner(req: protocol.Request, entry: _Entry) -> None:
             try:
-                await out.after_writes_before(entry)
+                await _Output.after_writes_before(entry)
                 if req.op == "watch":
                     await self._watch(req, entry, out, uid)
                     return
@@ -374,7 +415,9 @@ class Server:
                 return
             try:
                 policy.check_op(uid, req.op)
-                entry.write = req.op in WRITE_OPS
+                entry.after = out.last_write
+                if req.op in WRITE_OPS:
+                    out.add_write(entry)
                 if req.op == "submit":  # the hot path: a callback after COMMIT, no task per request
                     rid = req.id
                     voice = req.fields["voice"]
@@ -400,7 +443,7 @@ class Server:
 
                     self.engine.submit_nowait(req.fields, done, uid=uid)
                     queued[uid] = queued.get(uid, 0) + 1
-                elif req.op in self._sync_ops and not any(e.write and e.data is None for e in out.entries):
+                elif req.op in self._sync_ops and not out.unsettled():
                     result = self._filtered(uid, req, self._sync_ops[req.op](req.fields))
                     answer(entry, protocol.encode_ok(req.id, result))
                 else:
