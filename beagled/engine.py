@@ -126,6 +126,9 @@ class Engine:
         self.progress: dict[str, dict[str, Any]] = {}
         self.verified_at: dict[str, float] = {}
         self.accepting = True
+        # watches read their history one batch at a time, all together: a crowd of watches replaying
+        # a long log takes one core at most, never the event loop's
+        self._watch_limiter = trio.CapacityLimiter(1)
         self._new_voices: set[str] = set()  # voices of queued, not yet committed submits (max_voices)
         self._key_secret: bytes | None = None
 
@@ -410,7 +413,9 @@ class Engine:
         try:
             last = self.state.seq if from_seq is None else from_seq
             while from_seq is not None:  # history in bounded batches, without drafts, one thread hop each
-                batch = await trio.to_thread.run_sync(self.store.read_public, last, WATCH_BATCH)
+                batch = await trio.to_thread.run_sync(
+                    self.store.read_public, last, WATCH_BATCH, limiter=self._watch_limiter
+                )
                 for pub in batch:
                     last = pub["seq"]
                     yield {"event": pub}
