@@ -3,8 +3,8 @@
 Each check talks to a running daemon (``DaemonProc``) or reads its files, and raises ``AssertionError``
 with what it saw. ``check_all`` runs them in order:
 
-- every acknowledged submission is in the log: re-submitting with the same key answers
-  ``duplicate: true`` and the same ``pair_id``;
+- every acknowledged submission is in the log: re-submitting its key with other drafts answers
+  ``conflict`` naming the same ``pair_id``;
 - no pair is trained twice: a job's ``pair_ids`` are unique and a pair is in at most one job
   (``replay_ids`` are deliberate re-use and are not counted);
 - every job reaches a final state (``reloaded`` with a reloader, ``promoted`` without; ``failed`` and

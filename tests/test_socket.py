@@ -228,7 +228,7 @@ def test_sigterm_exits_zero_quickly_and_keeps_acknowledged_pairs(daemon: DaemonP
     daemon.start()
     with daemon.client() as c:
         for i, a in enumerate(acked):
-            assert c.submit(bad="z", good="w", key=f"k{i}") == {**a, "duplicate": True}
+            assert c.submit(bad=f"b{i}", good=f"g{i}", key=f"k{i}") == {**a, "duplicate": True}
 
 
 def test_watch_streams_events_live_and_from_seq(daemon: DaemonProc) -> None:
