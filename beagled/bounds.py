@@ -148,11 +148,12 @@ def worker_cwd(state_dir: Path) -> Path:
     return d
 
 
-def worker_env(state_dir: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
+def worker_env(state_dir: Path | None, base: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of a training worker: the kept variables of ``base`` (default ``os.environ``),
-    and Unsloth's compile cache under the state dir."""
+    and Unsloth's compile cache under the state dir (when there is one)."""
     src = os.environ if base is None else base
     env = {k: v for k, v in src.items() if k in WORKER_ENV_KEEP or k.startswith(WORKER_ENV_PREFIXES)}
     env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
-    env["UNSLOTH_COMPILE_LOCATION"] = str(worker_cwd(state_dir) / "unsloth_compiled_cache")
+    if state_dir is not None:
+        env["UNSLOTH_COMPILE_LOCATION"] = str(state_dir / "work" / "unsloth_compiled_cache")
     return env
