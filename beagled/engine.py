@@ -394,17 +394,27 @@ class Engine:
             return {"paused": self.state.voices[voice].paused, "voice": voice}
         return {"paused": self.state.paused}
 
-    async def delete_voice(self, voice: str, remove_adapters: bool) -> dict[str, Any]:
+    async def delete_voice(
+        self, voice: str, remove_adapters: bool, erase_drafts: bool = False
+    ) -> dict[str, Any]:
         try:
             await self.execute(jobs.DeleteVoice(voice, remove_adapters))
         except IllegalTransition as e:
             raise Conflict(str(e)) from None
+        erased = None
+        if erase_drafts:  # the voice is gone from the state: no job can start on its pairs now
+            async with self._lock:
+                events = await trio.to_thread.run_sync(
+                    self.store.erase_drafts, voice, time.time(), limiter=self._store_limiter
+                )
+                self._apply(events)
+            erased = events[0].payload.pairs  # type: ignore[attr-defined]
         removed = False
         if remove_adapters:
             removed = await trio.to_thread.run_sync(self.voices.remove, voice)
         self.verified_at.pop(voice, None)
         log.info("voice deleted", extra={"voice": voice, "adapters_removed": removed})
-        return {"voice": voice, "deleted": True, "adapters_removed": removed}
+        return {"voice": voice, "deleted": True, "adapters_removed": removed, "drafts_erased": erased}
 
     async def watch(self, from_seq: int | None) -> AsyncIterator[dict[str, Any]]:
         """History from ``from_seq`` (exclusive), then live events and progress, until the caller stops."""

@@ -347,6 +347,8 @@ def evolve(state: State, event: ev.Event) -> State:
         _stored_voice(state, p.voice).paused = isinstance(p, ev.VoicePaused)
     elif isinstance(p, ev.VoiceDeleted):
         state.voices.pop(p.voice, None)
+    elif isinstance(p, ev.DraftsErased):
+        pass  # the drafts are not part of the projection
     elif isinstance(p, ev.Paused):
         state.paused = True
     elif isinstance(p, ev.Resumed):

@@ -250,7 +250,9 @@ class Server:
             "rollback": lambda f: engine.rollback(f["voice"], f.get("to")),
             "pause": lambda f: engine.set_paused(True, f.get("voice")),
             "resume": lambda f: engine.set_paused(False, f.get("voice")),
-            "delete_voice": lambda f: engine.delete_voice(f["voice"], f["remove_adapters"]),
+            "delete_voice": lambda f: engine.delete_voice(
+                f["voice"], f["remove_adapters"], f.get("erase_drafts", False)
+            ),
         }
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

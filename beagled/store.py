@@ -21,6 +21,7 @@ replay) when one cannot be read. The newest ``KEEP_SNAPSHOTS`` are kept.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -28,7 +29,7 @@ import secrets
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -145,6 +146,7 @@ class Store(Protocol):
     def read_public(self, from_seq: int, limit: int) -> list[dict[str, Any]]: ...
     def get_pairs(self, pair_ids: Sequence[str]) -> dict[str, ev.PairSubmitted]: ...
     def key_secret(self) -> bytes: ...
+    def erase_drafts(self, voice: str, at: float) -> list[ev.Event]: ...
     def submitters(self) -> list[tuple[int, str]]: ...
     def last_seq(self) -> int: ...
     def write_snapshot(self, seq: int, schema: int, blob: bytes) -> None: ...
@@ -435,6 +437,23 @@ class SqliteStore:
                 out[k] = (pid, seq, content)
         return out
 
+    def erase_drafts(self, voice: str, at: float) -> list[ev.Event]:
+        """Overwrite the drafts of every pair of ``voice`` in place and record ``DraftsErased``, in one
+        transaction; ``secure_delete`` zeroes the freed bytes and a checkpoint moves them out of the WAL."""
+        self._db.execute("PRAGMA secure_delete=ON")
+        with self._lock, self._tx() as db:
+            n = db.execute(
+                "UPDATE events SET data = json_set(data, '$.bad', '', '$.good', '', '$.prompt', NULL) "
+                "WHERE stream = ? AND type = 'PairSubmitted'",
+                (f"voice:{voice}",),
+            ).rowcount
+            stamped, staged, seq = self._seq.stamp([ev.DraftsErased(voice=voice, pairs=n)], at)
+            db.executemany(_INSERT_EVENT, [_row(e) for e in stamped])
+        self._seq.commit(staged, seq)
+        with suppress(sqlite3.Error):  # a reader holds the WAL: the next checkpoint moves it
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return stamped
+
     def write_snapshot(self, seq: int, schema: int, blob: bytes) -> None:
         """Store a serialised projection of the state after event ``seq``; keep the newest few."""
         with self._lock, self._tx() as db:
@@ -568,6 +587,18 @@ class MemoryStore:
             if p.uid is not None:
                 self._submitters.add((p.uid, p.voice))
         return _results(fresh, plan, stamped)
+
+    def erase_drafts(self, voice: str, at: float) -> list[ev.Event]:
+        self._check_fail()
+        n = 0
+        for i, e in enumerate(self._events):
+            p = e.payload
+            if isinstance(p, ev.PairSubmitted) and p.voice == voice:
+                blank = dataclasses.replace(p, bad="", good="", prompt=None)
+                self._events[i] = dataclasses.replace(e, payload=blank)
+                self._pairs[p.pair_id] = blank
+                n += 1
+        return self.append([ev.DraftsErased(voice=voice, pairs=n)], at)
 
     def write_snapshot(self, seq: int, schema: int, blob: bytes) -> None:
         self._check_fail()

@@ -368,6 +368,23 @@ print(json.dumps(json.loads(s.recv(4096))))
     assert len(refusals) < 20, len(refusals)
 
 
+def test_finding6_delete_voice_can_erase_its_drafts(make_daemon: Any) -> None:
+    d = make_daemon()
+    with d.client() as c:
+        c.submit(bad="confidential merger memo", good="the confidential merger memo, rewritten", voice="gone")
+        c.submit(bad="keep this draft", good="keep this draft, better", voice="kept")
+        r = c.delete_voice("gone", erase_drafts=True)
+        assert r["drafts_erased"] == 1
+    d.stop()
+    raw = b"".join(p.read_bytes() for p in d.state_dir.glob("events.sqlite3*"))
+    assert b"confidential merger memo" not in raw and b"keep this draft" in raw
+    d.start()  # the redacted log replays
+    events = d.events()
+    assert events[-1]["type"] == "DraftsErased" and events[-1]["data"] == {"voice": "gone", "pairs": 1}
+    with d.client() as c:
+        assert [v["voice"] for v in c.voices()["voices"]] == ["kept"]
+
+
 def test_finding6_a_pipelined_status_sees_the_submit_before_it(make_daemon: Any) -> None:
     d = make_daemon()
     with d.client() as c:
