@@ -159,7 +159,8 @@ def fd_flood(root: Path, n: int) -> None:
         print(
             f"fd flood ({n} metrics connections opened, {held} connected, held open): "
             f"daemon fds {fds}; "
-            f"5 of 5 owner submits ok, max {max(times) * 1000:.0f} ms; a new scrape {'answered' if ok else 'FAILED'} "
+            f"5 of 5 owner submits ok, max {max(times) * 1000:.0f} ms; "
+            f"a new scrape {'answered' if ok else 'FAILED'} "
             f"{scrape:.1f} s after (the flood's connections closed at the metrics deadline)"
         )
     finally:
