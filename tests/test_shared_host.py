@@ -386,7 +386,7 @@ def test_finding6_delete_voice_can_erase_its_drafts(make_daemon: Any) -> None:
 
 
 def test_finding6_a_pipelined_status_sees_the_submit_before_it(make_daemon: Any) -> None:
-    d = make_daemon()
+    d = make_daemon({"training": {"heldout_share": 0.0}})  # the pair is pending, never held out
     with d.client() as c:
         got = c.pipeline(
             [("submit", {"voice": "pipe", "bad": "b", "good": "g"}), ("status", {}), ("voices", {})]
