@@ -414,7 +414,10 @@ class Engine:
             removed = await trio.to_thread.run_sync(self.voices.remove, voice)
         self.verified_at.pop(voice, None)
         log.info("voice deleted", extra={"voice": voice, "adapters_removed": removed})
-        return {"voice": voice, "deleted": True, "adapters_removed": removed, "drafts_erased": erased}
+        out: dict[str, Any] = {"voice": voice, "deleted": True, "adapters_removed": removed}
+        if erase_drafts:
+            out["drafts_erased"] = erased
+        return out
 
     async def watch(self, from_seq: int | None) -> AsyncIterator[dict[str, Any]]:
         """History from ``from_seq`` (exclusive), then live events and progress, until the caller stops."""
