@@ -455,9 +455,14 @@ class Client:
     def resume(self, voice: str | None = None) -> dict[str, Any]:
         return self.request("resume", voice=voice)
 
-    def delete_voice(self, voice: str, *, remove_adapters: bool = False) -> dict[str, Any]:
-        """Remove a voice from the listing (its events stay); its adapters too if asked."""
-        return self.request("delete_voice", voice=voice, remove_adapters=remove_adapters)
+    def delete_voice(
+        self, voice: str, *, remove_adapters: bool = False, erase_drafts: bool = False
+    ) -> dict[str, Any]:
+        """Remove a voice from the listing (its events stay); its adapters too if asked, and with
+        ``erase_drafts`` its drafts are overwritten in the log (a ``DraftsErased`` event records it)."""
+        return self.request(
+            "delete_voice", voice=voice, remove_adapters=remove_adapters, erase_drafts=erase_drafts
+        )
 
     def watch(self, from_seq: int | None = None) -> Generator[dict[str, Any], None, None]:
         """Yield each streamed message (``{"event": {...}}`` or ``{"progress": {...}}`` envelopes).

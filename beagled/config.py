@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from beagled.bounds import check_not_writable_by_others
 from beagled.errors import ConfigError
 
 BUILTIN_BACKENDS = ("mlx", "unsloth", "peft")
@@ -37,6 +38,13 @@ class DaemonConfig:
     max_draft_bytes: int = 262_144
     max_connections: int = 256
     allowed_uids: list[int] = field(default_factory=list)  # empty → the daemon's own uid only
+    operator_uids: list[int] = field(default_factory=list)  # every op; empty → the daemon's own uid only
+    voice_owners: dict[str, int] = field(default_factory=dict)  # {voice = uid}: its one submitter
+    max_voices: int = 1000  # a submit that would create one more voice is refused
+    max_pending_per_uid: int = 10_000  # pending pairs in a submitter's voices (operators: no quota)
+    max_connections_per_uid: int = 64
+    max_watches: int = 32  # concurrent watch streams, all uids together (one per connection)
+    max_watches_per_uid: int = 4
     idle_timeout_s: float = 300.0  # a connection that sends nothing this long is closed
     write_timeout_s: float = 10.0  # a client that does not read its responses this long is dropped
     max_inflight_per_connection: int = 64
@@ -55,6 +63,8 @@ class DaemonConfig:
 @dataclass(frozen=True)
 class MetricsConfig:
     listen: str = "127.0.0.1:9464"  # "" disables
+    max_connections: int = 16  # concurrent scrapes; more are closed at once
+    timeout_s: float = 2.0  # a scrape must send its request and read the answer within this
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,7 @@ class SchedulerConfig:
     max_attempts: int = 3
     retry_backoff_s: float = 5.0
     retry_backoff_max_s: float = 300.0
+    max_pairs_per_job: int = 1000  # the rest stay pending for the next job
 
 
 @dataclass(frozen=True)
@@ -280,6 +291,14 @@ def validate(cfg: Config) -> Config:
         ("daemon.max_inflight_per_connection", d.max_inflight_per_connection),
         ("daemon.snapshot_every", d.snapshot_every),
         ("daemon.leader_timeout_s", d.leader_timeout_s),
+        ("daemon.max_voices", d.max_voices),
+        ("daemon.max_pending_per_uid", d.max_pending_per_uid),
+        ("daemon.max_connections_per_uid", d.max_connections_per_uid),
+        ("daemon.max_watches", d.max_watches),
+        ("daemon.max_watches_per_uid", d.max_watches_per_uid),
+        ("metrics.max_connections", cfg.metrics.max_connections),
+        ("metrics.timeout_s", cfg.metrics.timeout_s),
+        ("scheduler.max_pairs_per_job", s.max_pairs_per_job),
         ("training.warm_max_jobs", t.warm_max_jobs),
         ("scheduler.min_pairs", s.min_pairs),
         ("scheduler.max_wait_s", s.max_wait_s),
@@ -321,6 +340,13 @@ def validate(cfg: Config) -> Config:
         )
     if any(u < 0 for u in d.allowed_uids):
         raise ConfigError("daemon.allowed_uids", "uids are ≥ 0")
+    if any(u < 0 for u in d.operator_uids):
+        raise ConfigError("daemon.operator_uids", "uids are ≥ 0")
+    for voice, uid in d.voice_owners.items():
+        if not VOICE_RE.fullmatch(voice):
+            raise ConfigError(f"daemon.voice_owners.{voice}", "not a voice name ([a-z0-9][a-z0-9_-]{0,63})")
+        if uid < 0:
+            raise ConfigError(f"daemon.voice_owners.{voice}", "uids are ≥ 0")
     if cfg.metrics.listen:
         host, sep, port = cfg.metrics.listen.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
@@ -417,6 +443,7 @@ def load(explicit: str | None = None) -> Config:
     path = resolve_path(explicit)
     if path is None:
         return from_mapping({})
+    check_not_writable_by_others(path, "", "the config file")  # whoever may write it runs code here
     try:
         table = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as e:

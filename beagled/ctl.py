@@ -559,6 +559,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p = add("delete", "delete a voice from the listing (its events stay in the log)")
     p.add_argument("voice", metavar="VOICE")
     p.add_argument("--remove-adapters", action="store_true", help="also delete its adapter files")
+    p.add_argument(
+        "--erase-drafts", action="store_true", help="also overwrite its drafts in the event log"
+    )
     p = add("watch", "follow events and live training progress (Ctrl-C to stop)")
     p.add_argument("--from-seq", type=int, metavar="SEQ", help="replay events from this seq")
     return parser
@@ -609,7 +612,9 @@ def _run(client: Client, args: argparse.Namespace) -> int:
             else f"{who} running: new jobs are cut"
         )
     elif command == "delete":
-        result = client.delete_voice(args.voice, remove_adapters=args.remove_adapters)
+        result = client.delete_voice(
+            args.voice, remove_adapters=args.remove_adapters, erase_drafts=args.erase_drafts
+        )
         removed = " and its adapters" if result.get("adapters_removed") else ""
         text = f"voice {_clean(args.voice)}{removed} deleted (its events stay in the log)"
     else:  # pragma: no cover - argparse only lets known commands through

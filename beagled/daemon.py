@@ -15,10 +15,12 @@ import socket
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import trio
 
+from beagled.bounds import check_not_writable_by_others, raise_nofile_limit
 from beagled.config import Config
 from beagled.engine import Engine
 from beagled.errors import ConfigError, TrainingError
@@ -109,6 +111,8 @@ class Daemon:
         # every file the daemon creates (the event log holds every draft; specs, adapters) is private to
         # its user, even when the state dir is made traversable for a shared socket (allowed_uids)
         os.umask(0o077)
+        raise_nofile_limit()  # systemd's soft default (1024) is a few hundred clients; LimitNOFILE= too
+        check_not_writable_by_others(cfg.state_dir, "daemon.state_dir", "the state directory")
         cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         for p in cfg.state_dir.glob("events.sqlite3*"):  # logs created before the umask was set
             if p.is_file() and p.stat().st_mode & 0o077:
@@ -185,7 +189,14 @@ class Daemon:
                 if self.cfg.metrics.listen:
                     host, _, port = self.cfg.metrics.listen.rpartition(":")
                     self.metrics_address = await nursery.start(
-                        serve_metrics, self.engine.metrics, host.strip("[]"), int(port)
+                        partial(
+                            serve_metrics,
+                            max_connections=self.cfg.metrics.max_connections,
+                            timeout_s=self.cfg.metrics.timeout_s,
+                        ),
+                        self.engine.metrics,
+                        host.strip("[]"),
+                        int(port),
                     )
                 await nursery.start(self.engine.run)
                 await nursery.start(self.notifier.run_watchdog)

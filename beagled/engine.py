@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import math
 import secrets
@@ -55,7 +54,7 @@ from beagled.jobs import JobState
 from beagled.metrics import Metrics
 from beagled.reload import Reloader, ServeTarget
 from beagled.reload.sleep import guard_for
-from beagled.store import Store
+from beagled.store import Store, scoped_key
 from beagled.training.runner import Trainer
 from beagled.voices import VoiceStore
 
@@ -65,17 +64,18 @@ if TYPE_CHECKING:
 log = logging.getLogger("beagled.engine")
 
 MAX_BATCH = 2048
+WATCH_BATCH = 256  # history events a watch reads per query
 
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{time.strftime('%Y%m%d%H%M%S', time.gmtime())}-{secrets.token_hex(4)}"
 
 
-def idempotency_key(voice: str, bad: str, good: str, key: str | None) -> str:
-    if key is not None:
-        return "k:" + key
-    digest = hashlib.sha256("\x00".join((voice, bad, good)).encode("utf-8", "surrogatepass")).hexdigest()
-    return "h:" + digest
+def idempotency_key(
+    voice: str, bad: str, good: str, key: str | None, *, secret: bytes = b"", uid: int | None = None
+) -> str:
+    """The stored key: scoped to (uid, voice) and keyed with the log's secret (``store.scoped_key``)."""
+    return scoped_key(secret, uid=uid, voice=voice, bad=bad, good=good, key=key)
 
 
 class Wakeup:
@@ -147,6 +147,11 @@ class Engine:
         self._shared = leadership is not None
         self.lag_s = 0.0  # how old the oldest event was when the last catch-up folded it in
         self._behind_since: float | None = None
+        # watches read their history one batch at a time, all together: a crowd of watches replaying
+        # a long log takes one core at most, never the event loop's
+        self._watch_limiter = trio.CapacityLimiter(1)
+        self._new_voices: set[str] = set()  # voices of queued, not yet committed submits (max_voices)
+        self._key_secret: bytes | None = None
 
     # -- recovery ----------------------------------------------------------------------------------
     def recover(self) -> int:
@@ -302,26 +307,43 @@ class Engine:
         return result  # type: ignore[no-any-return]
 
     def submit_nowait(
-        self, fields: dict[str, Any], on_done: Callable[[dict[str, Any] | None, BaseException | None], None]
+        self,
+        fields: dict[str, Any],
+        on_done: Callable[[dict[str, Any] | None, BaseException | None], None],
+        *,
+        uid: int | None = None,
     ) -> None:
         """Queue a pair for the next group commit; ``on_done(result, error)`` runs after COMMIT (on the
-        event loop). The server's fast path: no task, channel or event per request."""
+        event loop). The server's fast path: no task, channel or event per request. ``uid``: the
+        submitter, which scopes the idempotency key."""
         if not self.accepting:
             raise Unavailable("beagled is shutting down")
         arrived = time.monotonic()
         voice = fields["voice"]
+        if voice not in self.state.voices and voice not in self._new_voices:
+            if len(self.state.voices) + len(self._new_voices) >= self.cfg.daemon.max_voices:
+                raise Unavailable(
+                    f"too many voices (daemon.max_voices = {self.cfg.daemon.max_voices}); "
+                    "submit to an existing voice or ask the operator to delete one"
+                )
+            self._new_voices.add(voice)
+        if self._key_secret is None:
+            self._key_secret = self.store.key_secret()
         pair_id = "p-" + secrets.token_hex(8)
         payload = ev.PairSubmitted(
             pair_id=pair_id,
             voice=voice,
             bad=fields["bad"],
             good=fields["good"],
-            key=idempotency_key(voice, fields["bad"], fields["good"], fields.get("key")),
+            key=idempotency_key(
+                voice, fields["bad"], fields["good"], fields.get("key"), secret=self._key_secret, uid=uid
+            ),
             prompt=fields.get("prompt"),
             quality=fields.get("quality"),
             heldout=fields["heldout"]
             if fields.get("heldout") is not None
             else jobs.is_heldout(pair_id, self.cfg.training.heldout_share),
+            uid=uid,
         )
         self._submits.append(_PendingSubmit(payload, arrived, on_done))
         self._submit_wakeup.set()
@@ -363,6 +385,11 @@ class Engine:
                     for b in batch:
                         b.on_done(None, Unavailable(f"the pair was not stored: {e}"))
                     continue
+                finally:
+                    if self._new_voices:  # keep only new voices still waiting in the queue
+                        queued = {b.payload.voice for b in self._submits}
+                        known = self.state.voices
+                        self._new_voices = {v for v in self._new_voices if v in queued and v not in known}
                 fault("after_commit_before_ack")
                 self._ack(batch, results)
                 self._maybe_snapshot(nursery)
@@ -456,7 +483,13 @@ class Engine:
             raise NotFound(f"no voice {voice!r}")
         try:
             events = await self.execute(
-                jobs.CutJob(voice, new_id("j"), "manual", self.cfg.training.replay_pairs)
+                jobs.CutJob(
+                    voice,
+                    new_id("j"),
+                    "manual",
+                    self.cfg.training.replay_pairs,
+                    limit=self.cfg.scheduler.max_pairs_per_job,
+                )
             )
         except IllegalTransition as e:
             raise Conflict(str(e)) from None
@@ -478,11 +511,21 @@ class Engine:
             return {"paused": self.state.voices[voice].paused, "voice": voice}
         return {"paused": self.state.paused}
 
-    async def delete_voice(self, voice: str, remove_adapters: bool) -> dict[str, Any]:
+    async def delete_voice(
+        self, voice: str, remove_adapters: bool, erase_drafts: bool = False
+    ) -> dict[str, Any]:
         try:
             await self.execute(jobs.DeleteVoice(voice, remove_adapters))
         except IllegalTransition as e:
             raise Conflict(str(e)) from None
+        erased = None
+        if erase_drafts:  # the voice is gone from the state: no job can start on its pairs now
+            async with self._lock:
+                events = await trio.to_thread.run_sync(
+                    self.store.erase_drafts, voice, time.time(), limiter=self._store_limiter
+                )
+                self._apply(events)
+            erased = events[0].payload.pairs  # type: ignore[attr-defined]
         removed = False
         if remove_adapters:
             removed = await retention.remove_voice(
@@ -490,7 +533,10 @@ class Engine:
             )
         self.verified_at.pop(voice, None)
         log.info("voice deleted", extra={"voice": voice, "adapters_removed": removed})
-        return {"voice": voice, "deleted": True, "adapters_removed": removed}
+        out: dict[str, Any] = {"voice": voice, "deleted": True, "adapters_removed": removed}
+        if erase_drafts:
+            out["drafts_erased"] = erased
+        return out
 
     async def watch(self, from_seq: int | None) -> AsyncIterator[dict[str, Any]]:
         """History from ``from_seq`` (exclusive), then live events and progress, until the caller stops."""
@@ -498,11 +544,15 @@ class Engine:
         self._subscribers.add(send)
         try:
             last = self.state.seq if from_seq is None else from_seq
-            if from_seq is not None:
-                history = await trio.to_thread.run_sync(lambda: list(self.store.read(from_seq)))
-                for e in history:
-                    last = e.seq
-                    yield {"event": e.public()}
+            while from_seq is not None:  # history in bounded batches, without drafts, one thread hop each
+                batch = await trio.to_thread.run_sync(
+                    self.store.read_public, last, WATCH_BATCH, limiter=self._watch_limiter
+                )
+                for pub in batch:
+                    last = pub["seq"]
+                    yield {"event": pub}
+                if len(batch) < WATCH_BATCH:
+                    break
             async for msg in recv:
                 if "event" in msg:
                     if msg["event"]["seq"] <= last:
@@ -547,7 +597,13 @@ class Engine:
                     if reason and v.name not in queued_voices:
                         await self._guarded(
                             self.execute(
-                                jobs.CutJob(v.name, new_id("j"), reason, self.cfg.training.replay_pairs)
+                                jobs.CutJob(
+                                    v.name,
+                                    new_id("j"),
+                                    reason,
+                                    self.cfg.training.replay_pairs,
+                                    limit=s.max_pairs_per_job,
+                                )
                             ),
                             "cut job",
                             voice=v.name,
@@ -569,7 +625,7 @@ class Engine:
         await self.trainer.probe_all()
         self._train_wakeup.set()
         while True:
-            job = jobs.next_training(self.state, time.time())
+            job = jobs.next_training(self.state, time.time(), self.cfg.scheduler.min_pairs)
             if job is None:
                 await self._train_wakeup.wait(jobs.next_training_deadline(self.state))
                 continue
@@ -1042,13 +1098,25 @@ class Engine:
     def _ack(self, batch: list[_PendingSubmit], results: list[Any]) -> None:
         now = time.monotonic()
         observe = self.metrics.submit_ack.observe
-        dup = 0
+        dup = conflicts = 0
         for b, r in zip(batch, results, strict=True):
-            dup += r.duplicate
             observe(now - b.arrived)
+            if r.conflict:
+                conflicts += 1
+                b.on_done(
+                    None,
+                    Conflict(
+                        f"key already used for pair {r.pair_id} (seq {r.seq}) with other drafts; "
+                        "a key names one pair: use a new key for new drafts"
+                    ),
+                )
+                continue
+            dup += r.duplicate
             b.on_done({"pair_id": r.pair_id, "seq": r.seq, "duplicate": r.duplicate}, None)
-        if len(batch) - dup:
-            self.metrics.submissions.labels("accepted").inc(len(batch) - dup)
+        if conflicts:
+            self.metrics.submissions.labels("rejected").inc(conflicts)
+        if len(batch) - dup - conflicts:
+            self.metrics.submissions.labels("accepted").inc(len(batch) - dup - conflicts)
         if dup:
             self.metrics.submissions.labels("duplicate").inc(dup)
 

@@ -47,6 +47,7 @@ class PairSubmitted(Payload):
     prompt: str | None = None
     quality: dict[str, float] | None = None
     heldout: bool = False
+    uid: int | None = None  # the submitter's uid (None in logs from before roles)
 
     def stream(self) -> str:
         return f"voice:{self.voice}"
@@ -245,6 +246,20 @@ class VoiceDeleted(Payload):
 
 
 @dataclass(frozen=True)
+class DraftsErased(Payload):
+    """The drafts of a deleted voice were overwritten in the log (``delete_voice`` with
+    ``erase_drafts``): its ``PairSubmitted`` events keep their place, ids and keys, with ``bad`` and
+    ``good`` empty and ``prompt`` null; the log stays append-only in shape."""
+
+    TYPE: ClassVar[str] = "DraftsErased"
+    voice: str
+    pairs: int = 0
+
+    def stream(self) -> str:
+        return f"voice:{self.voice}"
+
+
+@dataclass(frozen=True)
 class Paused(Payload):
     TYPE: ClassVar[str] = "Paused"
 
@@ -281,6 +296,7 @@ PAYLOAD_TYPES: dict[str, type[Payload]] = {
         VoicePaused,
         VoiceResumed,
         VoiceDeleted,
+        DraftsErased,
         Paused,
         Resumed,
     )

@@ -349,6 +349,8 @@ def evolve(state: State, event: ev.Event) -> State:
         _stored_voice(state, p.voice).paused = isinstance(p, ev.VoicePaused)
     elif isinstance(p, ev.VoiceDeleted):
         state.voices.pop(p.voice, None)
+    elif isinstance(p, ev.DraftsErased):
+        pass  # the drafts are not part of the projection
     elif isinstance(p, ev.Paused):
         state.paused = True
     elif isinstance(p, ev.Resumed):
@@ -794,8 +796,12 @@ def next_cut_deadline(state: State, max_wait_s: float) -> float | None:
     return min(deadlines) if deadlines else None
 
 
-def next_training(state: State, now: float) -> Job | None:
-    """The job to train next: queued or due for retry; fair between voices (least recently trained first)."""
+def next_training(state: State, now: float, min_pairs: int = 0) -> Job | None:
+    """The job to train next: queued or due for retry; fair between voices (least recently trained first).
+
+    Jobs with at least ``min_pairs`` pairs go before smaller ones (cut by ``max_wait``): a flood of
+    one-pair voices, which would all sort first as never trained, delays a full job by at most the
+    one job already training."""
     ready = [
         j
         for j in state.jobs.values()
@@ -805,7 +811,13 @@ def next_training(state: State, now: float) -> Job | None:
     if not ready:
         return None
     return min(
-        ready, key=lambda j: (j.pending_intent is None, state.voice(j.voice).last_trained_at, j.created_at)
+        ready,
+        key=lambda j: (
+            j.pending_intent is None,
+            len(j.pair_ids) < min_pairs,
+            state.voice(j.voice).last_trained_at,
+            j.created_at,
+        ),
     )
 
 

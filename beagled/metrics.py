@@ -138,15 +138,31 @@ class Metrics:
 
 
 async def serve_metrics(
-    metrics: Metrics, host: str, port: int, *, task_status: Any = trio.TASK_STATUS_IGNORED
+    metrics: Metrics,
+    host: str,
+    port: int,
+    *,
+    max_connections: int = 16,
+    timeout_s: float = 2.0,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``GET /metrics`` (HTTP/1.0, one request per connection) until cancelled."""
+    """Serve ``GET /metrics`` (HTTP/1.0, one request per connection) until cancelled.
+
+    Bounded (anyone on the host can connect to a TCP port): at most ``max_connections`` at once — one
+    more is closed as soon as it is accepted — and each must send its request and take its answer
+    within ``timeout_s``, so the endpoint can never hold more than ``max_connections`` descriptors."""
     listeners = await trio.open_tcp_listeners(port, host=host)
     task_status.started(listeners[0].socket.getsockname())
+    active = 0
 
     async def handle(stream: trio.SocketStream) -> None:
+        nonlocal active
+        if active >= max_connections:
+            await trio.aclose_forcefully(stream)  # at the cap: no answer, no wait, its descriptor back now
+            return
+        active += 1
         try:
-            with trio.move_on_after(10):
+            with trio.move_on_after(timeout_s):
                 data = b""
                 while b"\r\n\r\n" not in data and b"\n\n" not in data and len(data) < 8192:
                     chunk = await stream.receive_some(4096)
@@ -172,7 +188,8 @@ async def serve_metrics(
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
-            await stream.aclose()
+            active -= 1
+            await trio.aclose_forcefully(stream)
 
     await trio.serve_listeners(handle, listeners)
 

@@ -213,7 +213,10 @@ def _delete_voice(f: dict[str, Any], _limits: Limits) -> dict[str, Any]:
     remove = f.get("remove_adapters", False)
     if not isinstance(remove, bool):
         raise BadRequest("remove_adapters must be true or false")
-    return {"voice": voice_name(f["voice"]), "remove_adapters": remove}
+    erase = f.get("erase_drafts", False)
+    if not isinstance(erase, bool):
+        raise BadRequest("erase_drafts must be true or false")
+    return {"voice": voice_name(f["voice"]), "remove_adapters": remove, "erase_drafts": erase}
 
 
 Validator = Callable[[dict[str, Any], Limits], dict[str, Any]]
@@ -228,7 +231,7 @@ OPS: dict[str, tuple[frozenset[str], Validator]] = {
     "rollback": (frozenset({"voice", "to"}), _rollback),
     "pause": (frozenset({"voice"}), _pause),
     "resume": (frozenset({"voice"}), _pause),
-    "delete_voice": (frozenset({"voice", "remove_adapters"}), _delete_voice),
+    "delete_voice": (frozenset({"voice", "remove_adapters", "erase_drafts"}), _delete_voice),
     "watch": (frozenset({"from_seq"}), _watch),
 }
 ENVELOPE = frozenset({"v", "id", "op"})

@@ -5,7 +5,13 @@ only the owner can enter, and every peer's uid is checked (SO_PEERCRED / LOCAL_P
 ``allowed_uids``. Isolation: a connection's failure, slowness or flood never reaches another one —
 requests per connection are bounded (backpressure stops reading), a client that does not read its
 responses is dropped after ``write_timeout_s``, an idle one after ``idle_timeout_s``, and every
-exception is caught per connection. Pipelined requests run concurrently and are answered in order.
+exception is caught per connection. Pipelined requests run concurrently and are answered in order;
+a request waits for the changes (submits, commands) before it on its connection to take effect first.
+
+Shared hosts (issue 18): the peer's uid is checked before a connection counts against any cap; refused
+peers are answered briefly, their log line rate-limited; connections per uid are capped; every op is
+checked against the roles (``beagled.access``); a connection streams at most one ``watch``, with caps
+per uid and overall, and a watch's queued lines are bounded (it waits for the client to read them).
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from typing import Any
 import trio
 
 from beagled import protocol
+from beagled.access import Policy
+from beagled.bounds import Throttle
 from beagled.engine import Engine
 from beagled.errors import BeagledError, Conflict, Forbidden, Unavailable
 
@@ -33,6 +41,9 @@ log = logging.getLogger("beagled.server")
 
 LINGER_S = 2.0  # after too_large: how long the rest of an oversized request is read and discarded
 REJECT_LINGER_S = 0.5  # the same for a refused connection (forbidden, too many connections)
+MAX_REJECTING = 32  # refused connections lingering at once; beyond, they are closed without an answer
+WATCH_LINES_MAX = 256  # lines a watch may have queued for its client before it waits for it to read
+WRITE_OPS = frozenset({"submit", "train", "rollback", "pause", "resume", "delete_voice"})
 
 
 def peer_uid(sock: Any) -> int | None:
@@ -102,13 +113,32 @@ class _Entry:
     """One response position in a connection's output order. ``data`` is set when the answer is ready;
     a ``watch`` entry instead streams ``lines`` until ``done``."""
 
-    __slots__ = ("data", "done", "lines", "stream")
+    __slots__ = (
+        "after",
+        "data",
+        "done",
+        "lines",
+        "next_write",
+        "prev_write",
+        "ready",
+        "settled",
+        "stream",
+        "write",
+    )
 
     def __init__(self, *, stream: bool = False) -> None:
         self.data: bytes | None = None
         self.stream = stream
         self.lines: deque[bytes] = deque()
         self.done = False
+        # Changes (submit, commands) form a chain per connection; a write is *settled* once it and
+        # every write before it are answered. A later request waits for the last write before it.
+        self.write = False
+        self.settled = False
+        self.prev_write: _Entry | None = None
+        self.next_write: _Entry | None = None
+        self.after: _Entry | None = None  # the last write dispatched before this request
+        self.ready: trio.Event | None = None  # made by a request that waits for this write to settle
 
 
 class _Output:
@@ -118,6 +148,8 @@ class _Output:
         self.entries: deque[_Entry] = deque()
         self.changed = trio.Event()  # for the writer: an answer became ready
         self.drained = trio.Event()  # for the reader: the writer sent some answers
+        self.flushed = trio.Event()  # for the connection's one watch: the writer sent its lines
+        self.last_write: _Entry | None = None  # the newest write of the chain (see ``_Entry``)
 
     def wake(self) -> None:
         self.changed.set()
@@ -129,6 +161,46 @@ class _Output:
     async def wait_drained(self) -> None:
         await self.drained.wait()
         self.drained = trio.Event()
+
+    async def wait_flushed(self) -> None:
+        await self.flushed.wait()
+        self.flushed = trio.Event()
+
+    def unsettled(self) -> bool:
+        return self.last_write is not None and not self.last_write.settled
+
+    def add_write(self, entry: _Entry) -> None:
+        entry.write = True
+        entry.prev_write = self.last_write
+        if self.last_write is not None:
+            self.last_write.next_write = entry
+        self.last_write = entry
+
+    @staticmethod
+    def settle(entry: _Entry | None) -> None:
+        """``entry`` was answered: settle it and every answered write after it whose turn it now is."""
+        while (
+            entry is not None
+            and entry.data is not None
+            and not entry.settled
+            and (entry.prev_write is None or entry.prev_write.settled)
+        ):
+            entry.settled = True
+            entry.prev_write = None  # nothing needs it any more
+            if entry.ready is not None:
+                entry.ready.set()
+            entry = entry.next_write
+
+    @staticmethod
+    async def after_writes_before(entry: _Entry) -> None:
+        """Wait until every change queued before ``entry`` on this connection is answered."""
+        w = entry.after
+        entry.after = None
+        if w is None or w.settled:
+            return
+        if w.ready is None:
+            w.ready = trio.Event()
+        await w.ready.wait()
 
     def take_ready(self) -> bytes:
         """Every answer ready at the head, in order, as one write (watch lines included)."""
@@ -156,8 +228,15 @@ class Server:
         self.cfg = d
         self.path = engine.cfg.socket_path
         self.limits = protocol.Limits(max_draft_bytes=d.max_draft_bytes)
-        self.allowed = set(d.allowed_uids) or {os.getuid()}
+        operators = frozenset(d.operator_uids or [os.getuid()])
+        self.allowed = set(d.allowed_uids) | operators
+        self.policy = Policy(operators=operators, owners=dict(d.voice_owners))
         self.active = 0
+        self.per_uid: dict[int, int] = {}  # open connections per uid
+        self.rejecting = 0
+        self.watches: dict[int, int] = {}  # live watch streams per uid
+        self.queued_submits: dict[int, int] = {}  # submits of a submitter not yet committed (quota)
+        self._refusals = Throttle(burst=5, per_s=10.0)
         self.listener: trio.SocketListener | None = None
         self._sync_ops: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "ping": lambda f: engine.ping(),
@@ -171,10 +250,13 @@ class Server:
             "rollback": lambda f: engine.rollback(f["voice"], f.get("to")),
             "pause": lambda f: engine.set_paused(True, f.get("voice")),
             "resume": lambda f: engine.set_paused(False, f.get("voice")),
-            "delete_voice": lambda f: engine.delete_voice(f["voice"], f["remove_adapters"]),
+            "delete_voice": lambda f: engine.delete_voice(
+                f["voice"], f["remove_adapters"], f.get("erase_drafts", False)
+            ),
         }
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        self.policy.seed(await trio.to_thread.run_sync(self.engine.store.submitters))
         shared = bool(self.allowed - {os.getuid()})
         sock = bind_unix(self.path, shared=shared)
         if shared:
@@ -208,32 +290,64 @@ class Server:
             await self.listener.aclose()
 
     async def _connection(self, stream: trio.SocketStream) -> None:
-        self.active += 1
+        uid: int | None = None
+        counted = False
         try:
-            await self._serve_connection(stream)
+            uid = peer_uid(stream.socket)  # the peer check comes first: a refused peer counts nowhere
+            if uid is None or uid not in self.allowed:
+                self._log_refusal("refused a peer", uid)
+                await self._reject(stream, Forbidden(f"uid {uid} may not use this daemon"))
+                return
+            self.active += 1
+            self.per_uid[uid] = self.per_uid.get(uid, 0) + 1
+            counted = True
+            if self.active > self.cfg.max_connections:
+                self._log_refusal("refused a connection: too many connections", uid)
+                too_many = Unavailable(f"too many connections (max {self.cfg.max_connections})")
+                await self._reject(stream, too_many)
+                return
+            if self.per_uid[uid] > self.cfg.max_connections_per_uid and not self.policy.is_operator(uid):
+                self._log_refusal("refused a connection: too many connections of this uid", uid)
+                await self._reject(
+                    stream,
+                    Unavailable(
+                        f"too many connections of uid {uid} (daemon.max_connections_per_uid = "
+                        f"{self.cfg.max_connections_per_uid})"
+                    ),
+                )
+                return
+            await self._serve_connection(stream, uid)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
             pass
         except Exception:
             log.exception("connection failed")
         finally:
-            self.active -= 1
+            if counted and uid is not None:
+                self.active -= 1
+                self.per_uid[uid] -= 1
+                if not self.per_uid[uid]:
+                    del self.per_uid[uid]
             with trio.CancelScope(shield=True), contextlib.suppress(Exception):
                 await stream.aclose()
 
-    async def _reject(self, stream: trio.SocketStream, exc: BeagledError) -> None:
-        with trio.move_on_after(self.cfg.write_timeout_s):
-            await stream.send_all(protocol.encode_error(None, exc))
-        await self._linger(stream, REJECT_LINGER_S)  # the peer may have sent its request already
+    def _log_refusal(self, what: str, uid: int | None) -> None:
+        ok, suppressed = self._refusals.allow()  # a flood of refused connects must not flood the log
+        if ok:
+            log.warning(what, extra={"peer_uid": uid, "suppressed_since_last": suppressed})
 
-    async def _serve_connection(self, stream: trio.SocketStream) -> None:
-        if self.active > self.cfg.max_connections:
-            await self._reject(stream, Unavailable(f"too many connections (max {self.cfg.max_connections})"))
+    async def _reject(self, stream: trio.SocketStream, exc: BeagledError) -> None:
+        if self.rejecting >= MAX_REJECTING:  # a flood: no answer, no linger, the descriptor back at once
             return
-        uid = peer_uid(stream.socket)
-        if uid is None or uid not in self.allowed:
-            log.warning("refused a peer", extra={"peer_uid": uid})
-            await self._reject(stream, Forbidden(f"uid {uid} may not use this daemon"))
-            return
+        self.rejecting += 1
+        try:
+            with trio.move_on_after(min(self.cfg.write_timeout_s, REJECT_LINGER_S)):
+                await stream.send_all(protocol.encode_error(None, exc))
+            await self._linger(stream, REJECT_LINGER_S)  # the peer may have sent its request already
+        finally:
+            self.rejecting -= 1
+
+    async def _serve_connection(self, stream: trio.SocketStream, uid: int) -> None:
+        policy = self.policy
         out = _Output()
         limit = self.cfg.max_inflight_per_connection
         streaming = False
@@ -244,6 +358,7 @@ class Server:
                 data = out.take_ready()
                 if data:
                     out.drained.set()
+                    out.flushed.set()
                     with trio.fail_after(self.cfg.write_timeout_s):  # a client that does not read is dropped
                         await stream.send_all(data)
                     continue
@@ -253,19 +368,42 @@ class Server:
 
         def answer(entry: _Entry, data: bytes) -> None:
             entry.data = data
+            if entry.write:
+                out.settle(entry)
             out.wake()
 
         async def run_op(req: protocol.Request, entry: _Entry) -> None:
             try:
+                await run_op_inner(req, entry)
+            finally:
                 if req.op == "watch":
-                    await self._watch(req, entry, out)
+                    self.watches[uid] -= 1
+                    if not self.watches[uid]:
+                        del self.watches[uid]
+
+        async def run_op_inner(req: protocol.Request, entry: _Entry) -> None:
+            try:
+                await _Output.after_writes_before(entry)
+                if req.op == "watch":
+                    await self._watch(req, entry, out, uid)
                     return
-                data = protocol.encode_ok(req.id, await self._ops[req.op](req.fields))
+                if req.op in self._sync_ops:
+                    result = self._filtered(uid, req, self._sync_ops[req.op](req.fields))
+                else:
+                    result = await self._ops[req.op](req.fields)
+                    if req.op == "job":
+                        policy.check_read(uid, result["job"]["voice"])
+                data = protocol.encode_ok(req.id, result)
             except BeagledError as e:
                 data = protocol.encode_error(req.id, e)
             except Exception as e:
                 log.exception("request %s failed", req.op)
                 data = protocol.encode_error(req.id, e)
+            if entry.stream:  # a watch that failed before streaming: its error ends its stream
+                entry.lines.append(data)
+                entry.done = True
+                out.wake()
+                return
             answer(entry, data)
 
         def dispatch(line: bytes, nursery: trio.Nursery) -> None:
@@ -278,26 +416,41 @@ class Server:
                 answer(entry, protocol.encode_error(e.request_id, e))
                 return
             try:
+                policy.check_op(uid, req.op)
+                entry.after = out.last_write
+                if req.op in WRITE_OPS:
+                    out.add_write(entry)
                 if req.op == "submit":  # the hot path: a callback after COMMIT, no task per request
                     rid = req.id
+                    voice = req.fields["voice"]
+                    policy.check_submit(uid, voice)
+                    self._check_quota(uid)
+                    queued = self.queued_submits
 
                     def done(result: dict[str, Any] | None, error: BaseException | None) -> None:
                         # runs inside the engine's committer: it must never raise
+                        queued[uid] -= 1
+                        if not queued[uid]:
+                            del queued[uid]
                         try:
                             if error is not None or result is None:
                                 data = protocol.encode_error(rid, error or RuntimeError("no result"))
                             else:
+                                policy.record(uid, voice)
                                 data = protocol.encode_ok(rid, result)
                         except Exception as e:  # e.g. an id the response line cannot encode
                             log.exception("cannot encode the answer to a submit")
                             data = protocol.encode_error(None, e)
                         answer(entry, data)
 
-                    self.engine.submit_nowait(req.fields, done)
-                elif req.op in self._sync_ops:
-                    answer(entry, protocol.encode_ok(req.id, self._sync_ops[req.op](req.fields)))
+                    self.engine.submit_nowait(req.fields, done, uid=uid)
+                    queued[uid] = queued.get(uid, 0) + 1
+                elif req.op in self._sync_ops and not out.unsettled():
+                    result = self._filtered(uid, req, self._sync_ops[req.op](req.fields))
+                    answer(entry, protocol.encode_ok(req.id, result))
                 else:
                     if req.op == "watch":
+                        self._open_watch(uid, streaming)
                         entry.stream = True
                         streaming = True
                     nursery.start_soon(run_op, req, entry)
@@ -347,13 +500,68 @@ class Server:
                 while await stream.receive_some(65536):
                     pass
 
-    async def _watch(self, req: protocol.Request, entry: _Entry, out: _Output) -> None:
+    def _filtered(self, uid: int, req: protocol.Request, result: dict[str, Any]) -> dict[str, Any]:
+        if req.op == "jobs":
+            return self.policy.filter_jobs(uid, result)
+        if req.op == "voices":
+            return self.policy.filter_voices(uid, result)
+        return result
+
+    def _check_quota(self, uid: int) -> None:
+        """A submitter's pending pairs (in the voices it submitted to) are capped; operators are not."""
+        if self.policy.is_operator(uid):
+            return
+        voices = self.engine.state.voices
+        pending = self.queued_submits.get(uid, 0) + sum(
+            len(voices[v].pending) for v in self.policy.submitted.get(uid, ()) if v in voices
+        )
+        if pending >= self.cfg.max_pending_per_uid:
+            raise Unavailable(
+                f"uid {uid} has {pending} pending pairs (daemon.max_pending_per_uid = "
+                f"{self.cfg.max_pending_per_uid}); wait for a job to take them"
+            )
+
+    def _open_watch(self, uid: int, already: bool) -> None:
+        if already:
+            raise Conflict("this connection already streams a watch (one per connection)")
+        total = sum(self.watches.values())
+        if total >= self.cfg.max_watches:
+            raise Unavailable(f"too many watch streams (daemon.max_watches = {self.cfg.max_watches})")
+        if self.watches.get(uid, 0) >= self.cfg.max_watches_per_uid and not self.policy.is_operator(uid):
+            raise Unavailable(
+                f"uid {uid} has {self.watches[uid]} watch streams "
+                f"(daemon.max_watches_per_uid = {self.cfg.max_watches_per_uid})"
+            )
+        self.watches[uid] = self.watches.get(uid, 0) + 1
+
+    def _visible(self, uid: int, kind: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        """A watch message as ``uid`` may see it, or None."""
+        policy = self.policy
+        if policy.is_operator(uid):
+            return body
+        if kind == "progress":
+            return body if policy.may_read(uid, body.get("voice")) else None
+        data = body.get("data") or {}
+        voice = data.get("voice")
+        if voice is None and "job_id" in data:
+            job = self.engine.state.jobs.get(data["job_id"])
+            if job is None:
+                return None  # a job no longer in memory: its voice is unknown here, so not shown
+            voice = job.voice
+        return policy.public_event(uid, body, voice)
+
+    async def _watch(self, req: protocol.Request, entry: _Entry, out: _Output, uid: int) -> None:
         gen = self.engine.watch(req.fields.get("from_seq"))
         try:
             async for msg in gen:
                 key = "event" if "event" in msg else "progress"
-                entry.lines.append(protocol.encode_stream(req.id, key, msg[key]))
+                body = self._visible(uid, key, msg[key])
+                if body is None:
+                    continue
+                entry.lines.append(protocol.encode_stream(req.id, key, body))
                 out.wake()
+                while len(entry.lines) >= WATCH_LINES_MAX:  # bounded: wait for the client to read
+                    await out.wait_flushed()
         finally:
             await gen.aclose()  # type: ignore[attr-defined]
         entry.lines.append(

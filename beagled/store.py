@@ -30,10 +30,15 @@ replay) when one cannot be read. The newest ``KEEP_SNAPSHOTS`` are kept.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import hmac
 import json
+import secrets
+import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -70,8 +75,14 @@ keys_t = sa.Table(
     sa.Column("key", sa.Text, primary_key=True),
     sa.Column("pair_id", sa.Text, nullable=False),
     sa.Column("seq", _Pos, nullable=False),
+    # issue 18: keys are scoped to (uid, voice) and stored as keyed hashes (``scoped_key``); ``content``
+    # is the keyed fingerprint of the drafts, so the same key with other drafts is a conflict
+    sa.Column("uid", sa.Integer, nullable=True),
+    sa.Column("voice", sa.Text, nullable=True),
+    sa.Column("content", sa.Text, nullable=True),
     sqlite_with_rowid=False,  # one B-tree per row written, not a table plus its key index
 )
+_KEY_COLUMNS = ("uid", "voice", "content")  # added after the first release: ALTER TABLE on open
 pairs_t = sa.Table(
     "pairs",
     metadata,
@@ -104,9 +115,23 @@ lease_t = sa.Table(  # one row: the newest leader term (written by beagled.leade
 _INSERT_EVENT = (
     "INSERT INTO events (seq, stream, version, type, schema, at, data, term) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
-_INSERT_KEY = "INSERT INTO idempotency (key, pair_id, seq) VALUES (?, ?, ?)"
+_INSERT_KEY = "INSERT INTO idempotency (key, pair_id, seq, uid, voice, content) VALUES (?, ?, ?, ?, ?, ?)"
 _INSERT_PAIR = "INSERT INTO pairs (pair_id, seq) VALUES (?, ?)"
 _SELECT_EVENTS = "SELECT seq, version, type, schema, at, data FROM events"
+_SELECT_PUBLIC = {  # the drafts cut out by the database: a watch's history never loads a draft
+    "sqlite": "SELECT seq, type, at, CASE WHEN type = 'PairSubmitted' "
+    "THEN json_remove(data, '$.bad', '$.good', '$.prompt') ELSE data END "
+    "FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+    "postgresql": "SELECT seq, type, at, CASE WHEN type = 'PairSubmitted' "
+    "THEN (data::jsonb - 'bad' - 'good' - 'prompt')::text ELSE data END "
+    "FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+}
+_ERASE_DRAFTS = {
+    "sqlite": "UPDATE events SET data = json_set(data, '$.bad', '', '$.good', '', '$.prompt', NULL) "
+    "WHERE stream = ? AND type = 'PairSubmitted'",
+    "postgresql": "UPDATE events SET data = (data::jsonb || '{\"bad\": \"\", \"good\": \"\", "
+    "\"prompt\": null}'::jsonb)::text WHERE stream = ? AND type = 'PairSubmitted'",
+}
 
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode  # one encoder, reused
 _quote: Any = json.encoder.encode_basestring  # the C string quoter
@@ -119,6 +144,23 @@ class SubmitResult:
     seq: int
     duplicate: bool
     event: ev.Event | None  # the new event, None for a duplicate
+    conflict: bool = False  # the key is taken by other drafts (``pair_id``/``seq``: the stored pair)
+
+
+def scoped_key(
+    secret: bytes, *, uid: int | None, voice: str, bad: str, good: str, key: str | None
+) -> str:
+    """The idempotency key as stored and logged: scoped to (uid, voice), a keyed hash (HMAC-SHA256 with
+    the log's own secret), so neither a raw key nor an offline-guessable draft hash is ever shown."""
+    parts = (str(uid), voice, "k", key) if key is not None else (str(uid), voice, "h", bad, good)
+    msg = "\x00".join(parts).encode("utf-8", "surrogatepass")
+    return ("k:" if key is not None else "h:") + hmac.new(secret, msg, hashlib.sha256).hexdigest()
+
+
+def content_of(secret: bytes, p: ev.PairSubmitted) -> str:
+    """Keyed fingerprint of a pair's drafts: the same key with another fingerprint is a conflict."""
+    msg = "\x00".join((p.voice, p.bad, p.good, p.prompt or "")).encode("utf-8", "surrogatepass")
+    return hmac.new(secret, b"content\x00" + msg, hashlib.sha256).hexdigest()
 
 
 class Store(Protocol):
@@ -128,7 +170,11 @@ class Store(Protocol):
     def submit_batch(self, items: Sequence[ev.PairSubmitted], at: float) -> list[SubmitResult]: ...
     def read(self, from_seq: int = 0) -> Iterator[ev.Event]: ...
     def read_stream(self, stream: str) -> list[ev.Event]: ...
+    def read_public(self, from_seq: int, limit: int) -> list[dict[str, Any]]: ...
     def get_pairs(self, pair_ids: Sequence[str]) -> dict[str, ev.PairSubmitted]: ...
+    def key_secret(self) -> bytes: ...
+    def erase_drafts(self, voice: str, at: float) -> list[ev.Event]: ...
+    def submitters(self) -> list[tuple[int, str]]: ...
     def last_seq(self) -> int: ...
     def write_snapshot(self, seq: int, schema: int, blob: bytes) -> None: ...
     def snapshots(self) -> Iterator[tuple[int, int, bytes]]: ...
@@ -155,6 +201,8 @@ def _data(p: ev.Payload) -> str:
             + ("null" if p.quality is None else _encode(p.quality))
             + ',"heldout":'
             + ("true" if p.heldout else "false")
+            + ',"uid":'
+            + ("null" if p.uid is None else str(int(p.uid)))
             + "}"
         )
         return out
@@ -212,19 +260,28 @@ class _Sequencer:
         self.versions.clear()
 
 
+Found = dict[str, tuple[str, int, str | None]]  # key -> (pair_id, seq, content fingerprint or None)
+
+
 def _plan(
-    items: Sequence[ev.PairSubmitted], found: dict[str, tuple[str, int]]
-) -> tuple[list[ev.PairSubmitted], list[tuple[str, int] | int]]:
-    """Which items are new, and for each item: an existing (pair_id, seq) or an index into ``fresh``
-    (negative ``-1 - i`` for a duplicate of the ``i``-th fresh pair of this same batch)."""
+    items: Sequence[ev.PairSubmitted], found: Found, content: Any
+) -> tuple[list[ev.PairSubmitted], list[tuple[str, int, bool] | int]]:
+    """Which items are new, and for each item: an existing (pair_id, seq, conflict) or an index into
+    ``fresh`` (negative ``-1 - i`` for a duplicate of the ``i``-th fresh pair of this same batch).
+    ``conflict``: the key is stored with other drafts (a row from before fingerprints never conflicts)."""
     fresh: list[ev.PairSubmitted] = []
-    plan: list[tuple[str, int] | int] = []
+    plan: list[tuple[str, int, bool] | int] = []
     batch_keys: dict[str, int] = {}
     for p in items:
         if p.key in found:
-            plan.append(found[p.key])
+            pid, seq, fp = found[p.key]
+            plan.append((pid, seq, fp is not None and fp != content(p)))
         elif p.key in batch_keys:
-            plan.append(-1 - batch_keys[p.key])
+            first = fresh[batch_keys[p.key]]
+            if content(first) != content(p):
+                plan.append((first.pair_id, -1 - batch_keys[p.key], True))
+            else:
+                plan.append(-1 - batch_keys[p.key])
         else:
             batch_keys[p.key] = len(fresh)
             plan.append(len(fresh))
@@ -233,12 +290,17 @@ def _plan(
 
 
 def _results(
-    fresh: list[ev.PairSubmitted], plan: list[tuple[str, int] | int], stamped: list[ev.Event]
+    fresh: list[ev.PairSubmitted], plan: list[tuple[str, int, bool] | int], stamped: list[ev.Event]
 ) -> list[SubmitResult]:
     out: list[SubmitResult] = []
     for step in plan:
         if isinstance(step, tuple):
-            out.append(SubmitResult(pair_id=step[0], seq=step[1], duplicate=True, event=None))
+            pid, seq, conflict = step
+            if seq < 0:  # a conflict with a fresh pair of this same batch
+                seq = stamped[-1 - seq].seq
+            out.append(
+                SubmitResult(pair_id=pid, seq=seq, duplicate=not conflict, event=None, conflict=conflict)
+            )
         elif step >= 0:
             new = stamped[step]
             out.append(SubmitResult(pair_id=fresh[step].pair_id, seq=new.seq, duplicate=False, event=new))
@@ -271,6 +333,29 @@ class SqlStore:
         self._db: DbConn = d.wrap(self._wconn.driver_connection)
         self._lock = threading.Lock()  # guards the sequencer if a caller forgets the one-writer rule
         self._seq = _Sequencer(int(last or 0), self._stream_version)
+        self._secret = self._load_secret()
+
+    def _load_secret(self) -> bytes:
+        """The log's own key-hash secret (``meta.key_secret``), created with the log; shared by every
+        daemon that shares the log, so that their keyed hashes agree."""
+        with self._writer.begin() as c:
+            c.execute(  # ON CONFLICT DO NOTHING: SQLite and PostgreSQL alike (two daemons racing)
+                sa.text("INSERT INTO meta (key, value) VALUES (:k, :v) ON CONFLICT (key) DO NOTHING"),
+                {"k": "key_secret", "v": secrets.token_hex(32)},
+            )
+            value = c.execute(sa.select(meta_t.c.value).where(meta_t.c.key == "key_secret")).scalar_one()
+        return bytes.fromhex(value)
+
+    def key_secret(self) -> bytes:
+        return self._secret
+
+    def submitters(self) -> list[tuple[int, str]]:
+        """Every (uid, voice) that has submitted a pair (since scoped keys), for the roles."""
+        with self._read_db() as db:
+            rows = db.execute(
+                "SELECT DISTINCT uid, voice FROM idempotency WHERE uid IS NOT NULL AND voice IS NOT NULL"
+            ).fetchall()
+        return [(int(u), str(v)) for u, v in rows]
 
     # -- the writer ----------------------------------------------------------------------------------
     @contextmanager
@@ -333,12 +418,16 @@ class SqlStore:
             return []
         with self._lock, self._tx() as db:
             found = self._find(db, list(dict.fromkeys(p.key for p in items)))
-            fresh, plan = _plan(items, found)
+            fresh, plan = _plan(items, found, self._content)
             stamped, staged, seq = self._seq.stamp(fresh, at)
             if stamped:
                 db.executemany(_INSERT_EVENT, [_row(e) for e in stamped])
                 db.executemany(
-                    _INSERT_KEY, [(p.key, p.pair_id, e.seq) for p, e in zip(fresh, stamped, strict=True)]
+                    _INSERT_KEY,
+                    [
+                        (p.key, p.pair_id, e.seq, p.uid, p.voice, self._content(p))
+                        for p, e in zip(fresh, stamped, strict=True)
+                    ],
                 )
                 db.executemany(
                     _INSERT_PAIR, [(p.pair_id, e.seq) for p, e in zip(fresh, stamped, strict=True)]
@@ -347,15 +436,35 @@ class SqlStore:
         self._seq.commit(staged, seq)
         return _results(fresh, plan, stamped)
 
+    def _content(self, p: ev.PairSubmitted) -> str:
+        return content_of(self._secret, p)
+
     @staticmethod
-    def _find(db: DbConn, keys: list[str]) -> dict[str, tuple[str, int]]:
-        out: dict[str, tuple[str, int]] = {}
+    def _find(db: DbConn, keys: list[str]) -> Found:
+        out: Found = {}
         for i in range(0, len(keys), _IN_CHUNK):
             chunk = keys[i : i + _IN_CHUNK]
-            q = f"SELECT key, pair_id, seq FROM idempotency WHERE key IN ({','.join('?' * len(chunk))})"  # noqa: S608
-            for k, pid, seq in db.execute(q, chunk):
-                out[k] = (pid, seq)
+            marks = ",".join("?" * len(chunk))
+            q = f"SELECT key, pair_id, seq, content FROM idempotency WHERE key IN ({marks})"  # noqa: S608
+            for k, pid, seq, content in db.execute(q, chunk):
+                out[k] = (pid, seq, content)
         return out
+
+    def erase_drafts(self, voice: str, at: float) -> list[ev.Event]:
+        """Overwrite the drafts of every pair of ``voice`` in place and record ``DraftsErased``, in one
+        transaction; ``secure_delete`` zeroes the freed bytes and a checkpoint moves them out of the WAL."""
+        sqlite = self._d.name == "sqlite"
+        if sqlite:
+            self._db.execute("PRAGMA secure_delete=ON")
+        with self._lock, self._tx() as db:
+            n = db.execute(_ERASE_DRAFTS[self._d.name], (f"voice:{voice}",)).rowcount
+            stamped, staged, seq = self._seq.stamp([ev.DraftsErased(voice=voice, pairs=n)], at)
+            db.executemany(_INSERT_EVENT, [_row(e) for e in stamped])
+        self._seq.commit(staged, seq)
+        if sqlite:
+            with suppress(sqlite3.Error):  # a reader holds the WAL: the next checkpoint moves it
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return stamped
 
     def write_snapshot(self, seq: int, schema: int, blob: bytes) -> None:
         """Store a serialised projection of the state after event ``seq``; keep the newest few."""
@@ -413,6 +522,13 @@ class SqlStore:
             for r in rows:
                 yield _event(r)
             last = rows[-1][0]
+
+    def read_public(self, from_seq: int, limit: int) -> list[dict[str, Any]]:
+        """Up to ``limit`` events after ``from_seq`` as ``watch`` shows them (``Event.public()``), the
+        drafts cut out by the database (``json_remove``): a watch's history never loads a draft."""
+        with self._read_db() as db:
+            rows = db.execute(_SELECT_PUBLIC[self._d.name], (from_seq, limit)).fetchall()
+        return [{"seq": seq, "type": t, "at": at, "data": _decode(data)} for seq, t, at, data in rows]
 
     def read_stream(self, stream: str) -> list[ev.Event]:
         with self._read_db() as db:
@@ -483,6 +599,13 @@ def _migrate(c: sa.Connection) -> None:
         columns = {col["name"] for col in sa.inspect(c).get_columns("events")}
         if "term" not in columns:
             c.execute(sa.text("ALTER TABLE events ADD COLUMN term BIGINT"))
+    # a log from before scoped keys: add the idempotency columns (nullable; old rows stay as they were,
+    # and never conflict)
+    have = {col["name"] for col in sa.inspect(c).get_columns("idempotency")}
+    for name in _KEY_COLUMNS:
+        if name not in have:
+            kind = keys_t.c[name].type.compile(c.dialect)
+            c.execute(sa.text(f"ALTER TABLE idempotency ADD COLUMN {name} {kind}"))
     if found is None:
         c.execute(sa.insert(meta_t).values(key="schema_version", value=str(SCHEMA_VERSION)))
     elif version != SCHEMA_VERSION:
@@ -496,7 +619,9 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self._events: list[ev.Event] = []
-        self._keys: dict[str, tuple[str, int]] = {}
+        self._keys: Found = {}
+        self._secret = secrets.token_bytes(32)
+        self._submitters: set[tuple[int, str]] = set()
         self._pairs: dict[str, ev.PairSubmitted] = {}
         self._snapshots: dict[int, tuple[int, bytes]] = {}
         self._seq = _Sequencer(0, lambda stream: 0)
@@ -516,12 +641,28 @@ class MemoryStore:
 
     def submit_batch(self, items: Sequence[ev.PairSubmitted], at: float) -> list[SubmitResult]:
         self._check_fail()
-        fresh, plan = _plan(items, {p.key: self._keys[p.key] for p in items if p.key in self._keys})
+        fresh, plan = _plan(
+            items, {p.key: self._keys[p.key] for p in items if p.key in self._keys}, self._content
+        )
         stamped = self.append(fresh, at) if fresh else []
         for p, e in zip(fresh, stamped, strict=True):
-            self._keys[p.key] = (p.pair_id, e.seq)
+            self._keys[p.key] = (p.pair_id, e.seq, self._content(p))
             self._pairs[p.pair_id] = p
+            if p.uid is not None:
+                self._submitters.add((p.uid, p.voice))
         return _results(fresh, plan, stamped)
+
+    def erase_drafts(self, voice: str, at: float) -> list[ev.Event]:
+        self._check_fail()
+        n = 0
+        for i, e in enumerate(self._events):
+            p = e.payload
+            if isinstance(p, ev.PairSubmitted) and p.voice == voice:
+                blank = dataclasses.replace(p, bad="", good="", prompt=None)
+                self._events[i] = dataclasses.replace(e, payload=blank)
+                self._pairs[p.pair_id] = blank
+                n += 1
+        return self.append([ev.DraftsErased(voice=voice, pairs=n)], at)
 
     def write_snapshot(self, seq: int, schema: int, blob: bytes) -> None:
         self._check_fail()
@@ -534,11 +675,24 @@ class MemoryStore:
             schema, blob = self._snapshots[seq]
             yield seq, schema, blob
 
+    def _content(self, p: ev.PairSubmitted) -> str:
+        return content_of(self._secret, p)
+
+    def key_secret(self) -> bytes:
+        return self._secret
+
+    def submitters(self) -> list[tuple[int, str]]:
+        return sorted(self._submitters)
+
     def find_key(self, key: str) -> tuple[str, int] | None:
-        return self._keys.get(key)
+        found = self._keys.get(key)
+        return (found[0], found[1]) if found else None
 
     def read(self, from_seq: int = 0) -> Iterator[ev.Event]:
         return iter([e for e in self._events if e.seq > from_seq])
+
+    def read_public(self, from_seq: int, limit: int) -> list[dict[str, Any]]:
+        return [e.public() for e in self._events if e.seq > from_seq][:limit]
 
     def read_stream(self, stream: str) -> list[ev.Event]:
         return [e for e in self._events if e.stream == stream]

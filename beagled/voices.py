@@ -175,6 +175,9 @@ class VoiceStore:
         vdir = self.voice_dir(voice)
         if not vdir.exists():
             return False
+        for p in (self.root, vdir):  # rmtree must never follow a link planted on the way to the voice
+            if p.is_symlink():
+                raise AdapterError(f"{p} is a symbolic link; refusing to delete through it")
         shutil.rmtree(vdir)
         manifest.fsync_dir(self.root)
         return True

@@ -3,8 +3,8 @@
 Each check talks to a running daemon (``DaemonProc``) or reads its files, and raises ``AssertionError``
 with what it saw. ``check_all`` runs them in order:
 
-- every acknowledged submission is in the log: re-submitting with the same key answers
-  ``duplicate: true`` and the same ``pair_id``;
+- every acknowledged submission is in the log: re-submitting its key with other drafts answers
+  ``conflict`` naming the same ``pair_id``;
 - no pair is trained twice: a job's ``pair_ids`` are unique and a pair is in at most one job
   (``replay_ids`` are deliberate re-use and are not counted);
 - every job reaches a final state (``reloaded`` with a reloader, ``promoted`` without; ``failed`` and
@@ -60,7 +60,8 @@ def command_reload_tables(script: Path) -> dict[str, dict[str, Any]]:
 
 
 def check_acked(client: Client, acked: Iterable[Ack], *, chunk: int = 500) -> int:
-    """Re-submit every acknowledged key (other drafts, same voice): each must be a duplicate."""
+    """Re-submit every acknowledged key (other drafts, same voice): each must be refused as a
+    ``conflict`` naming the pair the key was acknowledged for (so the key is in the log, bound to it)."""
     acks = list(acked)
     for i in range(0, len(acks), chunk):
         part = acks[i : i + chunk]
@@ -71,10 +72,9 @@ def check_acked(client: Client, acked: Iterable[Ack], *, chunk: int = 500) -> in
             ]
         )
         for a, r in zip(part, responses, strict=True):
-            assert r.get("ok") is True, f"re-submitting acknowledged key {a.key!r} failed: {r}"
-            res = r["result"]
-            assert res["duplicate"] is True, f"acknowledged key {a.key!r} is not in the log: {res}"
-            assert res["pair_id"] == a.pair_id, f"key {a.key!r} acked {a.pair_id}, now {res['pair_id']}"
+            assert r.get("ok") is False, f"acknowledged key {a.key!r} is not in the log: {r}"
+            assert r["error"]["code"] == "conflict", f"re-submitting key {a.key!r}: {r}"
+            assert a.pair_id in r["error"]["message"], f"key {a.key!r} acked {a.pair_id}, now {r}"
     return len(acks)
 
 

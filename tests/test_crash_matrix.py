@@ -128,7 +128,9 @@ def run_point(
         # the pair was committed but never acknowledged: it must be in the log all the same
         assert len(inflight) == 1 and not acked
         with d.client() as c:
-            again = c.submit(bad="retry", good="retry good", key=inflight[0])
+            tag, _, i = inflight[0].rpartition("-")  # the retry of the same submit: same key, same drafts
+            bad, good = f"{tag} draft {i} plain words", f"{tag} draft {i} in my voice"
+            again = c.submit(bad=bad, good=good, key=inflight[0])
         assert again["duplicate"] is True
         acked.append(Ack(inflight[0], again["pair_id"], "default"))
         assert _submit_batch(d, f"{point}-after", 3, acked, [])

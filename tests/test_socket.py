@@ -61,15 +61,17 @@ def test_ping_and_every_op(daemon: DaemonProc) -> None:
 def test_duplicate_by_key_and_by_content_survive_restart(daemon: DaemonProc) -> None:
     with daemon.client() as c:
         first = c.submit(bad="b1", good="g1", key="loop-1")
-        again = c.submit(bad="other", good="text", key="loop-1")
+        again = c.submit(bad="b1", good="g1", key="loop-1")
         assert again == {**first, "duplicate": True}
+        other = c.pipeline([("submit", {"bad": "other", "good": "text", "key": "loop-1"})])[0]
+        assert other["error"]["code"] == "conflict" and first["pair_id"] in other["error"]["message"]
         by_content = c.submit(bad="b2", good="g2")
         assert c.submit(bad="b2", good="g2") == {**by_content, "duplicate": True}
         assert c.submit(bad="b2", good="g2", voice="other")["duplicate"] is False
     daemon.kill()
     daemon.start()
     with daemon.client() as c:
-        assert c.submit(bad="x", good="y", key="loop-1") == {**first, "duplicate": True}
+        assert c.submit(bad="b1", good="g1", key="loop-1") == {**first, "duplicate": True}
         assert c.submit(bad="b2", good="g2") == {**by_content, "duplicate": True}
 
 
@@ -248,7 +250,7 @@ def test_sigterm_exits_zero_quickly_and_keeps_acknowledged_pairs(daemon: DaemonP
     daemon.start()
     with daemon.client() as c:
         for i, a in enumerate(acked):
-            assert c.submit(bad="z", good="w", key=f"k{i}") == {**a, "duplicate": True}
+            assert c.submit(bad=f"b{i}", good=f"g{i}", key=f"k{i}") == {**a, "duplicate": True}
 
 
 def test_watch_streams_events_live_and_from_seq(daemon: DaemonProc) -> None:

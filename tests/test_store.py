@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -51,11 +52,14 @@ def test_append_assigns_global_seq_and_stream_versions(store: Store) -> None:
 
 
 def test_submit_batch_deduplicates_within_and_across_batches(store: Store) -> None:
-    r = store.submit_batch([pair(1), pair(2), pair(3, key="k1")], 1.0)
-    assert [(x.pair_id, x.duplicate) for x in r] == [("p1", False), ("p2", False), ("p1", True)]
-    assert r[2].seq == r[0].seq
-    r2 = store.submit_batch([pair(4, key="k2"), pair(5)], 2.0)
-    assert [(x.pair_id, x.duplicate) for x in r2] == [("p2", True), ("p5", False)]
+    same = dataclasses.replace(pair(1), pair_id="p3")  # the same key and drafts: a duplicate
+    r = store.submit_batch([pair(1), pair(2), same, pair(6, key="k1")], 1.0)
+    got = [(x.pair_id, x.duplicate, x.conflict) for x in r]
+    assert got == [("p1", False, False), ("p2", False, False), ("p1", True, False), ("p1", False, True)]
+    assert r[2].seq == r[0].seq == r[3].seq  # the same key with other drafts: a conflict, never stored
+    r2 = store.submit_batch([dataclasses.replace(pair(2), pair_id="p4"), pair(4, key="k2"), pair(5)], 2.0)
+    got = [(x.pair_id, x.duplicate, x.conflict) for x in r2]
+    assert got == [("p2", True, False), ("p2", False, True), ("p5", False, False)]
     assert store.get_pairs(["p1", "p5", "nope"]) == {"p1": pair(1), "p5": pair(5)}
     assert len(list(store.read(0))) == 3
 
@@ -68,7 +72,8 @@ def test_sqlite_survives_reopen_and_is_durable_by_configuration(tmp_path: Path) 
     s.close()
     s = SqliteStore(path)
     assert s.last_seq() == 2
-    assert s.submit_batch([pair(9, key="k1")], 3.0)[0].duplicate is True
+    assert s.submit_batch([dataclasses.replace(pair(1), pair_id="p9")], 3.0)[0].duplicate is True
+    assert s.submit_batch([pair(9, key="k1")], 3.0)[0].conflict is True
     assert s.append([ev.Resumed()], 4.0)[0].version == 2  # the stream continues where it was
     with s._writer.connect() as c:  # the pragmas the durability promise rests on
         assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"

@@ -40,7 +40,8 @@ import httpx
 import trio
 
 from beagled import manifest as manifest_mod
-from beagled.errors import AdapterError, ReloadError
+from beagled.bounds import check_private_file
+from beagled.errors import AdapterError, ConfigError, ReloadError
 from beagled.reload import ReloadConfigError, ServeTarget
 from beagled.reload.command import substitute
 from beagled.reload.naming import check_template, render_template
@@ -308,6 +309,13 @@ class SshReloader:
             )
         if not self.identity_file.is_file():
             raise ReloadConfigError("reload.ssh.identity_file", f"{self.identity_file} does not exist")
+        try:  # a key others can read is not a secret; a known_hosts others can write verifies nothing
+            check_private_file(self.identity_file, "reload.ssh.identity_file", "the SSH key")
+            check_private_file(
+                self.known_hosts, "reload.ssh.known_hosts", "the known_hosts file", others_may_read=True
+            )
+        except ConfigError as e:
+            raise ReloadConfigError(e.key, str(e).removeprefix(f"{e.key}: ")) from None
 
     @staticmethod
     def _local_hashes(adapter_dir: Path) -> dict[str, str]:

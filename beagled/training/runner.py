@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 import trio
 
+from beagled import bounds
 from beagled.config import BUILTIN_BACKENDS
 from beagled.errors import TrainingError
 
@@ -101,8 +102,10 @@ def reap_orphans(spec_dir: Path) -> int:
     return killed
 
 
-def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ)
+def worker_env(extra: dict[str, str] | None = None, state_dir: Path | None = None) -> dict[str, str]:
+    """A worker's environment: only what it needs of the daemon's (``bounds.worker_env``), with the
+    Unsloth compile cache under ``state_dir``, plus ``extra``."""
+    env = bounds.worker_env(state_dir)
     env.update(
         PYTHONUNBUFFERED="1",
         HF_HUB_OFFLINE="1",
@@ -175,7 +178,8 @@ class WarmWorker:
                 stderr=err,
                 start_new_session=True,
                 preexec_fn=_limit_memory(memory_limit_mb) if memory_limit_mb else None,
-                env=worker_env({**env, "BEAGLED_PARENT_PID": str(os.getpid())}),
+                env=worker_env({**env, "BEAGLED_PARENT_PID": str(os.getpid())}, spec_dir.parent),
+                cwd=bounds.worker_cwd(spec_dir.parent),
             )
         token.with_suffix(".pgid").write_text(f"{proc.pid}\n{token}")
         log.info("warm worker started", extra={"backend": backend, "pid": proc.pid})
@@ -334,7 +338,12 @@ class SubprocessTrainer:
         try:
             with trio.fail_after(self.probe_timeout_s):
                 done = await trio.run_process(
-                    argv, capture_stdout=True, capture_stderr=True, check=False, env=worker_env(self.env)
+                    argv,
+                    capture_stdout=True,
+                    capture_stderr=True,
+                    check=False,
+                    env=worker_env(self.env, self.spec_dir.parent),
+                    cwd=bounds.worker_cwd(self.spec_dir.parent),
                 )
             lines = [ln for ln in done.stdout.decode(errors="replace").splitlines() if ln.startswith("{")]
             answer = json.loads(lines[-1]) if lines else {}
@@ -483,7 +492,8 @@ class SubprocessTrainer:
             stderr=subprocess.PIPE,
             start_new_session=True,
             preexec_fn=_limit_memory(self.memory_limit_mb) if self.memory_limit_mb else None,
-            env=worker_env({**self.env, "BEAGLED_PARENT_PID": str(os.getpid())}),
+            env=worker_env({**self.env, "BEAGLED_PARENT_PID": str(os.getpid())}, self.spec_dir.parent),
+            cwd=bounds.worker_cwd(self.spec_dir.parent),
         )
         pgid_file = spec_path.with_suffix(".pgid")
         pgid_file.write_text(f"{proc.pid}\n{spec_path}")
