@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from beagled.manifest import MANIFEST, PEFT_FILES, base_model_sha256, write_manifest
+from beagled.training.preference import preference_accuracy
 
 # them, and Unsloth must be imported before any of them)
 
@@ -54,6 +55,7 @@ Emit = Callable[[dict[str, Any]], None]
 Example = tuple[list[int], list[int]]  # input_ids, labels (-100 where no loss)
 
 IGNORE = -100
+OBJECTIVES = ("sft", "dpo", "sft+dpo")
 OUT_DIR_LEFTOVERS = (*PEFT_FILES, "README.md", MANIFEST + ".tmp")
 
 
@@ -202,6 +204,8 @@ class Spec:
     heldout: list[Pair]
     hyper: Hyper
     raw: dict[str, Any]
+    siblings: list[Pair] = field(default_factory=list)
+    dpo_weight: float = 1.0
 
     @classmethod
     def parse(cls, raw: dict[str, Any], backend: str) -> Spec:
@@ -228,8 +232,11 @@ class Spec:
         if layers is not None and hyper.num_layers > layers:
             raise SpecError(f"hyper.num_layers is {hyper.num_layers} but the base model has {layers} layers")
         objective = raw.get("objective", "sft")
-        if objective not in ("sft", "dpo"):
-            raise SpecError(f"objective must be 'sft' or 'dpo', got {objective!r}")
+        if objective not in OBJECTIVES:
+            raise SpecError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+        dpo_weight = raw.get("dpo_weight", 1.0)
+        if isinstance(dpo_weight, bool) or not isinstance(dpo_weight, int | float) or dpo_weight < 0:
+            raise SpecError(f"dpo_weight must be a number >= 0, got {dpo_weight!r}")
         train = parse_pairs(raw.get("train"), "train")
         if not train:
             raise SpecError("train has no pairs")
@@ -246,6 +253,8 @@ class Spec:
             heldout=parse_pairs(raw.get("heldout"), "heldout"),
             hyper=hyper,
             raw=raw,
+            siblings=parse_pairs(raw.get("siblings"), "siblings"),
+            dpo_weight=float(dpo_weight),
         )
 
 
@@ -451,16 +460,6 @@ def mean_nll(model: Any, examples: Sequence[Example], pad_id: int, batch_size: i
     return -sum(completion_logprobs(model, examples, pad_id, batch_size)) / n
 
 
-def mean_margin(
-    model: Any, chosen: Sequence[Example], rejected: Sequence[Example], pad_id: int, batch_size: int
-) -> float | None:
-    if not chosen:
-        return None
-    good = completion_logprobs(model, chosen, pad_id, batch_size)
-    bad = completion_logprobs(model, rejected, pad_id, batch_size)
-    return sum(g - b for g, b in zip(good, bad, strict=True)) / len(good)
-
-
 def evaluate(
     model: Any,
     tokenizer: Any,
@@ -468,41 +467,71 @@ def evaluate(
     pad_id: int,
     load_served: Callable[[Any, Path], None],
 ) -> dict[str, float | None]:
-    """Held-out losses (and DPO margins) under the new adapter, the served one and the base.
+    """Held-out losses, preference accuracies (and DPO margins) under the new adapter, the served one and
+    the base; the job's own held-out siblings measured apart (``sibling_*``, reports only).
 
     ``model`` is a ``PeftModel`` whose active adapter is ``"default"``. ``load_served`` loads the served
     adapter as ``"served"`` (and leaves it active).
     """
-    keys = ["eval_loss", "baseline_eval_loss", "base_eval_loss"]
-    if spec.objective == "dpo":
+    dpo = spec.objective in ("dpo", "sft+dpo")
+    keys = ["eval_loss", "baseline_eval_loss", "base_eval_loss", "preference_accuracy",
+            "baseline_preference_accuracy", "sibling_eval_loss", "sibling_preference_accuracy"]  # fmt: skip
+    if dpo:
         keys += ["eval_margin", "baseline_eval_margin", "base_eval_margin"]
     out: dict[str, float | None] = dict.fromkeys(keys)
-    if not spec.heldout:
-        return out
     max_len, bs = spec.hyper.max_seq_len, spec.hyper.batch_size
-    chosen = [encode_example(tokenizer, p.prompt, p.chosen, max_len) for p in spec.heldout]
-    rejected = [encode_example(tokenizer, p.prompt, p.rejected, max_len) for p in spec.heldout]
+    encoded = {
+        name: (
+            [encode_example(tokenizer, p.prompt, p.chosen, max_len) for p in pairs],
+            [encode_example(tokenizer, p.prompt, p.rejected, max_len) for p in pairs],
+        )
+        for name, pairs in (("heldout", spec.heldout), ("siblings", spec.siblings))
+        if pairs
+    }
+    if not encoded:
+        return out
+    LogPs = dict[str, tuple[list[float], list[float]]]
 
-    def measure(prefix: str) -> None:
-        out[f"{prefix}eval_loss"] = mean_nll(model, chosen, pad_id, bs)
-        if spec.objective == "dpo":
-            out[f"{prefix}eval_margin"] = mean_margin(model, chosen, rejected, pad_id, bs)
+    def logps() -> LogPs:
+        return {
+            name: (
+                completion_logprobs(model, good, pad_id, bs),
+                completion_logprobs(model, bad, pad_id, bs),
+            )
+            for name, (good, bad) in encoded.items()
+        }
 
     model.set_adapter("default")
-    measure("")
+    new = logps()
     with model.disable_adapter():
-        measure("base_")
+        base = logps()
     if spec.served_adapter is None:
-        out["baseline_eval_loss"] = out["base_eval_loss"]
-        if spec.objective == "dpo":
-            out["baseline_eval_margin"] = out["base_eval_margin"]
+        served = base
     else:
         load_served(model, spec.served_adapter)
         try:
-            measure("baseline_")
+            served = logps()
         finally:
             model.set_adapter("default")
             model.delete_adapter("served")
+
+    for name, (good_examples, _) in encoded.items():
+        tokens = sum(n_loss_tokens(e) for e in good_examples)
+
+        def nll(lps: list[float], tokens: int = tokens) -> float | None:
+            return -sum(lps) / tokens if tokens else None
+
+        (g, b), (g0, b0), (gs, bs_) = new[name], base[name], served[name]
+        if name == "siblings":
+            out["sibling_eval_loss"] = nll(g)
+            out["sibling_preference_accuracy"] = preference_accuracy(g, b, g0, b0)
+            continue
+        out["eval_loss"], out["base_eval_loss"], out["baseline_eval_loss"] = nll(g), nll(g0), nll(gs)
+        out["preference_accuracy"] = preference_accuracy(g, b, g0, b0)
+        out["baseline_preference_accuracy"] = preference_accuracy(gs, bs_, g0, b0)
+        if dpo:
+            for prefix, (x, y) in (("", (g, b)), ("base_", (g0, b0)), ("baseline_", (gs, bs_))):
+                out[f"{prefix}eval_margin"] = sum(u - v for u, v in zip(x, y, strict=True)) / len(x)
     return out
 
 
@@ -576,8 +605,11 @@ def trainer_args(config_cls: Any, spec: Spec, output_dir: str, *, use_cuda: bool
         "gradient_checkpointing": False,
         "include_num_input_tokens_seen": "non_padding",
     }
-    if spec.objective == "dpo":
+    if spec.objective in ("dpo", "sft+dpo"):
         kwargs["beta"] = float(h.extra.get("beta", 0.1))
+    if spec.objective == "sft+dpo":  # TRL's multi-loss: dpo_weight * DPO (sigmoid) + the chosen drafts' NLL
+        kwargs["loss_type"] = ["sigmoid", "sft"]
+        kwargs["loss_weights"] = [spec.dpo_weight, 1.0]
     return config_cls(**kwargs)
 
 
@@ -736,7 +768,7 @@ def run_training(raw_spec: dict[str, Any], emit: Emit, loader: TorchLoader) -> d
             }
         )
         train_started = time.monotonic()
-        trainer_fn = train_dpo if spec.objective == "dpo" else train_sft
+        trainer_fn = train_sft if spec.objective == "sft" else train_dpo
         model, objective_loss = trainer_fn(
             model, tokenizer, spec, out, peft_config=peft_config, use_cuda=use_cuda, bf16=bf16
         )
