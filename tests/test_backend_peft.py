@@ -44,7 +44,7 @@ def make_spec(*args: Any, **overrides: Any) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def sft_run(base_model: Path, data: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Run:
     tmp = tmp_path_factory.mktemp("sft")
-    return run_worker(tmp, make_spec(base_model, tmp, data, "j-sft"))
+    return run_worker(tmp, make_spec(base_model, tmp, data, "j-sft", siblings=data["heldout"][:3]))
 
 
 def test_probe_reports_versions_and_device() -> None:
@@ -76,6 +76,11 @@ def test_sft_learns_the_voice(sft_run: Run) -> None:
     assert 0 < result["train_loss"] < result["base_eval_loss"]  # mean completion NLL over the train pairs
     assert result["objective_loss"] > 0  # the trainer's own mean loss
     assert result["duration_s"] > 0
+    assert 0.0 <= result["preference_accuracy"] <= 1.0
+    assert result["baseline_preference_accuracy"] == 0.0  # the base against itself prefers nothing
+    assert result["sibling_eval_loss"] < result["base_eval_loss"]  # the siblings, measured apart
+    assert result["sibling_preference_accuracy"] is not None
+    assert manifest.verify(sft_run.out_dir)["preference_accuracy"] == result["preference_accuracy"]
 
 
 def test_sft_writes_a_verified_peft_adapter(sft_run: Run, base_model: Path) -> None:
@@ -184,13 +189,16 @@ def test_continue_from_init_adapter(
     assert info["init_adapter"] == str(sft_run.out_dir)
 
 
-def test_dpo_raises_the_heldout_margin(base_model: Path, data: dict[str, Any], tmp_path: Path) -> None:
+@pytest.mark.parametrize("objective", ["dpo", "sft+dpo"])
+def test_dpo_raises_the_heldout_margin(
+    base_model: Path, data: dict[str, Any], tmp_path: Path, objective: str
+) -> None:
     spec = make_spec(
         base_model,
         tmp_path,
         data,
         "j-dpo",
-        objective="dpo",
+        objective=objective,
         hyper={"num_layers": 1, "steps": 16, "learning_rate": 0.001},
     )
     run = run_worker(tmp_path, spec)
@@ -199,8 +207,11 @@ def test_dpo_raises_the_heldout_margin(base_model: Path, data: dict[str, Any], t
     assert len(run.of_type("progress")) == 16
     assert result["eval_margin"] > result["base_eval_margin"], result
     assert result["baseline_eval_margin"] == result["base_eval_margin"]
+    assert result["preference_accuracy"] > 0.5, result  # it prefers the better draft of most pairs
+    if objective == "sft+dpo":  # the SFT term lowers the better drafts' loss as well
+        assert result["eval_loss"] < result["base_eval_loss"], result
     info = manifest.verify(run.out_dir)
-    assert info["objective"] == "dpo"
+    assert info["objective"] == objective
     assert info["eval_margin"] == result["eval_margin"]
     assert info["base_eval_margin"] == result["base_eval_margin"]
     config = json.loads((run.out_dir / "adapter_config.json").read_text())
