@@ -20,7 +20,7 @@ pytest.importorskip("peft")
 pytest.importorskip("trl")
 
 from beagled import manifest
-from tests.worker_run import Run, run_worker, spec_for, voice_data, worker_env
+from tests.worker_run import Run, run_worker, serve_jobs, spec_for, voice_data, worker_env
 
 pytestmark = pytest.mark.slow
 
@@ -221,6 +221,28 @@ def test_dpo_raises_the_heldout_margin(
         "adapter_model.safetensors",
         "manifest.json",
     ]  # DPO's frozen reference copy is not saved
+
+
+def test_a_warm_worker_keeps_the_base_and_trains_what_a_cold_run_trains(
+    base_model: Path, data: dict[str, Any], sft_run: Run, tmp_path: Path
+) -> None:
+    from safetensors.numpy import load_file
+
+    other = make_spec(
+        base_model, tmp_path / "a", data, "j-warm-a", objective="dpo", hyper={"steps": 3, "seed": 7}
+    )
+    same = make_spec(base_model, tmp_path / "b", data, "j-warm-b", siblings=data["heldout"][:3])
+    first, second = serve_jobs(tmp_path, BACKEND, [other, same])
+    assert first.rc == 0 and second.rc == 0, second.lines[-3:]
+    assert first.result["worker_pid"] == second.result["worker_pid"]  # one process, the base loaded once
+    assert second.result["load_s"] < first.result["load_s"] / 5, (first.result, second.result)
+    warm = load_file(str(second.out_dir / "adapter_model.safetensors"))
+    cold = load_file(str(sft_run.out_dir / "adapter_model.safetensors"))
+    assert warm.keys() == cold.keys()
+    for key, value in cold.items():  # after another job (DPO, another seed), the same adapter
+        assert float(abs(warm[key] - value).max()) < 1e-6, key
+    for key in ("eval_loss", "preference_accuracy", "base_eval_loss"):
+        assert second.result[key] == pytest.approx(sft_run.result[key], abs=1e-6), key
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 """What the torch backends (``peft``, ``unsloth``) share: hyper-parameters, data, TRL training, eval, output.
 
-A backend only says how to load the base model and how to put LoRA on it (``TorchLoader``);
+A backend only says how to load the base model and how to put LoRA on it (``TorchLoader``); a warm
+worker passes a ``Session`` that keeps the base model loaded between jobs;
 ``run_training`` does the rest of the worker protocol (docs/internals.md):
 
 - **data**: every pair is encoded once by ``encode_example``: the tokenizer's chat template when it has
@@ -736,14 +737,72 @@ class TorchLoader(Protocol):
         ...
 
 
+def _model_files_key(base: Path) -> tuple[tuple[str, int, int, int], ...]:
+    """What identifies the base model's bytes cheaply: name, size, mtime and inode of each file."""
+    out = []
+    for path in sorted(base.iterdir()) if base.is_dir() else []:
+        if path.is_file():
+            st = path.stat()
+            out.append((path.name, st.st_size, st.st_mtime_ns, st.st_ino))
+    return tuple(out)
+
+
+class Session:
+    """A warm worker's base model and tokenizer, kept (on the device) between jobs.
+
+    Reloaded only when the base model's path, its files or the device choice change. After a job the
+    LoRA layers are taken out again (``PeftModel.unload``, which puts the original linear layers back
+    unmerged), so the next job starts from the bare base; the seed is set after loading, so a job
+    initialises and trains the same adapter here as in a cold process. A failed job ends the worker
+    (``worker serve``), so a half-trained model is never reused.
+    """
+
+    def __init__(self) -> None:
+        self.key: tuple[Any, ...] | None = None
+        self.model: Any = None
+        self.tokenizer: Any = None
+
+    def get(self, spec: Spec, loader: TorchLoader, use_cuda: bool, bf16: bool) -> tuple[Any, Any]:
+        key = (str(spec.base_model.resolve()), _model_files_key(spec.base_model), use_cuda, bf16)
+        if self.model is None or self.key != key:
+            self.reset()
+            self.model, self.tokenizer = loader.load(spec, use_cuda, bf16)
+            self.key = key
+        return self.model, self.tokenizer
+
+    def release(self, trained: Any) -> None:
+        """Take the job's LoRA layers out of the kept base model (or drop it if that fails)."""
+        try:
+            bare = trained.unload() if hasattr(trained, "unload") else trained
+            if bare is not self.model or any("lora_" in n for n, _ in self.model.named_modules()):
+                raise RuntimeError("the base model still holds LoRA layers after unload")
+            for param in self.model.parameters():
+                param.requires_grad_(True)  # as loaded: the next job's PEFT wrapper freezes them again
+        except Exception:
+            self.reset()
+            raise
+
+    def reset(self) -> None:
+        self.key, self.model, self.tokenizer = None, None, None
+        import gc
+
+        gc.collect()
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 def n_layers(model: Any) -> int:
     config = model.config
     text = getattr(config, "text_config", None) or config
     return int(text.num_hidden_layers)
 
 
-def run_training(raw_spec: dict[str, Any], emit: Emit, loader: TorchLoader) -> dict[str, Any]:
-    """Train, evaluate, save and write the manifest; return the ``result`` fields."""
+def run_training(
+    raw_spec: dict[str, Any], emit: Emit, loader: TorchLoader, session: Session | None = None
+) -> dict[str, Any]:
+    """Train, evaluate, save and write the manifest; return the ``result`` fields. ``session`` (a warm
+    worker's) keeps the base model loaded for the next job."""
     started = time.monotonic()
     spec = Spec.parse(raw_spec, loader.name)
     prepare_out_dir(spec.out_dir)
@@ -752,7 +811,15 @@ def run_training(raw_spec: dict[str, Any], emit: Emit, loader: TorchLoader) -> d
         quiet_libraries()
         lib("transformers").set_seed(spec.hyper.seed)
         use_cuda, bf16 = loader.device()
-        model, tokenizer = loader.load(spec, use_cuda, bf16)
+        if use_cuda:
+            lib("torch").cuda.reset_peak_memory_stats()
+        load_started = time.monotonic()
+        if session is not None:
+            model, tokenizer = session.get(spec, loader, use_cuda, bf16)
+        else:
+            model, tokenizer = loader.load(spec, use_cuda, bf16)
+        load_s = time.monotonic() - load_started
+        lib("transformers").set_seed(spec.hyper.seed)  # after loading: warm and cold start LoRA alike
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         pad_id = int(tokenizer.pad_token_id)
@@ -786,12 +853,16 @@ def run_training(raw_spec: dict[str, Any], emit: Emit, loader: TorchLoader) -> d
         bad = sorted(k for k, v in measured.items() if v is not None and not math.isfinite(v))
         if bad:  # a diverged adapter is never promoted (and NaN is not JSON)
             raise RuntimeError(f"training diverged: {', '.join(f'{k}={measured[k]}' for k in bad)}")
+        if session is not None:
+            session.release(model)
     result: dict[str, Any] = {
         "train_loss": train_loss,
         "objective_loss": objective_loss,
         **losses,
         "steps": spec.hyper.steps,
         "train_s": round(train_s, 3),
+        "load_s": round(load_s, 3),
+        "gpu_peak_mb": round(lib("torch").cuda.max_memory_allocated() / 2**20, 1) if use_cuda else None,
         "duration_s": round(time.monotonic() - started, 3),
         "backend": loader.name,
     }
