@@ -1,6 +1,6 @@
 """The torch backends on the tiny model: the objective table, and warm vs cold vs a direct TRL script.
 
-    .venv/bin/python bench/torch_jobs.py objectives [--steps 40] [--jobs 3]
+    .venv/bin/python bench/torch_jobs.py objectives [--steps 40] [--jobs 3] [--objectives sft,dpo,sft+dpo]
     .venv/bin/python bench/torch_jobs.py warm-cold [--steps 40] [--repeat 3]
 
 ``objectives``: for each of ``sft``, ``dpo`` and ``sft+dpo`` (``dpo_weight`` 1), three jobs of the
@@ -103,7 +103,7 @@ def objectives(args: argparse.Namespace, base: Path, tmp: Path) -> None:
     table = []
     warm = Warm(tmp)
     try:
-        for objective in ("sft", "dpo", "sft+dpo"):
+        for objective in args.objectives.split(","):
             prev: str | None = None
             result: dict[str, Any] = {}
             for n in range(args.jobs):
@@ -181,6 +181,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--jobs", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--objectives", default="sft,dpo,sft+dpo")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="beagled-bench-torch-") as d:
         tmp = Path(d)
