@@ -187,9 +187,8 @@ def main() -> None:
             )
             warm = run_daemon(tmp / f"{backend}-warm", base, backend, warm=True, batches=2, steps=args.steps)
             rows.append((backend, cold, warm[-1]))
-    print(
-    print("\n| backend | device | cold submit→trained s | warm submit→trained s | train s (warm) | GPU MiB |")
-    )
+    header = "| backend | device | cold submit→trained s | warm submit→trained s | train s (warm) | GPU MiB |"
+    print("\n" + header)
     print("| --- | --- | --- | --- | --- | --- |")
     for backend, cold, warm in rows:
         print(f"| {backend} | {warm.get('device')} | {cold['submit_to_trained_s']:.1f} | "
