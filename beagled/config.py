@@ -112,8 +112,11 @@ class RayConfig:
 class TrainingConfig:
     backends: list[str] = field(default_factory=lambda: list(BUILTIN_BACKENDS))
     base_model: str = ""  # "" → the tiny model built under <state_dir>/models
-    objective: str = "sft"  # sft | dpo
+    objective: str = "sft"  # sft | dpo | sft+dpo
+    dpo_weight: float = 1.0  # sft+dpo: loss = sft + dpo_weight * dpo
     eval_tolerance: float = 0.0
+    gate: str = "both"  # loss | preference | both
+    preference_tolerance: float = 0.0
     init: str = "current"  # current | base
     heldout_share: float = 0.2
     heldout_max: int = 64
@@ -323,6 +326,8 @@ def validate(cfg: Config) -> Config:
     for key, v in (
         ("scheduler.retry_backoff_s", s.retry_backoff_s),
         ("training.eval_tolerance", t.eval_tolerance),
+        ("training.preference_tolerance", t.preference_tolerance),
+        ("training.dpo_weight", t.dpo_weight),
         ("training.replay_pairs", t.replay_pairs),
         ("training.hyper.seed", h.seed),
         ("training.memory_limit_mb", t.memory_limit_mb),
@@ -375,8 +380,10 @@ def validate(cfg: Config) -> Config:
         )
     for key in ("num_gpus", "num_cpus", "backoff_s", "backoff_max_s", "connect_timeout_s"):
         _positive(f"training.ray.{key}", getattr(t.ray, key), zero_ok=key in ("num_gpus", "num_cpus"))
-    if t.objective not in ("sft", "dpo"):
-        raise ConfigError("training.objective", f"must be sft or dpo, got {t.objective!r}")
+    if t.objective not in ("sft", "dpo", "sft+dpo"):
+        raise ConfigError("training.objective", f"must be sft, dpo or sft+dpo, got {t.objective!r}")
+    if t.gate not in ("loss", "preference", "both"):
+        raise ConfigError("training.gate", f"must be loss, preference or both, got {t.gate!r}")
     if t.init not in ("current", "base"):
         raise ConfigError("training.init", f"must be current or base, got {t.init!r}")
     if not 0 <= t.heldout_share < 1:

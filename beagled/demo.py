@@ -46,6 +46,10 @@ def _fmt(x: Any) -> str:
     return f"{x:.3f}" if isinstance(x, int | float) else "-"
 
 
+def _pref(j: dict[str, Any]) -> str:
+    return f"{_fmt(j.get('baseline_preference_accuracy'))}→{_fmt(j.get('preference_accuracy'))}"
+
+
 def run_demo(*, state_dir: str | None = None, jobs: int = 5, backends: list[str] | None = None) -> int:
     from beagled.training.corpus import voice_pairs
 
@@ -101,12 +105,19 @@ def run_demo(*, state_dir: str | None = None, jobs: int = 5, backends: list[str]
                 _say(f"    job {n + 1}/{jobs}: {job_id}")
                 results.append(_follow(cfg.socket_path, job_id))
         _say("4/4 results (held-out loss: mean NLL of the voice's better drafts never trained on)")
-        _say(f"    {'job':28} {'backend':8} {'train s':>8} {'base':>7} {'served':>7} {'new':>7}  state")
+        _say("    (pref: share of held-out pairs whose better draft the adapter raises over the base")
+        _say("     more than the worse one; served → new)")
+        _say(
+            f"    {'job':28} {'backend':8} {'train s':>8} {'base':>7} {'served':>7} {'new':>7} "
+            f"{'pref':>11}  state"
+        )
         for j in results:
             _say(
                 f"    {j['job_id']:28} {j.get('backend') or '-':8} {_fmt(j.get('train_s')):>8} "
                 f"{_fmt(j.get('base_eval_loss')):>7} {_fmt(j.get('baseline_eval_loss')):>7} "
-                f"{_fmt(j.get('eval_loss')):>7}  {j['state']}"
+                f"{_fmt(j.get('eval_loss')):>7} "
+                f"{_pref(j):>11}"
+                f"  {j['state']}"
             )
         with Client(cfg.socket_path) as c:
             (v,) = c.voices()["voices"]
@@ -114,6 +125,7 @@ def run_demo(*, state_dir: str | None = None, jobs: int = 5, backends: list[str]
         _say(f"voice 'demo' is at version {v['version']} ({v['adapter_path']})")
         base, served = _fmt(first.get("base_eval_loss")), _fmt(v["eval_loss"])
         _say(f"held-out loss: base model {base} → now served {served}")
+        _say(f"preference accuracy of the served voice: {_fmt(v.get('preference_accuracy'))}")
         ok = (
             all(j["state"] == "promoted" for j in results)
             and last.get("eval_loss") is not None

@@ -667,6 +667,7 @@ class Engine:
             "init_adapter": str(current) if current and t.init == "current" else None,
             "served_adapter": str(current) if current else None,
             "objective": t.objective,
+            "dpo_weight": t.dpo_weight,
             "train": [example(pid) for pid in ids if pid in pairs],
             # judged on the evaluation set as it was when the job was cut (never its own siblings,
             # unless the voice had no set yet); the siblings travel apart, for reports only
@@ -783,6 +784,10 @@ class Engine:
                     _num(result.get("base_eval_loss")),
                     elapsed,
                     executor,
+                    _num(result.get("preference_accuracy")),
+                    _num(result.get("baseline_preference_accuracy")),
+                    _num(result.get("sibling_eval_loss")),
+                    _num(result.get("sibling_preference_accuracy")),
                 )
             )
             log.info(
@@ -888,7 +893,8 @@ class Engine:
                 await trio.sleep(1.0)  # back-off (a failing disk, a bug): nothing to poll for
 
     async def _promote(self, job: jobs.Job) -> None:
-        await self.execute(jobs.Gate(job.job_id, self.cfg.training.eval_tolerance))
+        t = self.cfg.training
+        await self.execute(jobs.Gate(job.job_id, t.eval_tolerance, t.gate, t.preference_tolerance))
         job = self.state.job(job.job_id)
         if job.state == JobState.REJECTED:
             log.info(

@@ -71,6 +71,8 @@ class JobCreated(JobEvent):
     pair_ids: tuple[str, ...]
     replay_ids: tuple[str, ...] = ()
     reason: str = "min_pairs"  # min_pairs | max_wait | manual
+    # pending pairs held back from training to evaluate it (a voice's first job, with no held-out pair)
+    held_back_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,12 @@ class TrainingSucceeded(JobEvent):
     base_eval_loss: float | None = None
     duration_s: float = 0.0
     executor: str = "local"  # local | ray: where it was trained
+    # DPO implicit-reward accuracy on the held-out pairs (new adapter vs base; served vs base), and the
+    # job's own held-out siblings measured apart (reports only); absent in older logs
+    preference_accuracy: float | None = None
+    baseline_preference_accuracy: float | None = None
+    sibling_eval_loss: float | None = None
+    sibling_preference_accuracy: float | None = None
 
 
 @dataclass(frozen=True)
@@ -127,6 +135,8 @@ class JobRejected(JobEvent):
     baseline_eval_loss: float | None
     tolerance: float
     reason: str = ""
+    preference_accuracy: float | None = None
+    baseline_preference_accuracy: float | None = None
 
 
 @dataclass(frozen=True)

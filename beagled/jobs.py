@@ -103,6 +103,10 @@ class Job:
     eval_loss: float | None = None
     baseline_eval_loss: float | None = None
     base_eval_loss: float | None = None
+    preference_accuracy: float | None = None  # held-out share the adapter prefers the better draft
+    baseline_preference_accuracy: float | None = None  # the served voice's, on the same pairs
+    sibling_eval_loss: float | None = None  # the job's own held-out siblings (reports only)
+    sibling_preference_accuracy: float | None = None
     reload_attempts: int = 0
     pending_intent: str | None = None  # the intent event type whose outcome is not yet recorded
     # The held-out pairs that judge this job: those of the voice's evaluation set when it was cut (never
@@ -130,6 +134,10 @@ class Job:
             "train_loss": self.train_loss,
             "eval_loss": self.eval_loss,
             "baseline_eval_loss": self.baseline_eval_loss,
+            "preference_accuracy": self.preference_accuracy,
+            "baseline_preference_accuracy": self.baseline_preference_accuracy,
+            "sibling_eval_loss": self.sibling_eval_loss,
+            "sibling_preference_accuracy": self.sibling_preference_accuracy,
             "eval_pairs": len(self.eval_ids),
             "sibling_pairs": len(self.sibling_ids),
         }
@@ -157,6 +165,7 @@ class Voice:
     versions: int = 0  # highest version number handed out
     adapter_path: str | None = None
     eval_loss: float | None = None
+    preference_accuracy: float | None = None  # of the voice now current
     served_job: str | None = None
     served_version: int = 0
     served_name: str | None = None
@@ -176,6 +185,7 @@ class Voice:
             "served_name": self.served_name,
             "served_version": self.served_version,
             "eval_loss": self.eval_loss,
+            "preference_accuracy": self.preference_accuracy,
             "paused": self.paused,
         }
 
@@ -220,6 +230,16 @@ def is_heldout(pair_id: str, share: float) -> bool:
         return False
     h = int.from_bytes(hashlib.sha256(pair_id.encode()).digest()[:8], "big")
     return h / 2**64 < share
+
+
+def held_back(pending: Sequence[str], v: Voice) -> tuple[str, ...]:
+    """The pairs of a job to be cut that are held back to evaluate it: none when the voice already has
+    a held-out pair (in its set or its pending window); else its newest pending pair, when at least
+    two are pending, so that no job is promoted without an evaluation (with one pair there is nothing to
+    spare: the gate rejects that job, and its pair is not lost to the voice's later jobs' replay)."""
+    if v.heldout or v.heldout_window or len(pending) < 2:
+        return ()
+    return (pending[-1],)
 
 
 def replay_sample(trained: Sequence[str], k: int, seed: str) -> tuple[str, ...]:
@@ -314,7 +334,7 @@ def evolve(state: State, event: ev.Event) -> State:
         if p.job_id in state.jobs:
             raise IllegalTransition(f"job {p.job_id} exists already")  # (an archived id is never reused)
         transition(None, p.TYPE)
-        taken = set(p.pair_ids)
+        taken = set(p.pair_ids) | set(p.held_back_ids)
         pending = state.voices[p.voice].pending if p.voice in state.voices else []
         if not taken <= {pid for pid, _ in pending}:
             raise IllegalTransition(f"job {p.job_id} takes pairs that are not pending in voice {p.voice}")
@@ -323,7 +343,7 @@ def evolve(state: State, event: ev.Event) -> State:
         v.trained.extend(p.pair_ids)
         if len(v.trained) > TRAINED_MAX:
             del v.trained[:-TRAINED_MAX]
-        siblings = tuple(v.heldout_window)
+        siblings = (*v.heldout_window, *p.held_back_ids)
         job = _new_job(p, event)
         state.jobs[p.job_id] = dataclasses.replace(
             job, eval_ids=tuple(v.heldout) or siblings, sibling_ids=siblings
@@ -344,6 +364,7 @@ def evolve(state: State, event: ev.Event) -> State:
         target = state.jobs.get(p.job_id)
         v.current_job, v.current_version, v.adapter_path = p.job_id, p.version, p.adapter_path
         v.eval_loss = target.eval_loss if target else None
+        v.preference_accuracy = target.preference_accuracy if target else None
         v.reload_intent = None
     elif isinstance(p, ev.VoicePaused | ev.VoiceResumed):
         _stored_voice(state, p.voice).paused = isinstance(p, ev.VoicePaused)
@@ -383,6 +404,10 @@ def _evolve_job(state: State, event: ev.Event, p: ev.JobEvent) -> None:
             eval_loss=p.eval_loss,
             baseline_eval_loss=p.baseline_eval_loss,
             base_eval_loss=p.base_eval_loss,
+            preference_accuracy=p.preference_accuracy,
+            baseline_preference_accuracy=p.baseline_preference_accuracy,
+            sibling_eval_loss=p.sibling_eval_loss,
+            sibling_preference_accuracy=p.sibling_preference_accuracy,
             error=None,
             pending_intent=None,
         )
@@ -397,6 +422,7 @@ def _evolve_job(state: State, event: ev.Event, p: ev.JobEvent) -> None:
         v = _stored_voice(state, job.voice)
         v.current_job, v.current_version, v.adapter_path = job.job_id, p.version, p.adapter_path
         v.eval_loss = job.eval_loss
+        v.preference_accuracy = job.preference_accuracy
         v.versions = max(v.versions, p.version)
     elif isinstance(p, ev.ReloadStarted):
         job = _job_update(job, event, pending_intent=p.TYPE)
@@ -477,14 +503,25 @@ class FinishTraining:
     base_eval_loss: float | None
     duration_s: float
     executor: str = "local"
+    preference_accuracy: float | None = None
+    baseline_preference_accuracy: float | None = None
+    sibling_eval_loss: float | None = None
+    sibling_preference_accuracy: float | None = None
+
+
+GATES = ("loss", "preference", "both")
 
 
 @dataclass(frozen=True)
 class Gate:
-    """Promote if held-out loss is no worse than the served voice's by more than ``tolerance``."""
+    """Promote if the job was evaluated at all, and (``gate``): its held-out loss is no worse than the
+    served voice's by more than ``tolerance`` (``loss``), its preference accuracy no lower than the served
+    voice's by more than ``preference_tolerance`` (``preference``), or both (``both``)."""
 
     job_id: str
     tolerance: float
+    gate: str = "both"
+    preference_tolerance: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -586,13 +623,16 @@ def decide(state: State, cmd: Command) -> list[ev.Payload]:
         if not v.pending:
             raise IllegalTransition(f"voice {cmd.voice!r} has no pending pairs")
         pending = v.pending if cmd.limit is None else v.pending[: cmd.limit]
+        ids = [pid for pid, _ in pending]
+        back = held_back(ids, v)
         return [
             ev.JobCreated(
                 job_id=cmd.job_id,
                 voice=cmd.voice,
-                pair_ids=tuple(pid for pid, _ in pending),
+                pair_ids=tuple(pid for pid in ids if pid not in back),
                 replay_ids=replay_sample(v.trained, cmd.replay_pairs, cmd.job_id),
                 reason=cmd.reason,
+                held_back_ids=back,
             )
         ]
     if isinstance(cmd, SetPaused):
@@ -678,21 +718,27 @@ def decide(state: State, cmd: Command) -> list[ev.Payload]:
                 base_eval_loss=cmd.base_eval_loss,
                 duration_s=cmd.duration_s,
                 executor=cmd.executor,
+                preference_accuracy=cmd.preference_accuracy,
+                baseline_preference_accuracy=cmd.baseline_preference_accuracy,
+                sibling_eval_loss=cmd.sibling_eval_loss,
+                sibling_preference_accuracy=cmd.sibling_preference_accuracy,
             )
         ]
     if isinstance(cmd, Gate):
         _require(job, JobState.TRAINED)
         if job.pending_intent == "PromotionStarted":
             return []  # already past the gate; the promotion is being redone
-        new, old = job.eval_loss, job.baseline_eval_loss
-        if new is not None and old is not None and new > old + cmd.tolerance:
+        reason = gate_verdict(job, cmd)
+        if reason is not None:
             return [
                 ev.JobRejected(
                     job_id=job.job_id,
-                    eval_loss=new,
-                    baseline_eval_loss=old,
+                    eval_loss=job.eval_loss,
+                    baseline_eval_loss=job.baseline_eval_loss,
                     tolerance=cmd.tolerance,
-                    reason=f"held-out loss {new:.4f} > served {old:.4f} + tolerance {cmd.tolerance}",
+                    reason=reason,
+                    preference_accuracy=job.preference_accuracy,
+                    baseline_preference_accuracy=job.baseline_preference_accuracy,
                 )
             ]
         v = state.voice(job.voice)
@@ -749,6 +795,30 @@ def decide(state: State, cmd: Command) -> list[ev.Payload]:
             raise IllegalTransition(f"job {job.job_id} is {job.state.value}: it cannot fail now")
         return [ev.JobFailed(job_id=job.job_id, error=cmd.error)]
     raise IllegalTransition(f"unknown command {cmd!r}")  # pragma: no cover
+
+
+def gate_verdict(job: Job, cmd: Gate) -> str | None:
+    """Why the gate rejects ``job``, or None when it may be promoted."""
+    if cmd.gate not in GATES:
+        raise IllegalTransition(f"unknown gate {cmd.gate!r} (one of {', '.join(GATES)})")
+    new, old = job.eval_loss, job.baseline_eval_loss
+    acc, old_acc = job.preference_accuracy, job.baseline_preference_accuracy
+    if new is None and acc is None:
+        return "no held-out evaluation (the voice has no held-out pair this job could be judged on)"
+    reasons = []
+    if cmd.gate in ("loss", "both"):
+        if new is None:
+            return "no held-out loss to judge the job on"
+        if old is not None and new > old + cmd.tolerance:
+            reasons.append(f"held-out loss {new:.4f} > served {old:.4f} + tolerance {cmd.tolerance}")
+    if cmd.gate in ("preference", "both"):
+        if acc is None and cmd.gate == "preference":
+            return "no preference accuracy to judge the job on (the backend did not report one)"
+        if acc is not None and old_acc is not None and acc < old_acc - cmd.preference_tolerance:
+            reasons.append(
+                f"preference accuracy {acc:.3f} < served {old_acc:.3f} - tolerance {cmd.preference_tolerance}"
+            )
+    return "; ".join(reasons) or None
 
 
 def _decide_rollback(state: State, cmd: Rollback) -> list[ev.Payload]:

@@ -49,6 +49,11 @@ class _StateCollector(Collector):
         loss = GaugeMetricFamily(
             "beagled_eval_loss", "Held-out loss of the voice now served.", labels=["voice"]
         )
+        accuracy = GaugeMetricFamily(
+            "beagled_eval_preference_accuracy",
+            "Held-out preference accuracy (DPO implicit reward) of the voice now served.",
+            labels=["voice"],
+        )
         voices = sorted(state.voices.values(), key=lambda v: v.name)
         shown, rest = voices[: self._max_voices], voices[self._max_voices :]
         for v in shown:
@@ -56,12 +61,15 @@ class _StateCollector(Collector):
             version.add_metric([v.name], v.current_version)
             if v.eval_loss is not None:
                 loss.add_metric([v.name], v.eval_loss)
+            if v.preference_accuracy is not None:
+                accuracy.add_metric([v.name], v.preference_accuracy)
         if rest:
             pending.add_metric(["_other"], sum(len(v.pending) for v in rest))
         yield jobs
         yield pending
         yield version
         yield loss
+        yield accuracy
 
 
 class Metrics:

@@ -20,7 +20,7 @@ pytest.importorskip("peft")
 pytest.importorskip("trl")
 
 from beagled import manifest
-from tests.worker_run import Run, run_worker, spec_for, voice_data, worker_env
+from tests.worker_run import Run, run_worker, serve_jobs, spec_for, voice_data, worker_env
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +44,7 @@ def make_spec(*args: Any, **overrides: Any) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def sft_run(base_model: Path, data: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Run:
     tmp = tmp_path_factory.mktemp("sft")
-    return run_worker(tmp, make_spec(base_model, tmp, data, "j-sft"))
+    return run_worker(tmp, make_spec(base_model, tmp, data, "j-sft", siblings=data["heldout"][:3]))
 
 
 def test_probe_reports_versions_and_device() -> None:
@@ -76,6 +76,11 @@ def test_sft_learns_the_voice(sft_run: Run) -> None:
     assert 0 < result["train_loss"] < result["base_eval_loss"]  # mean completion NLL over the train pairs
     assert result["objective_loss"] > 0  # the trainer's own mean loss
     assert result["duration_s"] > 0
+    assert 0.0 <= result["preference_accuracy"] <= 1.0
+    assert result["baseline_preference_accuracy"] == 0.0  # the base against itself prefers nothing
+    assert result["sibling_eval_loss"] < result["base_eval_loss"]  # the siblings, measured apart
+    assert result["sibling_preference_accuracy"] is not None
+    assert manifest.verify(sft_run.out_dir)["preference_accuracy"] == result["preference_accuracy"]
 
 
 def test_sft_writes_a_verified_peft_adapter(sft_run: Run, base_model: Path) -> None:
@@ -184,13 +189,16 @@ def test_continue_from_init_adapter(
     assert info["init_adapter"] == str(sft_run.out_dir)
 
 
-def test_dpo_raises_the_heldout_margin(base_model: Path, data: dict[str, Any], tmp_path: Path) -> None:
+@pytest.mark.parametrize("objective", ["dpo", "sft+dpo"])
+def test_dpo_raises_the_heldout_margin(
+    base_model: Path, data: dict[str, Any], tmp_path: Path, objective: str
+) -> None:
     spec = make_spec(
         base_model,
         tmp_path,
         data,
         "j-dpo",
-        objective="dpo",
+        objective=objective,
         hyper={"num_layers": 1, "steps": 16, "learning_rate": 0.001},
     )
     run = run_worker(tmp_path, spec)
@@ -199,8 +207,11 @@ def test_dpo_raises_the_heldout_margin(base_model: Path, data: dict[str, Any], t
     assert len(run.of_type("progress")) == 16
     assert result["eval_margin"] > result["base_eval_margin"], result
     assert result["baseline_eval_margin"] == result["base_eval_margin"]
+    assert result["preference_accuracy"] > 0.5, result  # it prefers the better draft of most pairs
+    if objective == "sft+dpo":  # the SFT term lowers the better drafts' loss as well
+        assert result["eval_loss"] < result["base_eval_loss"], result
     info = manifest.verify(run.out_dir)
-    assert info["objective"] == "dpo"
+    assert info["objective"] == objective
     assert info["eval_margin"] == result["eval_margin"]
     assert info["base_eval_margin"] == result["base_eval_margin"]
     config = json.loads((run.out_dir / "adapter_config.json").read_text())
@@ -210,6 +221,28 @@ def test_dpo_raises_the_heldout_margin(base_model: Path, data: dict[str, Any], t
         "adapter_model.safetensors",
         "manifest.json",
     ]  # DPO's frozen reference copy is not saved
+
+
+def test_a_warm_worker_keeps_the_base_and_trains_what_a_cold_run_trains(
+    base_model: Path, data: dict[str, Any], sft_run: Run, tmp_path: Path
+) -> None:
+    from safetensors.numpy import load_file
+
+    other = make_spec(
+        base_model, tmp_path / "a", data, "j-warm-a", objective="dpo", hyper={"steps": 3, "seed": 7}
+    )
+    same = make_spec(base_model, tmp_path / "b", data, "j-warm-b", siblings=data["heldout"][:3])
+    first, second = serve_jobs(tmp_path, BACKEND, [other, same])
+    assert first.rc == 0 and second.rc == 0, second.lines[-3:]
+    assert first.result["worker_pid"] == second.result["worker_pid"]  # one process, the base loaded once
+    assert second.result["load_s"] < first.result["load_s"] / 5, (first.result, second.result)
+    warm = load_file(str(second.out_dir / "adapter_model.safetensors"))
+    cold = load_file(str(sft_run.out_dir / "adapter_model.safetensors"))
+    assert warm.keys() == cold.keys()
+    for key, value in cold.items():  # after another job (DPO, another seed), the same adapter
+        assert float(abs(warm[key] - value).max()) < 1e-6, key
+    for key in ("eval_loss", "preference_accuracy", "base_eval_loss"):
+        assert second.result[key] == pytest.approx(sft_run.result[key], abs=1e-6), key
 
 
 @pytest.mark.parametrize(

@@ -35,7 +35,9 @@ def test_min_pairs_cuts_a_job_that_is_promoted(make_daemon: Any) -> None:
         assert c.jobs()["jobs"] == []  # 3 < min_pairs
     submit_n(d, 1, start=3)
     (job,) = d.wait_jobs(lambda js: len(js) == 1 and js[0]["state"] == "promoted")
-    assert job["pairs"] == 4 and job["backend"] == "fake" and job["version"] == 1
+    # nothing was held out, so the voice's first job holds back its newest pair to be judged on
+    assert job["pairs"] == 3 and job["eval_pairs"] == 1 and job["sibling_pairs"] == 1
+    assert job["backend"] == "fake" and job["version"] == 1 and job["eval_loss"] is not None
     assert history(d, job["job_id"]) == [
         "JobCreated",
         "TrainingStarted",
@@ -67,8 +69,15 @@ def test_max_wait_and_train_and_pause(make_daemon: Any) -> None:
         (created,) = [e for e in d.events() if e["type"] == "JobCreated"]
         assert created["data"]["reason"] == "max_wait"
         c.submit(bad="c", good="d", voice="manual")
+        lone = c.train("manual")["job_id"]
+    # one pair and no held-out one: nothing to judge the job on, so it is never promoted
+    assert "no held-out evaluation" in d.wait_job(lone, ("rejected",))["error"]
+    with d.client() as c:
+        c.submit(bad="e", good="f", voice="manual")
+        c.submit(bad="g", good="h", voice="manual")
         jid = c.train("manual")["job_id"]
-    assert d.wait_job(jid, ("promoted",))["pairs"] == 1
+    job = d.wait_job(jid, ("promoted",))  # still no held-out pair: this one holds one back
+    assert job["pairs"] == 1 and job["eval_pairs"] == 1
 
 
 def test_fallback_to_the_next_backend_records_each_failure(make_daemon: Any) -> None:
@@ -151,7 +160,7 @@ def test_killed_mid_training_resumes_as_a_new_attempt(make_daemon: Any, tmp_path
     lines = runs.read_text().splitlines()
     assert [ln.split()[1] for ln in lines] == ["1", "2"]
     assert lines[0].split()[2] == lines[1].split()[2]  # the same pairs, once per attempt
-    assert len(lines[1].split()[2].split(",")) == 4
+    assert len(lines[1].split()[2].split(",")) == 3  # the newest of 4 is held back to judge it
     assert history(d, job["job_id"])[:3] == ["JobCreated", "TrainingStarted", "TrainingStarted"]
 
 

@@ -117,6 +117,88 @@ def test_gate_rejects_a_worse_adapter_with_both_figures() -> None:
     assert s.jobs["j1"].state == JobState.REJECTED and s.voices["v"].current_job is None
 
 
+def trained_job(loss: tuple[float, float], accuracy: tuple[float, float] | None) -> tuple[jobs.State, Log]:
+    """A voice's job trained with held-out loss (new, served) and preference accuracy (new, served)."""
+    s, log = jobs.State(), Log()
+    submit(s, log, "v", "p0")
+    submit(s, log, "v", "h0", heldout=True)
+    run(s, log, jobs.CutJob("v", "j1", "manual"))
+    run(s, log, jobs.StartAttempt("j1", ("peft",)))
+    acc, old_acc = accuracy if accuracy is not None else (None, None)
+    run(s, log, jobs.FinishTraining("j1", "peft", "/a", 0.5, *loss, 3.0, 1.0, acc, old_acc, 2.0, 0.5))
+    return s, log
+
+
+def test_gate_both_rejects_a_job_whose_loss_improves_but_preference_accuracy_falls() -> None:
+    s, _ = trained_job(loss=(1.5, 2.0), accuracy=(0.25, 0.75))
+    (rej,) = jobs.decide(s, jobs.Gate("j1", 0.0, "both", 0.1))
+    assert isinstance(rej, ev.JobRejected)
+    assert rej.preference_accuracy == 0.25 and rej.baseline_preference_accuracy == 0.75
+    assert "preference accuracy 0.250 < served 0.750" in rej.reason
+    # the loss gate alone (today's) lets it through; the preference gate alone does not
+    assert isinstance(jobs.decide(s, jobs.Gate("j1", 0.0, "loss"))[0], ev.PromotionStarted)
+    assert isinstance(jobs.decide(s, jobs.Gate("j1", 0.0, "preference"))[0], ev.JobRejected)
+    # within the tolerance it passes
+    assert isinstance(jobs.decide(s, jobs.Gate("j1", 0.0, "both", 0.5))[0], ev.PromotionStarted)
+
+
+def test_gate_preference_lets_a_worse_loss_through_that_both_rejects() -> None:
+    s, _ = trained_job(loss=(2.5, 2.0), accuracy=(0.75, 0.5))
+    assert isinstance(jobs.decide(s, jobs.Gate("j1", 0.0, "preference"))[0], ev.PromotionStarted)
+    assert isinstance(jobs.decide(s, jobs.Gate("j1", 0.0, "both"))[0], ev.JobRejected)
+
+
+def test_no_job_is_promoted_without_an_evaluation() -> None:
+    s, _ = trained_job(loss=(1.0, 2.0), accuracy=None)  # an older backend: loss only
+    assert isinstance(jobs.decide(s, jobs.Gate("j1", 0.0, "both"))[0], ev.PromotionStarted)
+    (rej,) = jobs.decide(s, jobs.Gate("j1", 0.0, "preference"))
+    assert isinstance(rej, ev.JobRejected) and "no preference accuracy" in rej.reason
+    s, log = jobs.State(), Log()
+    submit(s, log, "v", "p0")  # one pair, nothing to hold back: trained, never promoted
+    run(s, log, jobs.CutJob("v", "j1", "manual"))
+    assert s.jobs["j1"].eval_ids == ()
+    run(s, log, jobs.StartAttempt("j1", ("mlx",)))
+    run(s, log, jobs.FinishTraining("j1", "mlx", "/a", 0.5, None, None, None, 1.0))
+    for gate in jobs.GATES:
+        (rej,) = jobs.decide(s, jobs.Gate("j1", 0.0, gate))
+        assert isinstance(rej, ev.JobRejected) and "no held-out evaluation" in rej.reason
+
+
+def test_a_voice_s_first_job_holds_back_its_newest_pair_to_be_judged_on() -> None:
+    s, log = jobs.State(), Log()
+    for n in range(4):
+        submit(s, log, "v", f"p{n}")
+    (e,) = run(s, log, jobs.CutJob("v", "j1", "manual"))
+    assert isinstance(e.payload, ev.JobCreated) and e.payload.held_back_ids == ("p3",)
+    j1 = s.jobs["j1"]
+    assert j1.pair_ids == ("p0", "p1", "p2") and j1.eval_ids == ("p3",) and j1.sibling_ids == ("p3",)
+    assert s.voices["v"].heldout == ["p3"] and s.voices["v"].pending == []
+    assert jobs.replay(log.events) == s  # the held-back pair is in the log: replay agrees
+    for n in range(4, 6):  # the voice has an evaluation set now: nothing more is held back
+        submit(s, log, "v", f"p{n}")
+    (e,) = run(s, log, jobs.CutJob("v", "j2", "manual"))
+    assert isinstance(e.payload, ev.JobCreated) and e.payload.held_back_ids == ()
+    assert s.jobs["j2"].eval_ids == ("p3",)
+    # a first job whose window already holds a held-out pair holds nothing back
+    s, log = jobs.State(), Log()
+    submit(s, log, "w", "q0")
+    submit(s, log, "w", "q1")
+    submit(s, log, "w", "h", heldout=True)
+    (e,) = run(s, log, jobs.CutJob("w", "k1", "manual"))
+    assert isinstance(e.payload, ev.JobCreated) and e.payload.held_back_ids == ()
+
+
+def test_promotion_and_rollback_carry_the_voice_s_preference_accuracy() -> None:
+    s, log = trained_job(loss=(1.5, 2.0), accuracy=(0.75, 0.0))
+    run(s, log, jobs.Gate("j1", 0.0))
+    run(s, log, jobs.FinishPromotion("j1", "/a"))
+    v = s.voices["v"]
+    assert v.preference_accuracy == 0.75 and v.public()["preference_accuracy"] == 0.75
+    pub = s.jobs["j1"].public()
+    assert pub["preference_accuracy"] == 0.75 and pub["sibling_preference_accuracy"] == 0.5
+    assert jobs.replay(log.events) == s
+
+
 def test_attempts_back_off_then_fail() -> None:
     s, log = jobs.State(), Log()
     submit(s, log, "v", "p0")
@@ -212,7 +294,7 @@ def test_rollback_targets_the_previous_version() -> None:
         submit(s, log, "v", f"p{n}")
         run(s, log, jobs.CutJob("v", f"j{n}", "manual"))
         run(s, log, jobs.StartAttempt(f"j{n}", ("mlx",)))
-        run(s, log, jobs.FinishTraining(f"j{n}", "mlx", "/a", None, None, None, None, 1.0))
+        run(s, log, jobs.FinishTraining(f"j{n}", "mlx", "/a", None, 1.0, 1.0, 3.0, 1.0))
         run(s, log, jobs.Gate(f"j{n}", 0.0))
         run(s, log, jobs.FinishPromotion(f"j{n}", f"/a{n}"))
     (e,) = run(s, log, jobs.Rollback("v"))
@@ -234,7 +316,7 @@ def test_finished_jobs_leave_memory_but_stay_countable_and_foldable() -> None:
         if n == 3:  # one job fails instead
             run(s, log, jobs.FailJob("j3", "boom"))
             continue
-        run(s, log, jobs.FinishTraining(f"j{n}", "mlx", "/a", None, None, None, None, 1.0))
+        run(s, log, jobs.FinishTraining(f"j{n}", "mlx", "/a", None, 1.0, 1.0, 3.0, 1.0))
         run(s, log, jobs.Gate(f"j{n}", 0.0))
         run(s, log, jobs.FinishPromotion(f"j{n}", f"/a{n}"))
         run(s, log, jobs.StartReload(f"j{n}", "vllm"))

@@ -110,3 +110,30 @@ def spec_for(
         "hyper": hyper,
         **overrides,
     }
+
+
+def serve_jobs(tmp: Path, backend: str, specs: list[dict[str, Any]], *, timeout: float = 600) -> list[Run]:
+    """Run ``specs`` one after another through one warm worker (``worker serve BACKEND``)."""
+    stdin = "".join(json.dumps(spec) + "\n" for spec in specs)
+    proc = subprocess.run(
+        [sys.executable, "-m", "beagled.training.worker", "serve", backend],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=tmp,
+        env=worker_env(),
+        check=False,
+    )
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert proc.returncode == 0 and lines[0]["type"] == "ready", (lines[:3], proc.stderr[-3000:])
+    runs, current = [], []
+    for line in lines[1:]:
+        current.append(line)
+        if line["type"] in ("result", "error"):
+            runs.append(Run(0 if line["type"] == "result" else 1, current, proc.stderr, Path("")))
+            current = []
+    assert len(runs) == len(specs), (lines, proc.stderr[-3000:])
+    for run, spec in zip(runs, specs, strict=True):
+        run.out_dir = Path(spec["out_dir"])
+    return runs

@@ -3,7 +3,8 @@
 Runs only inside a worker subprocess (``beagled.training.worker``). ``train`` follows the worker protocol
 of docs/internals.md: it loads the base model, measures the held-out completion NLL of the base and of
 the served adapter, applies fresh LoRA layers (or the ``init_adapter`` read back from PEFT), trains
-``steps`` Adam steps on the completion tokens only, measures again, writes the adapter in PEFT format
+``steps`` Adam steps (bias-corrected, gradient norm clipped to 1, as transformers' Trainer) on the
+completion tokens only, measures again, writes the adapter in PEFT format
 (``convert.mlx_to_peft``) and finally the manifest.
 
 A warm worker (``worker serve mlx``) passes one ``Session`` to every job: it keeps the base model (and
@@ -38,8 +39,10 @@ from beagled.errors import ConfigError, TrainingError
 from beagled.manifest import base_model_sha256 as manifest_base_sha256
 from beagled.manifest import sha256_file, write_manifest
 from beagled.training.convert import PeftAdapter, mlx_to_peft, peft_to_mlx
+from beagled.training.preference import preference_accuracy
 
 nn: Any = _nn  # mlx's stubs do not export everything mlx.nn holds
+clip_grad_norm: Callable[..., tuple[Any, Any]] = optim.clip_grad_norm  # untyped in mlx
 
 
 def _flat(tree: Any) -> list[tuple[str, Any]]:
@@ -123,6 +126,9 @@ def check_hyper(hyper: dict[str, Any]) -> dict[str, Any]:
         "seed": _int(hyper, "seed", 0),
     }
 
+
+PAIR_SIDES = ("chosen", "rejected")
+MAX_GRAD_NORM = 1.0  # as transformers' Trainer (the peft and unsloth backends)
 
 # --- data -------------------------------------------------------------------------------------------
 
@@ -208,9 +214,23 @@ def mean_nll(
     model's files, or an adapter's bytes), each example's NLL sum and token count are kept, so only
     examples not seen under that key are computed again.
     """
+    sums = nll_sums(model, examples, pad_id, batch_size, cache=cache, cache_key=cache_key)
+    count = sum(n for _, n in sums)
+    return sum(t for t, _ in sums) / count if count else None
 
+
+def nll_sums(
+    model: Any,
+    examples: list[tuple[list[int], int]],
+    pad_id: int,
+    batch_size: int,
+    *,
+    cache: NllCache | None = None,
+    cache_key: Any = None,
+) -> list[tuple[float, float]]:
+    """Each example's (completion NLL sum, completion token count) under ``model`` (cached as above)."""
     if not examples:
-        return None
+        return []
     model.eval()
     keys = [(cache_key, tuple(ids), prompt_len) for ids, prompt_len in examples]
     known: NllCache = {}
@@ -228,9 +248,7 @@ def mean_nll(
             known[keys[i]] = (float(total), float(count))
     if cache is not None and cache_key is not None:
         cache.update(known)
-    total = sum(known[k][0] for k in keys)
-    count = sum(known[k][1] for k in keys)
-    return total / count if count else None
+    return [known[k] for k in keys]
 
 
 # --- LoRA layers --------------------------------------------------------------------------------------
@@ -279,19 +297,20 @@ def _load_lora_weights(model: Any, weights: dict[str, np.ndarray], what: str) ->
     mx.eval(model.parameters())
 
 
-def _adapter_nll(
+def _adapter_sums(
     model: Any,
     adapter: PeftAdapter,
-    examples: list[tuple[list[int], int]],
+    sets: list[list[tuple[list[int], int]]],
     pad: int,
     bs: int,
     *,
     session: Session,
     adapter_id: Any,
-) -> float | None:
-    """Held-out NLL with a PEFT adapter applied temporarily (the served one)."""
+) -> list[list[tuple[float, float]]]:
+    """``nll_sums`` of each set with a PEFT adapter applied temporarily (the served one)."""
+    examples = [e for examples in sets for e in examples]
     if all(session.nll_cache.get((adapter_id, tuple(ids), n)) for ids, n in examples):
-        return mean_nll(model, examples, pad, bs, cache=session.nll_cache, cache_key=adapter_id)
+        return [nll_sums(model, x, pad, bs, cache=session.nll_cache, cache_key=adapter_id) for x in sets]
 
     apply_lora(
         model,
@@ -303,9 +322,22 @@ def _adapter_nll(
     )
     try:
         _load_lora_weights(model, adapter.weights, "served_adapter")
-        return mean_nll(model, examples, pad, bs, cache=session.nll_cache, cache_key=adapter_id)
+        return [nll_sums(model, x, pad, bs, cache=session.nll_cache, cache_key=adapter_id) for x in sets]
     finally:
         remove_lora_layers(model)
+
+
+def _scores(
+    new: list[list[tuple[float, float]]],
+    base: list[list[tuple[float, float]]],
+) -> tuple[float | None, float | None]:
+    """(mean NLL of the better drafts, preference accuracy) from the sums of [good, bad] under the model
+    judged and the base."""
+    (good, bad), (good0, bad0) = new, base
+    count = sum(n for _, n in good)
+    loss = sum(t for t, _ in good) / count if count else None
+    lp = [[-t for t, _ in x] for x in (good, bad, good0, bad0)]
+    return loss, preference_accuracy(*lp)
 
 
 def base_model_sha256(base: Path) -> str:
@@ -422,7 +454,11 @@ def _train(spec: dict[str, Any], emit: Emit, session: Session) -> dict[str, Any]
 
     objective = spec.get("objective", "sft")
     if objective != "sft":
-        raise TrainingError(f"objective {objective!r} is not supported by the mlx backend", backend=BACKEND)
+        raise TrainingError(
+            f"objective {objective!r} is not supported by the mlx backend (sft only): the next backend "
+            "in training.backends takes the job",
+            backend=BACKEND,
+        )
     hyper = check_hyper(dict(spec.get("hyper") or {}))
     base = Path(spec["base_model"])
     out_dir = Path(spec["out_dir"])
@@ -441,20 +477,29 @@ def _train(spec: dict[str, Any], emit: Emit, session: Session) -> dict[str, Any]
     phase("load_s")
     encoder = Encoder(tokenizer, hyper["max_seq_len"])
     train_set = [encoder.encode(p.get("prompt") or "", p["chosen"]) for p in spec["train"]]
-    heldout = [encoder.encode(p.get("prompt") or "", p["chosen"]) for p in spec.get("heldout") or []]
+    # [better drafts, worse drafts] of the held-out pairs that judge the job, and of its own siblings
+    judged, siblings = (
+        [[encoder.encode(p.get("prompt") or "", p[k]) for p in spec.get(key) or []] for k in PAIR_SIDES]
+        for key in ("heldout", "siblings")
+    )  # fmt: skip
+    heldout = judged[0]
     bs, pad = hyper["batch_size"], encoder.pad_id
 
     phase("encode_s")
 
     cache = session.nll_cache
-    base_eval = mean_nll(model, heldout, pad, bs, cache=cache, cache_key=("base", session.key))
-    baseline_eval = base_eval
+    base_sums = [
+        nll_sums(model, x, pad, bs, cache=cache, cache_key=("base", session.key)) for x in judged + siblings
+    ]
+    served_sums = base_sums[:2]
     served = spec.get("served_adapter")
     if served and heldout:
         served_id = ("adapter", sha256_file(Path(served) / "adapter_model.safetensors"))
-        baseline_eval = _adapter_nll(
-            model, peft_to_mlx(Path(served)), heldout, pad, bs, session=session, adapter_id=served_id
+        served_sums = _adapter_sums(
+            model, peft_to_mlx(Path(served)), judged, pad, bs, session=session, adapter_id=served_id
         )
+    base_eval = _scores(base_sums[:2], base_sums[:2])[0]
+    baseline_eval, baseline_accuracy = _scores(served_sums, base_sums[:2])
     phase("eval_before_s")
 
     n_layers = len(model.layers)
@@ -494,7 +539,10 @@ def _train(spec: dict[str, Any], emit: Emit, session: Session) -> dict[str, Any]
     emit({"type": "log", "message": f"mlx: {len(train_set)} train / {len(heldout)} held-out examples, "
           f"{trainable} trainable parameters, layers {layers}, modules {paths}"})  # fmt: skip
 
-    optimizer = optim.Adam(learning_rate=hyper["learning_rate"])
+    # the torch backends' optimiser exactly: Adam *with* bias correction (mlx's default has none, which
+    # multiplies early steps by (1 - b1^t) / sqrt(1 - b2^t): x3.2 at step 1, x5.0 at step 40) and the
+    # gradient clipped to norm 1 (transformers' Trainer default, max_grad_norm)
+    optimizer = optim.Adam(learning_rate=hyper["learning_rate"], bias_correction=True)
     phase("setup_s")
 
     def loss_fn(m: Any, inputs: Any, targets: Any, mask: Any) -> Any:
@@ -519,6 +567,7 @@ def _train(spec: dict[str, Any], emit: Emit, session: Session) -> dict[str, Any]
         t0 = time.perf_counter()
         inputs, targets, mask = _batch([train_set[i] for i in batch_idx], pad)
         loss, grads = loss_and_grad(model, inputs, targets, mask)
+        grads, _ = clip_grad_norm(grads, max_norm=MAX_GRAD_NORM)
         optimizer.update(model, grads)
         mx.eval(model.parameters(), optimizer.state, loss)
         step_loss = float(loss.item())
@@ -532,7 +581,9 @@ def _train(spec: dict[str, Any], emit: Emit, session: Session) -> dict[str, Any]
     emit({"type": "log", "message": f"mlx: {steps} steps in {time.monotonic() - loop_started:.2f} s"})
     phase("train_s")
     eval_nll: NllCache = {}
-    eval_loss = mean_nll(model, heldout, pad, bs, cache=eval_nll, cache_key="new")
+    new_sums = [nll_sums(model, x, pad, bs, cache=eval_nll, cache_key="new") for x in judged + siblings]
+    eval_loss, accuracy = _scores(new_sums[:2], base_sums[:2])
+    sibling_loss, sibling_accuracy = _scores(new_sums[2:], base_sums[2:])
     seen = sum(n for _, n in recent)
     train_loss = sum(loss * n for loss, n in recent) / seen if seen else None
     phase("eval_after_s")
@@ -559,6 +610,10 @@ def _train(spec: dict[str, Any], emit: Emit, session: Session) -> dict[str, Any]
         "eval_loss": eval_loss,
         "baseline_eval_loss": baseline_eval,
         "base_eval_loss": base_eval,
+        "preference_accuracy": accuracy,
+        "baseline_preference_accuracy": baseline_accuracy,
+        "sibling_eval_loss": sibling_loss,
+        "sibling_preference_accuracy": sibling_accuracy,
         "steps": steps,
         "duration_s": duration,
         "backend": BACKEND,
@@ -576,6 +631,7 @@ def _train(spec: dict[str, Any], emit: Emit, session: Session) -> dict[str, Any]
             "base_model_sha256": session.sha256(),
             "pair_ids": [p.get("pair_id") for p in spec["train"]],
             "heldout_pair_ids": [p.get("pair_id") for p in spec.get("heldout") or []],
+            "sibling_pair_ids": [p.get("pair_id") for p in spec.get("siblings") or []],
             "init_adapter": init,
             "served_adapter": served,
             "hyper": hyper,

@@ -12,7 +12,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from beagled.training.torch_common import Emit, Spec, TorchLoader, lib, quiet_environment, run_training
+from beagled.training.torch_common import (
+    Emit,
+    Session,
+    Spec,
+    TorchLoader,
+    lib,
+    quiet_environment,
+    run_training,
+)
 
 NAME = "peft"
 VERSIONS = ("torch", "transformers", "peft", "trl", "accelerate", "datasets")
@@ -81,7 +89,13 @@ class PeftLoader:
         pass
 
 
-def train(spec: dict[str, Any], emit: Emit) -> dict[str, Any]:
+def new_session() -> Session:
+    """A warm worker's session (``worker serve peft``): the base model stays loaded between jobs."""
+    quiet_environment()
+    return Session()
+
+
+def train(spec: dict[str, Any], emit: Emit, session: Session | None = None) -> dict[str, Any]:
     quiet_environment()
     loader: TorchLoader = PeftLoader()
-    return run_training(spec, emit, loader)
+    return run_training(spec, emit, loader, session)

@@ -1,6 +1,7 @@
 """What the torch backends (``peft``, ``unsloth``) share: hyper-parameters, data, TRL training, eval, output.
 
-A backend only says how to load the base model and how to put LoRA on it (``TorchLoader``);
+A backend only says how to load the base model and how to put LoRA on it (``TorchLoader``); a warm
+worker passes a ``Session`` that keeps the base model loaded between jobs;
 ``run_training`` does the rest of the worker protocol (docs/internals.md):
 
 - **data**: every pair is encoded once by ``encode_example``: the tokenizer's chat template when it has
@@ -47,6 +48,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from beagled.manifest import MANIFEST, PEFT_FILES, base_model_sha256, write_manifest
+from beagled.training.preference import preference_accuracy
 
 # them, and Unsloth must be imported before any of them)
 
@@ -54,6 +56,7 @@ Emit = Callable[[dict[str, Any]], None]
 Example = tuple[list[int], list[int]]  # input_ids, labels (-100 where no loss)
 
 IGNORE = -100
+OBJECTIVES = ("sft", "dpo", "sft+dpo")
 OUT_DIR_LEFTOVERS = (*PEFT_FILES, "README.md", MANIFEST + ".tmp")
 
 
@@ -202,6 +205,8 @@ class Spec:
     heldout: list[Pair]
     hyper: Hyper
     raw: dict[str, Any]
+    siblings: list[Pair] = field(default_factory=list)
+    dpo_weight: float = 1.0
 
     @classmethod
     def parse(cls, raw: dict[str, Any], backend: str) -> Spec:
@@ -228,8 +233,11 @@ class Spec:
         if layers is not None and hyper.num_layers > layers:
             raise SpecError(f"hyper.num_layers is {hyper.num_layers} but the base model has {layers} layers")
         objective = raw.get("objective", "sft")
-        if objective not in ("sft", "dpo"):
-            raise SpecError(f"objective must be 'sft' or 'dpo', got {objective!r}")
+        if objective not in OBJECTIVES:
+            raise SpecError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+        dpo_weight = raw.get("dpo_weight", 1.0)
+        if isinstance(dpo_weight, bool) or not isinstance(dpo_weight, int | float) or dpo_weight < 0:
+            raise SpecError(f"dpo_weight must be a number >= 0, got {dpo_weight!r}")
         train = parse_pairs(raw.get("train"), "train")
         if not train:
             raise SpecError("train has no pairs")
@@ -246,6 +254,8 @@ class Spec:
             heldout=parse_pairs(raw.get("heldout"), "heldout"),
             hyper=hyper,
             raw=raw,
+            siblings=parse_pairs(raw.get("siblings"), "siblings"),
+            dpo_weight=float(dpo_weight),
         )
 
 
@@ -451,16 +461,6 @@ def mean_nll(model: Any, examples: Sequence[Example], pad_id: int, batch_size: i
     return -sum(completion_logprobs(model, examples, pad_id, batch_size)) / n
 
 
-def mean_margin(
-    model: Any, chosen: Sequence[Example], rejected: Sequence[Example], pad_id: int, batch_size: int
-) -> float | None:
-    if not chosen:
-        return None
-    good = completion_logprobs(model, chosen, pad_id, batch_size)
-    bad = completion_logprobs(model, rejected, pad_id, batch_size)
-    return sum(g - b for g, b in zip(good, bad, strict=True)) / len(good)
-
-
 def evaluate(
     model: Any,
     tokenizer: Any,
@@ -468,41 +468,71 @@ def evaluate(
     pad_id: int,
     load_served: Callable[[Any, Path], None],
 ) -> dict[str, float | None]:
-    """Held-out losses (and DPO margins) under the new adapter, the served one and the base.
+    """Held-out losses, preference accuracies (and DPO margins) under the new adapter, the served one and
+    the base; the job's own held-out siblings measured apart (``sibling_*``, reports only).
 
     ``model`` is a ``PeftModel`` whose active adapter is ``"default"``. ``load_served`` loads the served
     adapter as ``"served"`` (and leaves it active).
     """
-    keys = ["eval_loss", "baseline_eval_loss", "base_eval_loss"]
-    if spec.objective == "dpo":
+    dpo = spec.objective in ("dpo", "sft+dpo")
+    keys = ["eval_loss", "baseline_eval_loss", "base_eval_loss", "preference_accuracy",
+            "baseline_preference_accuracy", "sibling_eval_loss", "sibling_preference_accuracy"]  # fmt: skip
+    if dpo:
         keys += ["eval_margin", "baseline_eval_margin", "base_eval_margin"]
     out: dict[str, float | None] = dict.fromkeys(keys)
-    if not spec.heldout:
-        return out
     max_len, bs = spec.hyper.max_seq_len, spec.hyper.batch_size
-    chosen = [encode_example(tokenizer, p.prompt, p.chosen, max_len) for p in spec.heldout]
-    rejected = [encode_example(tokenizer, p.prompt, p.rejected, max_len) for p in spec.heldout]
+    encoded = {
+        name: (
+            [encode_example(tokenizer, p.prompt, p.chosen, max_len) for p in pairs],
+            [encode_example(tokenizer, p.prompt, p.rejected, max_len) for p in pairs],
+        )
+        for name, pairs in (("heldout", spec.heldout), ("siblings", spec.siblings))
+        if pairs
+    }
+    if not encoded:
+        return out
+    LogPs = dict[str, tuple[list[float], list[float]]]
 
-    def measure(prefix: str) -> None:
-        out[f"{prefix}eval_loss"] = mean_nll(model, chosen, pad_id, bs)
-        if spec.objective == "dpo":
-            out[f"{prefix}eval_margin"] = mean_margin(model, chosen, rejected, pad_id, bs)
+    def logps() -> LogPs:
+        return {
+            name: (
+                completion_logprobs(model, good, pad_id, bs),
+                completion_logprobs(model, bad, pad_id, bs),
+            )
+            for name, (good, bad) in encoded.items()
+        }
 
     model.set_adapter("default")
-    measure("")
+    new = logps()
     with model.disable_adapter():
-        measure("base_")
+        base = logps()
     if spec.served_adapter is None:
-        out["baseline_eval_loss"] = out["base_eval_loss"]
-        if spec.objective == "dpo":
-            out["baseline_eval_margin"] = out["base_eval_margin"]
+        served = base
     else:
         load_served(model, spec.served_adapter)
         try:
-            measure("baseline_")
+            served = logps()
         finally:
             model.set_adapter("default")
             model.delete_adapter("served")
+
+    for name, (good_examples, _) in encoded.items():
+        tokens = sum(n_loss_tokens(e) for e in good_examples)
+
+        def nll(lps: list[float], tokens: int = tokens) -> float | None:
+            return -sum(lps) / tokens if tokens else None
+
+        (g, b), (g0, b0), (gs, bs_) = new[name], base[name], served[name]
+        if name == "siblings":
+            out["sibling_eval_loss"] = nll(g)
+            out["sibling_preference_accuracy"] = preference_accuracy(g, b, g0, b0)
+            continue
+        out["eval_loss"], out["base_eval_loss"], out["baseline_eval_loss"] = nll(g), nll(g0), nll(gs)
+        out["preference_accuracy"] = preference_accuracy(g, b, g0, b0)
+        out["baseline_preference_accuracy"] = preference_accuracy(gs, bs_, g0, b0)
+        if dpo:
+            for prefix, (x, y) in (("", (g, b)), ("base_", (g0, b0)), ("baseline_", (gs, bs_))):
+                out[f"{prefix}eval_margin"] = sum(u - v for u, v in zip(x, y, strict=True)) / len(x)
     return out
 
 
@@ -576,8 +606,11 @@ def trainer_args(config_cls: Any, spec: Spec, output_dir: str, *, use_cuda: bool
         "gradient_checkpointing": False,
         "include_num_input_tokens_seen": "non_padding",
     }
-    if spec.objective == "dpo":
+    if spec.objective in ("dpo", "sft+dpo"):
         kwargs["beta"] = float(h.extra.get("beta", 0.1))
+    if spec.objective == "sft+dpo":  # TRL's multi-loss: dpo_weight * DPO (sigmoid) + the chosen drafts' NLL
+        kwargs["loss_type"] = ["sigmoid", "sft"]
+        kwargs["loss_weights"] = [spec.dpo_weight, 1.0]
     return config_cls(**kwargs)
 
 
@@ -704,14 +737,72 @@ class TorchLoader(Protocol):
         ...
 
 
+def _model_files_key(base: Path) -> tuple[tuple[str, int, int, int], ...]:
+    """What identifies the base model's bytes cheaply: name, size, mtime and inode of each file."""
+    out = []
+    for path in sorted(base.iterdir()) if base.is_dir() else []:
+        if path.is_file():
+            st = path.stat()
+            out.append((path.name, st.st_size, st.st_mtime_ns, st.st_ino))
+    return tuple(out)
+
+
+class Session:
+    """A warm worker's base model and tokenizer, kept (on the device) between jobs.
+
+    Reloaded only when the base model's path, its files or the device choice change. After a job the
+    LoRA layers are taken out again (``PeftModel.unload``, which puts the original linear layers back
+    unmerged), so the next job starts from the bare base; the seed is set after loading, so a job
+    initialises and trains the same adapter here as in a cold process. A failed job ends the worker
+    (``worker serve``), so a half-trained model is never reused.
+    """
+
+    def __init__(self) -> None:
+        self.key: tuple[Any, ...] | None = None
+        self.model: Any = None
+        self.tokenizer: Any = None
+
+    def get(self, spec: Spec, loader: TorchLoader, use_cuda: bool, bf16: bool) -> tuple[Any, Any]:
+        key = (str(spec.base_model.resolve()), _model_files_key(spec.base_model), use_cuda, bf16)
+        if self.model is None or self.key != key:
+            self.reset()
+            self.model, self.tokenizer = loader.load(spec, use_cuda, bf16)
+            self.key = key
+        return self.model, self.tokenizer
+
+    def release(self, trained: Any) -> None:
+        """Take the job's LoRA layers out of the kept base model (or drop it if that fails)."""
+        try:
+            bare = trained.unload() if hasattr(trained, "unload") else trained
+            if bare is not self.model or any("lora_" in n for n, _ in self.model.named_modules()):
+                raise RuntimeError("the base model still holds LoRA layers after unload")
+            for param in self.model.parameters():
+                param.requires_grad_(True)  # as loaded: the next job's PEFT wrapper freezes them again
+        except Exception:
+            self.reset()
+            raise
+
+    def reset(self) -> None:
+        self.key, self.model, self.tokenizer = None, None, None
+        import gc
+
+        gc.collect()
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 def n_layers(model: Any) -> int:
     config = model.config
     text = getattr(config, "text_config", None) or config
     return int(text.num_hidden_layers)
 
 
-def run_training(raw_spec: dict[str, Any], emit: Emit, loader: TorchLoader) -> dict[str, Any]:
-    """Train, evaluate, save and write the manifest; return the ``result`` fields."""
+def run_training(
+    raw_spec: dict[str, Any], emit: Emit, loader: TorchLoader, session: Session | None = None
+) -> dict[str, Any]:
+    """Train, evaluate, save and write the manifest; return the ``result`` fields. ``session`` (a warm
+    worker's) keeps the base model loaded for the next job."""
     started = time.monotonic()
     spec = Spec.parse(raw_spec, loader.name)
     prepare_out_dir(spec.out_dir)
@@ -720,7 +811,15 @@ def run_training(raw_spec: dict[str, Any], emit: Emit, loader: TorchLoader) -> d
         quiet_libraries()
         lib("transformers").set_seed(spec.hyper.seed)
         use_cuda, bf16 = loader.device()
-        model, tokenizer = loader.load(spec, use_cuda, bf16)
+        if use_cuda:
+            lib("torch").cuda.reset_peak_memory_stats()
+        load_started = time.monotonic()
+        if session is not None:
+            model, tokenizer = session.get(spec, loader, use_cuda, bf16)
+        else:
+            model, tokenizer = loader.load(spec, use_cuda, bf16)
+        load_s = time.monotonic() - load_started
+        lib("transformers").set_seed(spec.hyper.seed)  # after loading: warm and cold start LoRA alike
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         pad_id = int(tokenizer.pad_token_id)
@@ -736,7 +835,7 @@ def run_training(raw_spec: dict[str, Any], emit: Emit, loader: TorchLoader) -> d
             }
         )
         train_started = time.monotonic()
-        trainer_fn = train_dpo if spec.objective == "dpo" else train_sft
+        trainer_fn = train_sft if spec.objective == "sft" else train_dpo
         model, objective_loss = trainer_fn(
             model, tokenizer, spec, out, peft_config=peft_config, use_cuda=use_cuda, bf16=bf16
         )
@@ -754,12 +853,16 @@ def run_training(raw_spec: dict[str, Any], emit: Emit, loader: TorchLoader) -> d
         bad = sorted(k for k, v in measured.items() if v is not None and not math.isfinite(v))
         if bad:  # a diverged adapter is never promoted (and NaN is not JSON)
             raise RuntimeError(f"training diverged: {', '.join(f'{k}={measured[k]}' for k in bad)}")
+        if session is not None:
+            session.release(model)
     result: dict[str, Any] = {
         "train_loss": train_loss,
         "objective_loss": objective_loss,
         **losses,
         "steps": spec.hyper.steps,
         "train_s": round(train_s, 3),
+        "load_s": round(load_s, 3),
+        "gpu_peak_mb": round(lib("torch").cuda.max_memory_allocated() / 2**20, 1) if use_cuda else None,
         "duration_s": round(time.monotonic() - started, 3),
         "backend": loader.name,
     }

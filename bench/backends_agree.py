@@ -1,0 +1,125 @@
+"""Do mlx and peft move the voice equally? The same job on both, measured by each and from outside.
+
+    .venv/bin/python bench/backends_agree.py [--steps 40] [--pairs 16]
+
+One job (the same pairs, prompts and hyper-parameters: the daemon's defaults) is trained by
+``worker train`` on ``mlx`` and on ``peft``. Each adapter (both are PEFT format) is then scored by PEFT
+in transformers over the base, on the held-out pairs:
+
+- **prompted**: the better drafts after their prompts, rendered as the backends render them (the chat
+  template; the loss on the completion only): what the daemon's own evaluation measures;
+- **unprompted**: the better drafts alone (``bos + draft + eos``, every token but the first scored):
+  the voice as such, whatever the prompt.
+
+Printed per backend: mean NLL before (base) → after (adapter) both ways, the backend's own reported
+held-out loss and preference accuracy, and whether both backends rendered the same token ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from beagled.training.corpus import voice_pairs  # noqa: E402
+from beagled.training.tinymodel import ensure_tiny_model  # noqa: E402
+
+HYPER = {
+    "rank": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"], "num_layers": -1,
+    "learning_rate": 2e-3, "steps": 40, "batch_size": 4, "max_seq_len": 256, "seed": 0,
+}  # fmt: skip
+
+
+def rows(pairs: list[tuple[str, str, str]], prefix: str) -> list[dict[str, str]]:
+    return [
+        {"pair_id": f"{prefix}{i}", "prompt": p, "chosen": good, "rejected": bad}
+        for i, (p, bad, good) in enumerate(pairs)
+    ]
+
+
+def train(backend: str, base: Path, tmp: Path, data: dict[str, Any], steps: int) -> dict[str, Any]:
+    spec = {
+        "job_id": f"j-{backend}", "voice": "bench", "attempt": 1, "backend": backend,
+        "base_model": str(base), "out_dir": str(tmp / backend), "init_adapter": None,
+        "served_adapter": None, "objective": "sft", **data, "hyper": {**HYPER, "steps": steps},
+    }  # fmt: skip
+    path = tmp / f"{backend}.json"
+    path.write_text(json.dumps(spec))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "beagled.training.worker", "train", str(path)],
+        capture_output=True, text=True, env=env, check=False,
+    )  # fmt: skip
+    last = json.loads(proc.stdout.splitlines()[-1])
+    if last["type"] != "result":
+        raise SystemExit(f"{backend}: {last}\n{proc.stderr[-2000:]}")
+    return {**last, "out_dir": spec["out_dir"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--pairs", type=int, default=16)
+    args = ap.parse_args()
+    import torch
+    import transformers
+    from peft import PeftModel
+
+    from beagled.training.torch_common import completion_logprobs, encode_example, n_loss_tokens
+
+    with tempfile.TemporaryDirectory(prefix="beagled-bench-agree-") as d:
+        tmp = Path(d)
+        base = ensure_tiny_model(tmp / "models")
+        pairs = voice_pairs(args.pairs + 8, seed=21, style="plain")
+        data = {"train": rows(pairs[: args.pairs], "t"), "heldout": rows(pairs[args.pairs :], "h")}
+        results = {b: train(b, base, tmp, data, args.steps) for b in ("mlx", "peft")}
+
+        tok = transformers.AutoTokenizer.from_pretrained(str(base))
+        eos, bos = tok.eos_token_id, tok.bos_token_id
+        held = data["heldout"]
+        prompted = [encode_example(tok, p["prompt"], p["chosen"], 256) for p in held]
+        bare = []
+        for p in held:
+            ids = [bos, *tok(p["chosen"], add_special_tokens=False)["input_ids"], eos]
+            bare.append((ids, [-100, *ids[1:]]))
+
+        def nll(model: Any, examples: list[tuple[list[int], list[int]]]) -> float:
+            lp = completion_logprobs(model, examples, int(tok.pad_token_id or 0), 8)
+            return -sum(lp) / sum(n_loss_tokens(e) for e in examples)
+
+        from beagled.training.backend_mlx import Encoder
+
+        class Wrapped:  # how mlx-lm hands the backend its tokenizer
+            _tokenizer = tok
+
+        mlx_enc = Encoder(Wrapped(), 256)
+        same = all(
+            mlx_enc.encode(p["prompt"], p["chosen"])[0]
+            == encode_example(tok, p["prompt"], p["chosen"], 256)[0]
+            for p in data["train"] + held
+        )
+        print(f"# one job: {args.pairs} pairs, {args.steps} steps, 8 held-out pairs; "
+              f"mlx and peft render identical token ids: {same}")  # fmt: skip
+        print("| backend | prompted NLL base → adapter | unprompted NLL base → adapter | "
+              "own eval_loss | own pref. accuracy |")  # fmt: skip
+        print("| --- | --- | --- | --- | --- |")
+        for backend, r in results.items():
+            model = transformers.AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+            p0, u0 = nll(model, prompted), nll(model, bare)
+            tuned = PeftModel.from_pretrained(model, r["out_dir"])
+            p1, u1 = nll(tuned, prompted), nll(tuned, bare)
+            print(f"| {backend} | {p0:.3f} → {p1:.3f} ({p1 - p0:+.3f}) | "
+                  f"{u0:.3f} → {u1:.3f} ({u1 - u0:+.3f}) | "
+                  f"{r['eval_loss']:.3f} | {r['preference_accuracy']:.3f} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
