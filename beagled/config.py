@@ -376,7 +376,7 @@ def validate(cfg: Config) -> Config:
     custom_listed = [b for b in t.backends if b in t.custom_backends]
     if t.executor == "ray" and custom_listed:
         raise ConfigError(
-            "training.backends", f"custom backends run only with executor = \"local\": {custom_listed}"
+            "training.backends", f'custom backends run only with executor = "local": {custom_listed}'
         )
     for key in ("num_gpus", "num_cpus", "backoff_s", "backoff_max_s", "connect_timeout_s"):
         _positive(f"training.ray.{key}", getattr(t.ray, key), zero_ok=key in ("num_gpus", "num_cpus"))

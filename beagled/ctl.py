@@ -559,9 +559,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p = add("delete", "delete a voice from the listing (its events stay in the log)")
     p.add_argument("voice", metavar="VOICE")
     p.add_argument("--remove-adapters", action="store_true", help="also delete its adapter files")
-    p.add_argument(
-        "--erase-drafts", action="store_true", help="also overwrite its drafts in the event log"
-    )
+    p.add_argument("--erase-drafts", action="store_true", help="also overwrite its drafts in the event log")
     p = add("watch", "follow events and live training progress (Ctrl-C to stop)")
     p.add_argument("--from-seq", type=int, metavar="SEQ", help="replay events from this seq")
     return parser

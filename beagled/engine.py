@@ -783,11 +783,11 @@ class Engine:
                     _num(result.get("baseline_eval_loss")),
                     _num(result.get("base_eval_loss")),
                     elapsed,
-                    executor,
                     _num(result.get("preference_accuracy")),
                     _num(result.get("baseline_preference_accuracy")),
                     _num(result.get("sibling_eval_loss")),
                     _num(result.get("sibling_preference_accuracy")),
+                    executor,
                 )
             )
             log.info(

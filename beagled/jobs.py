@@ -502,11 +502,11 @@ class FinishTraining:
     baseline_eval_loss: float | None
     base_eval_loss: float | None
     duration_s: float
-    executor: str = "local"
     preference_accuracy: float | None = None
     baseline_preference_accuracy: float | None = None
     sibling_eval_loss: float | None = None
     sibling_preference_accuracy: float | None = None
+    executor: str = "local"
 
 
 GATES = ("loss", "preference", "both")
@@ -869,9 +869,9 @@ def next_cut_deadline(state: State, max_wait_s: float) -> float | None:
 def next_training(state: State, now: float, min_pairs: int = 0) -> Job | None:
     """The job to train next: queued or due for retry; fair between voices (least recently trained first).
 
-    Jobs with at least ``min_pairs`` pairs go before smaller ones (cut by ``max_wait``): a flood of
-    one-pair voices, which would all sort first as never trained, delays a full job by at most the
-    one job already training."""
+    Jobs with at least ``min_pairs`` pairs (held-out siblings included) go before smaller ones (cut by
+    ``max_wait``): a flood of one-pair voices, which would all sort first as never trained, delays a
+    full job by at most the one job already training."""
     ready = [
         j
         for j in state.jobs.values()
@@ -884,7 +884,7 @@ def next_training(state: State, now: float, min_pairs: int = 0) -> Job | None:
         ready,
         key=lambda j: (
             j.pending_intent is None,
-            len(j.pair_ids) < min_pairs,
+            len(j.pair_ids) + len(j.sibling_ids) < min_pairs,  # as min_pairs counts: held-out ones too
             state.voice(j.voice).last_trained_at,
             j.created_at,
         ),

@@ -277,4 +277,3 @@ def default_node_name() -> str:
     import socket
 
     return f"{socket.gethostname()}-{os.getpid()}"
-

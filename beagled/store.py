@@ -129,7 +129,7 @@ _SELECT_PUBLIC = {  # the drafts cut out by the database: a watch's history neve
 _ERASE_DRAFTS = {
     "sqlite": "UPDATE events SET data = json_set(data, '$.bad', '', '$.good', '', '$.prompt', NULL) "
     "WHERE stream = ? AND type = 'PairSubmitted'",
-    "postgresql": "UPDATE events SET data = (data::jsonb || '{\"bad\": \"\", \"good\": \"\", "
+    "postgresql": 'UPDATE events SET data = (data::jsonb || \'{"bad": "", "good": "", '
     "\"prompt\": null}'::jsonb)::text WHERE stream = ? AND type = 'PairSubmitted'",
 }
 
@@ -147,9 +147,7 @@ class SubmitResult:
     conflict: bool = False  # the key is taken by other drafts (``pair_id``/``seq``: the stored pair)
 
 
-def scoped_key(
-    secret: bytes, *, uid: int | None, voice: str, bad: str, good: str, key: str | None
-) -> str:
+def scoped_key(secret: bytes, *, uid: int | None, voice: str, bad: str, good: str, key: str | None) -> str:
     """The idempotency key as stored and logged: scoped to (uid, voice), a keyed hash (HMAC-SHA256 with
     the log's own secret), so neither a raw key nor an offline-guessable draft hash is ever shown."""
     parts = (str(uid), voice, "k", key) if key is not None else (str(uid), voice, "h", bad, good)
@@ -327,24 +325,13 @@ class SqlStore:
                 d.migrate_lock(c)  # two daemons starting on one new database: one creates, one waits
                 _migrate(c)
                 last = c.execute(sa.select(sa.func.max(events_t.c.seq))).scalar()
+                self._secret = _load_secret(c)
             self._wconn = self._writer.raw_connection()  # held for the store's life: the one writer
         except SQLAlchemyError as e:
             raise StoreError(f"cannot open the event log {d.describe()}: {e}") from e
         self._db: DbConn = d.wrap(self._wconn.driver_connection)
         self._lock = threading.Lock()  # guards the sequencer if a caller forgets the one-writer rule
         self._seq = _Sequencer(int(last or 0), self._stream_version)
-        self._secret = self._load_secret()
-
-    def _load_secret(self) -> bytes:
-        """The log's own key-hash secret (``meta.key_secret``), created with the log; shared by every
-        daemon that shares the log, so that their keyed hashes agree."""
-        with self._writer.begin() as c:
-            c.execute(  # ON CONFLICT DO NOTHING: SQLite and PostgreSQL alike (two daemons racing)
-                sa.text("INSERT INTO meta (key, value) VALUES (:k, :v) ON CONFLICT (key) DO NOTHING"),
-                {"k": "key_secret", "v": secrets.token_hex(32)},
-            )
-            value = c.execute(sa.select(meta_t.c.value).where(meta_t.c.key == "key_secret")).scalar_one()
-        return bytes.fromhex(value)
 
     def key_secret(self) -> bytes:
         return self._secret
@@ -587,6 +574,18 @@ class SqliteStore(SqlStore):
         super().__init__(SqliteDialect(path))
 
 
+def _load_secret(c: sa.Connection) -> bytes:
+    """The log's own key-hash secret (``meta.key_secret``), created with the log; shared by every daemon
+    that shares the log, so that their keyed hashes agree. (Read in the migration's transaction: a
+    second pooled writer connection would go stale beside the store's own when the server cuts us.)"""
+    c.execute(  # ON CONFLICT DO NOTHING: SQLite and PostgreSQL alike (two daemons racing)
+        sa.text("INSERT INTO meta (key, value) VALUES (:k, :v) ON CONFLICT (key) DO NOTHING"),
+        {"k": "key_secret", "v": secrets.token_hex(32)},
+    )
+    value = c.execute(sa.select(meta_t.c.value).where(meta_t.c.key == "key_secret")).scalar_one()
+    return bytes.fromhex(value)
+
+
 def _migrate(c: sa.Connection) -> None:
     """Create the tables, or bring an older schema up to ``SCHEMA_VERSION`` (idempotent; the caller
     holds the dialect's migration lock)."""
@@ -609,9 +608,7 @@ def _migrate(c: sa.Connection) -> None:
     if found is None:
         c.execute(sa.insert(meta_t).values(key="schema_version", value=str(SCHEMA_VERSION)))
     elif version != SCHEMA_VERSION:
-        c.execute(
-            sa.update(meta_t).where(meta_t.c.key == "schema_version").values(value=str(SCHEMA_VERSION))
-        )
+        c.execute(sa.update(meta_t).where(meta_t.c.key == "schema_version").values(value=str(SCHEMA_VERSION)))
 
 
 class MemoryStore:

@@ -30,9 +30,11 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     s.close()
 
 
-def pair(i: int, key: str | None = None, voice: str = "v") -> ev.PairSubmitted:
+def pair(i: int, key: str | None = None, voice: str = "v", drafts: int | None = None) -> ev.PairSubmitted:
+    """Pair ``i``; ``drafts``: whose drafts it carries (a retry of pair ``drafts`` under its key)."""
+    d = i if drafts is None else drafts
     return ev.PairSubmitted(
-        pair_id=f"p{i}", voice=voice, bad=f"bad {i}", good=f"good {i}", key=key or f"k{i}"
+        pair_id=f"p{i}", voice=voice, bad=f"bad {d}", good=f"good {d}", key=key or f"k{i}"
     )
 
 
@@ -137,7 +139,7 @@ def test_two_daemons_share_one_log_with_contiguous_positions(pg_url: str) -> Non
     a = one.append([ev.Paused()], 1.0)
     b = two.append([ev.Resumed()], 2.0)  # two's counters are stale: it re-reads them under the lock
     c = one.submit_batch([pair(1)], 3.0)
-    d = two.submit_batch([pair(2, key="k1"), pair(3)], 4.0)  # k1 committed by the other daemon
+    d = two.submit_batch([pair(2, key="k1", drafts=1), pair(3)], 4.0)  # k1 committed by the other
     assert [e.seq for e in a + b] == [1, 2]
     assert [(e.stream, e.version) for e in a + b] == [("daemon", 1), ("daemon", 2)]
     assert (c[0].seq, d[0].pair_id, d[0].duplicate, d[1].seq) == (3, "p1", True, 4)
@@ -159,7 +161,9 @@ def test_racing_daemons_same_key_one_pair_and_a_reader_never_skips(pg_url: str) 
 
     def write(i: int) -> None:
         for n in range(40):
-            r = stores[i].submit_batch([pair(n * 10 + i, key=f"k{n}"), pair(1000 + n * 10 + i)], float(n))
+            r = stores[i].submit_batch(
+                [pair(n * 10 + i, key=f"k{n}", drafts=n), pair(1000 + n * 10 + i)], float(n)
+            )
             results[i].extend((x.pair_id, x.duplicate) for x in r[:1])
 
     def tail() -> None:
