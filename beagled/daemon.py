@@ -18,6 +18,7 @@ from pathlib import Path
 
 import trio
 
+from beagled import logs, secrets
 from beagled.config import Config
 from beagled.engine import Engine
 from beagled.errors import ConfigError, TrainingError
@@ -53,7 +54,7 @@ def build_reloader(cfg: Config) -> Reloader:
             path_map=[(a, b) for a, b in r.vllm.path_map],
             timeout_s=r.vllm.timeout_s,
             max_lora_rank=r.vllm.max_lora_rank,
-            api_key=r.vllm.api_key,
+            api_key=logs.add_secret(secrets.vllm_api_key(r.vllm.api_key, r.vllm.api_key_file)),
         )
     if r.method == "ssh":
         from beagled.reload.ssh import SshReloader

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import trio
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
@@ -98,6 +98,12 @@ class Metrics:
             ["from_backend", "to_backend"],
             registry=r,
         )
+        self.backend_available = Gauge(
+            "beagled_backend_available",
+            "1 if the training backend's last probe found it usable, else 0.",
+            ["backend"],
+            registry=r,
+        )
         Info("beagled_build", "beagled build.", registry=r).info({"version": __version__})
         for outcome in ("accepted", "duplicate", "rejected"):
             self.submissions.labels(outcome)
@@ -108,6 +114,7 @@ class Metrics:
         """Export every known label combination at zero from the start, so that ``rate()`` and
         ``increase()`` see a series' first event (a series born with its first sample hides it)."""
         for b in backends:
+            self.backend_available.labels(b).set(0)
             for outcome in ("success", "failure", "timeout"):
                 self.training_duration.labels(b, outcome)
         for a, b in itertools.pairwise(backends):
