@@ -6,6 +6,8 @@ import io
 import logging
 import os
 import shlex
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -16,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from beagled import __version__, ctl, logs, paths, secrets
+from beagled import __version__, ctl, hfcache, logs, manifest, paths, secrets
 from beagled.cli import beagled_main
 from beagled.client import default_socket_path
 from beagled.config import from_mapping
@@ -236,3 +238,74 @@ def test_journald_gets_priority_prefixes(monkeypatch: pytest.MonkeyPatch, tmp_pa
         err.close()
     lines = (tmp_path / "stderr").read_text().splitlines()
     assert [ln[:3] for ln in lines] == ["<4>", "<3>", "<6>"]
+
+
+# --- 8. models from the local Hugging Face cache ------------------------------------------------------
+
+
+def test_base_model_may_be_a_repo_id_in_the_local_hf_cache(tmp_path: Path) -> None:
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub")}
+    snap = tmp_path / "hub" / "models--Qwen--Qwen2.5-0.5B-Instruct" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    refs = snap.parents[1] / "refs"
+    refs.mkdir()
+    (refs / "main").write_text("abc123\n")
+    assert hfcache.resolve("Qwen/Qwen2.5-0.5B-Instruct", env) == snap
+    assert hfcache.resolve("Qwen/Qwen2.5-0.5B-Instruct@abc123", env) == snap
+    assert hfcache.resolve(str(tmp_path), env) == tmp_path  # a directory still works
+    with pytest.raises(ConfigError, match="hf download Qwen/Qwen2.5-7B") as e:
+        hfcache.resolve("Qwen/Qwen2.5-7B", env)
+    assert "never downloads" in str(e.value)
+    with pytest.raises(ConfigError, match="not a directory"):
+        hfcache.resolve("/no/such/dir", env)
+
+
+# --- 9. hash once ---------------------------------------------------------------------------------
+
+
+def _bytes_read() -> int:
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+def test_the_base_model_hash_is_read_once_and_follows_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BEAGLED_HASH_CACHE", str(tmp_path / "cache.json"))
+    model = tmp_path / "model"
+    model.mkdir()
+    shard = model / "model-00001-of-00001.safetensors"
+    shard.write_bytes(os.urandom(1 << 20) * 16)  # 16 MiB
+    before = _bytes_read()
+    first = manifest.base_model_sha256(model)
+    assert _bytes_read() - before >= 16 << 20  # the cold hash reads the weights
+    before = _bytes_read()
+    assert manifest.base_model_sha256(model) == first
+    assert _bytes_read() - before < 1 << 20  # the cached one does not (was: 16 MiB again, every job)
+    with shard.open("r+b") as f:  # same size, new content: a new key, a new digest
+        f.write(b"\0" * 8)
+    assert manifest.base_model_sha256(model) != first
+
+
+# --- 13. a watch client that closes is a normal close -----------------------------------------------
+
+
+def test_a_watch_client_closing_is_logged_as_a_normal_close(make_daemon: Any) -> None:
+    d = make_daemon()
+    with d.client() as c:
+        c.submit(bad="a", good="b")
+    for _ in range(2):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(str(d.socket))
+        s.sendall(b'{"v": 1, "id": 1, "op": "watch", "from_seq": 0}\n')
+        assert b'"event"' in s.recv(65536)  # streaming
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # reset, as a kill does
+        s.close()
+    with d.client() as c:  # an event to stream to the closed watchers: the daemon notices them now
+        c.submit(bad="c", good="d")
+    poll(lambda: d.log_text().count("client closed the connection") >= 2, 30, what="both closes")
+    log = d.log_text()
+    assert "Traceback" not in log and "connection failed" not in log and '"level": "error"' not in log
