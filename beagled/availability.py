@@ -70,6 +70,7 @@ def waiting_reason(state: State, voice: str, min_pairs: int) -> str | None:
         return "paused"
     if any(j.voice == voice and j.state == JobState.QUEUED for j in state.jobs.values()):
         return "a job is queued behind another training"
-    if v.pending and len(v.pending) < min_pairs:
-        return f"{len(v.pending)} of min_pairs = {min_pairs} pairs pending (or max_wait_s after the oldest)"
+    submitted = len(v.pending) + len(v.heldout_window)
+    if v.pending and submitted < min_pairs:
+        return f"{submitted} of min_pairs = {min_pairs} pairs submitted (or max_wait_s after the oldest)"
     return None

@@ -805,10 +805,14 @@ def _decide_rollback(state: State, cmd: Rollback) -> list[ev.Payload]:
 
 
 def cut_reason(v: Voice, *, now: float, min_pairs: int, max_wait_s: float) -> str | None:
-    """Why the voice's pending pairs should become a job now, or None (never for a paused voice)."""
+    """Why the voice's pending pairs should become a job now, or None (never for a paused voice).
+
+    ``min_pairs`` counts what the user submitted since the last cut: the pairs the job trains on and
+    their held-out siblings (``heldout_window``) together; a window that is all held out waits.
+    """
     if not v.pending or v.paused:
         return None
-    if len(v.pending) >= min_pairs:
+    if len(v.pending) + len(v.heldout_window) >= min_pairs:
         return "min_pairs"
     if now - v.pending[0][1] >= max_wait_s:
         return "max_wait"

@@ -309,3 +309,20 @@ def test_a_watch_client_closing_is_logged_as_a_normal_close(make_daemon: Any) ->
     poll(lambda: d.log_text().count("client closed the connection") >= 2, 30, what="both closes")
     log = d.log_text()
     assert "Traceback" not in log and "connection failed" not in log and '"level": "error"' not in log
+
+
+# --- 6. min_pairs counts what the user submitted ----------------------------------------------------
+
+
+def test_min_pairs_counts_held_out_pairs_too(make_daemon: Any) -> None:
+    d = make_daemon()
+    with d.client() as c:
+        for i in range(4):  # min_pairs = 4: three to train on, one held out for evaluation
+            c.request("submit", bad=f"b{i}", good=f"g{i}", heldout=i == 2)
+    (job,) = d.wait_jobs(lambda js: len(js) == 1)  # was: no job (3 pending < 4), and nothing said why
+    assert job["pairs"] == 3
+    (created,) = [e for e in d.events() if e["type"] == "JobCreated"]
+    assert created["data"]["reason"] == "min_pairs"
+    with d.client() as c:
+        (v,) = c.voices()["voices"]
+    assert v["heldout_pairs"] == 1
