@@ -922,8 +922,10 @@ class Engine:
         for name in {e.payload.voice for e in events}:  # type: ignore[attr-defined]
             v = state.voices.get(name)
             # wake the scheduler when a voice may be due now, or its max_wait clock just started
-            if v is not None and v.pending and (
-                len(v.pending) + len(v.heldout_window) >= s.min_pairs or v.pending[0][1] == at
+            if (
+                v is not None
+                and v.pending
+                and (len(v.pending) + len(v.heldout_window) >= s.min_pairs or v.pending[0][1] == at)
             ):
                 self._sched_wakeup.set()
                 break

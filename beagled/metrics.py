@@ -15,7 +15,15 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import trio
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
@@ -66,8 +74,11 @@ class _StateCollector(Collector):
 
 class Metrics:
     def __init__(self, state: Callable[[], State] | None = None, *, max_voices: int = 100) -> None:
+        # ``*_created`` series only double the scrape (Prometheus ignores them): off, process-wide
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        ProcessCollector(registry=r)  # the standard process_* metrics (CPU, RSS, fds, start time)
         self.training_duration = Histogram(
             "beagled_training_duration_seconds",
             "Wall time of one backend's training try.",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import shlex
 import socket
 import struct
@@ -18,11 +19,12 @@ from typing import Any
 
 import pytest
 
-from beagled import __version__, ctl, hfcache, logs, manifest, paths, secrets
+from beagled import __version__, ctl, hfcache, logs, manifest, paths, protocol, secrets
 from beagled.cli import beagled_main
 from beagled.client import default_socket_path
 from beagled.config import from_mapping
 from beagled.errors import ConfigError, Conflict
+from beagled.metrics import Metrics
 from tests.daemon_proc import fake_backend, poll
 
 # --- 1. no backend, no storm ----------------------------------------------------------------------
@@ -254,7 +256,7 @@ def test_base_model_may_be_a_repo_id_in_the_local_hf_cache(tmp_path: Path) -> No
     assert hfcache.resolve("Qwen/Qwen2.5-0.5B-Instruct", env) == snap
     assert hfcache.resolve("Qwen/Qwen2.5-0.5B-Instruct@abc123", env) == snap
     assert hfcache.resolve(str(tmp_path), env) == tmp_path  # a directory still works
-    with pytest.raises(ConfigError, match="hf download Qwen/Qwen2.5-7B") as e:
+    with pytest.raises(ConfigError, match=r"hf download Qwen/Qwen2\.5-7B") as e:
         hfcache.resolve("Qwen/Qwen2.5-7B", env)
     assert "never downloads" in str(e.value)
     with pytest.raises(ConfigError, match="not a directory"):
@@ -326,3 +328,51 @@ def test_min_pairs_counts_held_out_pairs_too(make_daemon: Any) -> None:
     with d.client() as c:
         (v,) = c.voices()["voices"]
     assert v["heldout_pairs"] == 1
+
+
+# --- 12. the TRL path masks the prompt whichever column a TRL release reads ---------------------------
+
+
+def test_sft_rows_mask_the_prompt_in_labels_and_completion_mask(tiny_model: Path) -> None:
+    from beagled.training.torch_common import IGNORE, encode_example, sft_row
+
+    transformers = pytest.importorskip("transformers")
+    tok = transformers.AutoTokenizer.from_pretrained(str(tiny_model))
+    ids, labels = encode_example(tok, "Rewrite this draft in my voice:\n\nhi", "Hey there, Bea here", 256)
+    row = sft_row(ids, labels)
+    n_prompt = next(i for i, y in enumerate(labels) if y != IGNORE)
+    assert n_prompt > 0
+    # some TRL releases rebuild labels from input_ids and a completion_mask: it says the same thing
+    assert row["completion_mask"] == [0] * n_prompt + [1] * (len(ids) - n_prompt)
+    assert row["labels"][:n_prompt] == [IGNORE] * n_prompt
+
+
+# --- 5. the contract is documented in the repository ---------------------------------------------------
+
+
+def test_readme_links_resolve_inside_the_repo_and_the_protocol_doc_covers_every_op() -> None:
+    repo = Path(__file__).resolve().parents[1]
+    readme = (repo / "README.md").read_text()
+    targets = re.findall(r"\]\(([^)#]+)\)", readme) + re.findall(r"`(\.\./[^`]+)`", readme)
+    for target in targets:
+        if "://" in target:
+            continue
+        path = (repo / target).resolve()
+        assert path.is_relative_to(repo) and path.exists(), target  # was: ../shared/CONTRACT.md
+    assert "docs/protocol.md" in targets
+    doc = (repo / "docs" / "protocol.md").read_text()
+    for op in protocol.OPS:
+        assert f"`{op}`" in doc, op
+    for code in ("invalid_json", "bad_request", "unknown_op", "unsupported_version", "too_large"):
+        assert f"`{code}`" in doc
+    for code in ("forbidden", "not_found", "conflict", "unavailable", "internal"):
+        assert f"`{code}`" in doc
+    for field in ("prompt", "quality", "key", "heldout", "messages", "served_name", "heldout_pairs"):
+        assert f"`{field}`" in doc, field
+    assert "/v1/chat/completions" in doc
+
+
+def test_metrics_add_process_series_and_drop_created() -> None:
+    text = Metrics().exposition().decode()
+    assert "process_cpu_seconds_total" in text and "process_resident_memory_bytes" in text
+    assert "_created" not in text
