@@ -332,7 +332,7 @@ def validate(cfg: Config) -> Config:
         if len(pair) != 2:
             raise ConfigError(f"reload.vllm.path_map[{i}]", "expected [daemon_prefix, server_prefix]")
     if r.method == "ssh":
-        for key in ("host", "user", "identity_file", "known_hosts"):
+        for key in ("host", "known_hosts"):  # user, identity_file: ~/.ssh/config and the ssh-agent
             if not getattr(r.ssh, key):
                 raise ConfigError(f"reload.ssh.{key}", 'required when reload.method = "ssh"')
         if not r.ssh.command:
