@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 
-from beagled import __version__, config, logs
+from beagled import __version__, config, logs, secrets
 from beagled.errors import BeagledError, ConfigError
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,7 +37,8 @@ def beagled_main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "check-config":
             cfg = config.load(args.config)
-            print(f"# effective settings ({cfg.source or 'built-in defaults'})")
+            secrets.vllm_api_key(cfg.reload.vllm.api_key, cfg.reload.vllm.api_key_file)  # readable?
+            print(f"# effective settings ({cfg.source or 'built-in defaults'}; secrets masked)")
             print(config.to_toml(cfg))
             return 0
         if args.command == "serve":
@@ -39,6 +48,14 @@ def beagled_main(argv: list[str] | None = None) -> int:
 
             return serve(cfg)
         if args.command == "demo":
+            missing = [m for m in ("mlx", "mlx_lm", "tokenizers") if not _importable(m)]
+            if missing:  # the tiny model is built with MLX: nothing to demo without it
+                print(
+                    f"beagled demo needs the MLX backend ({', '.join(missing)} not installed): "
+                    "pip install 'beagled[mlx]'",
+                    file=sys.stderr,
+                )
+                return 2
             from beagled.demo import run_demo
 
             return run_demo(state_dir=args.state_dir, jobs=args.jobs, backends=args.backend)

@@ -25,7 +25,7 @@ from typing import Any, Self
 
 import trio
 
-from beagled import errors
+from beagled import errors, paths
 
 __all__ = [
     "DEFAULT_STATE_DIR",
@@ -129,34 +129,32 @@ def raise_for_response(response: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def default_socket_path(config: str | Path | None = None) -> Path:
-    """Where the daemon's socket is, as the daemon would resolve it.
+    """Where the daemon's socket is, as the daemon would resolve it (``beagled.paths``).
 
-    ``$BEAGLED_SOCKET`` wins. Otherwise the config file (``config``, else ``$BEAGLED_CONFIG``, else
-    ``./config.toml``) is read for ``[daemon] socket``, else ``<state_dir>/beagled.sock`` with
-    ``[daemon] state_dir`` defaulting to ``~/.local/state/beagled``. A config named explicitly (argument
-    or ``$BEAGLED_CONFIG``) must exist; a missing ``./config.toml`` just means the defaults. Raises
-    :class:`beagled.errors.ConfigError` on an unreadable or invalid config.
+    ``$BEAGLED_SOCKET`` wins. Otherwise the config file (``config``, else the daemon's lookup:
+    ``$BEAGLED_CONFIG``, ``./config.toml``, ``$XDG_CONFIG_HOME/beagled/config.toml``,
+    ``/etc/beagled/config.toml``) is read for ``[daemon] socket``, else ``<state_dir>/beagled.sock`` with
+    the state dir from ``[daemon] state_dir``, ``$STATE_DIRECTORY``, ``$XDG_STATE_HOME/beagled`` or
+    ``~/.local/state/beagled`` (and, if no socket is there, the runtime directory's). A config named
+    explicitly (argument or ``$BEAGLED_CONFIG``) must exist. Raises :class:`beagled.errors.ConfigError`
+    on an unreadable or invalid config.
     """
     env_socket = os.environ.get("BEAGLED_SOCKET", "")
     if env_socket:
         return Path(env_socket).expanduser()
-    explicit = True
-    if config is None:
-        env_config = os.environ.get("BEAGLED_CONFIG", "")
-        if env_config:
-            config = env_config
-        else:
-            config, explicit = "config.toml", False
-    path = Path(config).expanduser()
+    path, explicit = paths.config_path(None if config is None else str(config))
     daemon: Mapping[str, Any] = {}
-    if path.is_file() or explicit:
+    if path is not None:
         try:
             with path.open("rb") as f:
                 data = tomllib.load(f)
         except FileNotFoundError as e:
             raise errors.ConfigError("", f"config file not found: {path}") from e
         except OSError as e:
-            raise errors.ConfigError("", f"cannot read config file {path}: {e.strerror or e}") from e
+            if not explicit and path == paths.SYSTEM_CONFIG:  # another user's config: the defaults
+                data = {}
+            else:
+                raise errors.ConfigError("", f"cannot read config file {path}: {e.strerror or e}") from e
         except tomllib.TOMLDecodeError as e:
             raise errors.ConfigError("", f"{path} is not valid TOML: {e}") from e
         section = data.get("daemon", {})
@@ -166,12 +164,11 @@ def default_socket_path(config: str | Path | None = None) -> Path:
     sock = daemon.get("socket", "")
     if not isinstance(sock, str):
         raise errors.ConfigError("daemon.socket", "must be a string")
-    if sock:
-        return Path(sock).expanduser()
-    state_dir = daemon.get("state_dir", "") or DEFAULT_STATE_DIR
+    state_dir = daemon.get("state_dir", "")
     if not isinstance(state_dir, str):
         raise errors.ConfigError("daemon.state_dir", "must be a string")
-    return Path(state_dir).expanduser() / SOCKET_NAME
+    candidates = paths.client_socket_candidates(sock, state_dir)
+    return next((c for c in candidates if c.exists()), candidates[0])
 
 
 # --- wire helpers -------------------------------------------------------------------------------

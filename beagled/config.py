@@ -1,6 +1,7 @@
 """Settings: frozen dataclasses, loaded from TOML and validated once, with errors that name the key.
 
-Lookup: ``--config PATH``, else ``$BEAGLED_CONFIG``, else ``./config.toml``, else the built-in defaults.
+Lookup (``beagled.paths``): ``--config PATH``, else ``$BEAGLED_CONFIG``, else ``./config.toml``, else
+``$XDG_CONFIG_HOME/beagled/config.toml``, else ``/etc/beagled/config.toml``, else the built-in defaults.
 Every default works on one machine with no GPU: an empty ``training.base_model`` means the tiny model
 that beagled builds itself under ``<state_dir>/models``.
 """
@@ -8,7 +9,6 @@ that beagled builds itself under ``<state_dir>/models``.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import tomllib
 from collections.abc import Mapping
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from beagled import hfcache, paths, secrets
 from beagled.bounds import check_not_writable_by_others
 from beagled.errors import ConfigError
 
@@ -24,10 +25,7 @@ VOICE_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
 
 def _default_state_dir() -> str:
-    if os.environ.get("STATE_DIRECTORY"):  # systemd's StateDirectory=
-        return os.environ["STATE_DIRECTORY"].split(":")[0]
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return str(Path(base) / "beagled")
+    return str(paths.default_state_dir())
 
 
 @dataclass(frozen=True)
@@ -153,6 +151,7 @@ class VllmConfig:
     served_base: str = ""  # the base model as the server lists it; "" = whatever it lists
     sleep_during_training: bool = False  # POST /sleep before each training, /wake_up after
     sleep_level: int = 1
+    api_key_file: str = ""  # the key in a file (bare name: $CREDENTIALS_DIRECTORY, LoadCredential=)
 
 
 @dataclass(frozen=True)
@@ -402,8 +401,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("training.hyper.target_modules", "name at least one module")
     if h.num_layers == 0 or h.num_layers < -1:
         raise ConfigError("training.hyper.num_layers", "must be -1 (all) or a positive count")
-    if t.base_model and not Path(t.base_model).expanduser().is_dir():
-        raise ConfigError("training.base_model", f"{t.base_model} is not a directory")
+    if t.base_model:
+        hfcache.resolve(t.base_model)  # a directory, or a repo id in the local Hugging Face cache
     if r.method not in ("none", "vllm", "ssh", "command"):
         raise ConfigError("reload.method", f"must be none, vllm, ssh or command, got {r.method!r}")
     if r.vllm.naming not in ("versioned", "fixed"):
@@ -419,7 +418,7 @@ def validate(cfg: Config) -> Config:
         if len(pair) != 2:
             raise ConfigError(f"reload.vllm.path_map[{i}]", "expected [daemon_prefix, server_prefix]")
     if r.method == "ssh":
-        for key in ("host", "user", "identity_file", "known_hosts"):
+        for key in ("host", "known_hosts"):  # user, identity_file: ~/.ssh/config and the ssh-agent
             if not getattr(r.ssh, key):
                 raise ConfigError(f"reload.ssh.{key}", 'required when reload.method = "ssh"')
         if not r.ssh.command:
@@ -437,13 +436,9 @@ def from_mapping(table: Mapping[str, Any], source: str = "") -> Config:
 
 
 def resolve_path(explicit: str | None) -> Path | None:
-    """The config file to read: ``--config``, else ``$BEAGLED_CONFIG``, else ``./config.toml`` if present."""
-    if explicit:
-        return Path(explicit)
-    if os.environ.get("BEAGLED_CONFIG"):
-        return Path(os.environ["BEAGLED_CONFIG"])
-    local = Path("config.toml")
-    return local if local.is_file() else None
+    """The config file to read (``beagled.paths.config_path``: ``--config``, ``$BEAGLED_CONFIG``,
+    ``./config.toml``, ``$XDG_CONFIG_HOME/beagled/config.toml``, ``/etc/beagled/config.toml``)."""
+    return paths.config_path(explicit)[0]
 
 
 def load(explicit: str | None = None) -> Config:
@@ -476,11 +471,11 @@ def to_toml(cfg: Config) -> str:
         return repr(v)
 
     def section(obj: Any, name: str) -> None:
-        scalars = [(f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj)]
+        scalars = [(f.name, secrets.mask(f.name, getattr(obj, f.name))) for f in dataclasses.fields(obj)]
         lines.append(f"[{name}]")
         for k, v in scalars:
             if not dataclasses.is_dataclass(v):
-                shown = re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", v) if k == "database_url" else v
+                shown = re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", str(v)) if k == "database_url" else v
                 lines.append(f"{k} = {value(shown)}")  # a password in the URL is never printed
         lines.append("")
         for k, v in scalars:

@@ -23,11 +23,12 @@ from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 from typing import Any, TextIO
 
-from beagled import errors
+from beagled import __version__, errors
 from beagled.client import Client, DaemonNotRunning, default_socket_path
 
 __all__ = [
     "EXIT_DAEMON_ERROR",
+    "EXIT_INTERRUPTED",
     "EXIT_NOT_RUNNING",
     "EXIT_OK",
     "EXIT_USAGE",
@@ -48,6 +49,7 @@ EXIT_OK = 0
 EXIT_DAEMON_ERROR = 1
 EXIT_USAGE = 2
 EXIT_NOT_RUNNING = 3
+EXIT_INTERRUPTED = 130
 
 PROG = "beaglectl"
 SUBMIT_KEYS = frozenset({"bad", "good", "voice", "prompt", "key", "quality"})
@@ -286,8 +288,18 @@ def format_event(event: Mapping[str, Any], *, tz: tzinfo | None = None) -> str:
         parts.append(f"job={_clean(data['job_id'])}")
     if data.get("voice") is not None:
         parts.append(f"voice={_clean(data['voice'])}")
-    parts.extend(f"{_clean(k)}={_shorten(_clean(v), 40)}" for k, v in data.items() if k not in _EVENT_SKIP)
+    parts.extend(
+        f"{_clean(k)}={_shorten(_field(str(k), v, tz), 40)}" for k, v in data.items() if k not in _EVENT_SKIP
+    )
     return " ".join(parts).rstrip()
+
+
+def _field(key: str, value: object, tz: tzinfo | None) -> str:
+    """A data field: ``*_at`` epoch times as local times (``retry_at=12:04:31``, not ``1.796e+09``)."""
+    if key.endswith("_at") and _number(value) is not None:
+        at = _format_time(value, tz)
+        return at[11:] if len(at) == 19 else at
+    return _clean(value)
 
 
 def render_progress(progress: Mapping[str, Any], width: int) -> str:
@@ -389,7 +401,8 @@ class ProgressBoard:
 
     def event(self, event: Mapping[str, Any]) -> None:
         self._erase()
-        self.out.write(format_event(event, tz=self.tz) + "\n")
+        line = format_event(event, tz=self.tz)
+        self.out.write((_shorten(line, self.width) if self.tty else line) + "\n")
         data = event.get("data")
         if isinstance(data, Mapping) and data.get("job_id") is not None:
             job = str(data["job_id"])
@@ -523,6 +536,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--timeout", type=float, default=30.0, metavar="S", help="request timeout (default 30)"
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -562,6 +576,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--erase-drafts", action="store_true", help="also overwrite its drafts in the event log")
     p = add("watch", "follow events and live training progress (Ctrl-C to stop)")
     p.add_argument("--from-seq", type=int, metavar="SEQ", help="replay events from this seq")
+    p = add("completion", "print a shell completion script (bash or zsh)")
+    p.add_argument("shell", choices=["bash", "zsh"])
     return parser
 
 
@@ -572,7 +588,7 @@ def _print_json(value: object) -> None:
 def _run(client: Client, args: argparse.Namespace) -> int:
     command: str = args.command
     if command == "watch":
-        return _watch(client, args, sys.stdout, tty=sys.stdout.isatty())
+        return _watch(client, args, sys.stdout, tty=fancy_terminal(sys.stdout))
     result: dict[str, Any]
     text: str
     if command == "ping":
@@ -638,11 +654,16 @@ def _watch(client: Client, args: argparse.Namespace, out: TextIO, *, tty: bool) 
             elif isinstance(message.get("progress"), Mapping):
                 board.progress(message["progress"], time.monotonic())
     except KeyboardInterrupt:
-        pass
+        return EXIT_INTERRUPTED  # the shell convention for Ctrl-C (128 + SIGINT)
     finally:
         stream.close()
         board.close()
     return EXIT_OK
+
+
+def fancy_terminal(out: TextIO) -> bool:
+    """Redraw progress in place and cut lines to the width only on a real, capable terminal."""
+    return out.isatty() and os.environ.get("TERM", "") not in ("", "dumb")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -657,6 +678,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.timeout is not None and args.timeout <= 0:
             raise UsageError("--timeout must be positive")
+        if args.command == "completion":  # needs no daemon
+            from beagled import completion
+
+            gen = completion.bash if args.shell == "bash" else completion.zsh
+            sys.stdout.write(gen(_build_parser(), PROG))
+            return EXIT_OK
         if args.command == "submit":  # bad input is a usage error even with no daemon running
             args.submission = _submission(args)
         socket_path = Path(args.socket) if args.socket else default_socket_path(args.config)
@@ -676,7 +703,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_DAEMON_ERROR
     except KeyboardInterrupt:
         sys.stderr.write("\n")
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # stdout closed early (``beaglectl jobs | head``): not an error; silence the flush at exit
         with contextlib.suppress(OSError):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import trio
 
+from beagled import logs, secrets
 from beagled.bounds import check_not_writable_by_others, raise_nofile_limit
 from beagled.config import Config
 from beagled.engine import Engine
@@ -50,6 +51,7 @@ def build_reloader(cfg: Config) -> Reloader:
         from beagled.reload.replicas import VllmReplicas
         from beagled.reload.vllm import VllmReloader
 
+        api_key = logs.add_secret(secrets.vllm_api_key(r.vllm.api_key, r.vllm.api_key_file))
         return VllmReplicas(
             [
                 VllmReloader(
@@ -61,7 +63,7 @@ def build_reloader(cfg: Config) -> Reloader:
                     timeout_s=r.vllm.timeout_s,
                     max_lora_rank=r.vllm.max_lora_rank,
                     served_base=r.vllm.served_base,
-                    api_key=r.vllm.api_key,
+                    api_key=api_key,
                 )
                 for url in (r.vllm.urls or [r.vllm.url])
             ]

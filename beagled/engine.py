@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 import trio.lowlevel
 
-from beagled import __version__, jobs, retention, snapshot
+from beagled import __version__, availability, hfcache, jobs, retention, snapshot
 from beagled import events as ev
 from beagled.config import Config
 from beagled.errors import (
@@ -136,6 +136,7 @@ class Engine:
         self._serve_wakeup = Wakeup()
         self._subscribers: set[trio.MemorySendChannel[dict[str, Any]]] = set()
         self.progress: dict[str, dict[str, Any]] = {}
+        self.probes = availability.ProbeSchedule()
         self.verified_at: dict[str, float] = {}
         self.accepting = True
         self.sleep_guard = guard_for(cfg, reloader)  # reload.vllm.sleep_during_training
@@ -401,7 +402,13 @@ class Engine:
     def status(self) -> dict[str, Any]:
         voices = {}
         for name, v in sorted(self.state.voices.items()):
-            voices[name] = self._with_replicas({**v.public(), "last_verified_at": self.verified_at.get(name)})
+            voices[name] = self._with_replicas(
+                {
+                    **v.public(),
+                    "last_verified_at": self.verified_at.get(name),
+                    "waiting": availability.waiting_reason(self.state, name, self.cfg.scheduler.min_pairs),
+                }
+            )
         running = dict(self.progress)
         return {
             "event_seq": self.state.seq,
@@ -470,7 +477,15 @@ class Engine:
         }
 
     def list_voices(self) -> dict[str, Any]:
-        return {"voices": [self._with_replicas(v.public()) for _, v in sorted(self.state.voices.items())]}
+        min_pairs = self.cfg.scheduler.min_pairs
+        return {
+            "voices": [
+                self._with_replicas(
+                    {**v.public(), "waiting": availability.waiting_reason(self.state, name, min_pairs)}
+                )
+                for name, v in sorted(self.state.voices.items())
+            ]
+        }
 
     def _with_replicas(self, voice: dict[str, Any]) -> dict[str, Any]:
         """Per-replica serving (url, served_name, verified_at), where the reloader knows replicas."""
@@ -481,6 +496,8 @@ class Engine:
     async def train_now(self, voice: str) -> dict[str, Any]:
         if voice not in self.state.voices:
             raise NotFound(f"no voice {voice!r}")
+        self.probes.asked = True  # a backend installed since the last probe is found now
+        self._train_wakeup.set()
         try:
             events = await self.execute(
                 jobs.CutJob(
@@ -621,13 +638,50 @@ class Engine:
             log.exception("%s failed", what, extra=ctx)
         return None
 
+    async def _probe(self, *, first: bool = False) -> list[str]:
+        """Probe the backends; log (at start-up, or when it changes) what is missing and what to install."""
+        before = self.trainer.available()
+        statuses = await self.trainer.probe_all()
+        for b in statuses:
+            self.metrics.backend_available.labels(b.name).set(1 if b.available else 0)
+        now = self.trainer.available()
+        if first or now != before:
+            missing = availability.unavailable_message((b.name, b.available, b.reason) for b in statuses)
+            if missing:
+                log.warning(
+                    "training backends unavailable: %s",
+                    missing,
+                    extra={"available": now, "unavailable": [b.name for b in statuses if not b.available]},
+                )
+            if not now:
+                log.warning("no training backend is available: jobs wait until one is installed")
+        return now
+
+    async def _reprobe_if_blocked(self) -> None:
+        blocked = jobs.blocked_jobs(self.state)
+        if not blocked or not self.probes.due(trio.current_time()):
+            return
+        await self._settle_blocked(await self._probe())
+
+    async def _settle_blocked(self, backends: list[str]) -> None:
+        if not backends:
+            self.probes.failed(trio.current_time())
+            return
+        self.probes.succeeded()
+        for j in jobs.blocked_jobs(self.state):
+            await self.execute(jobs.UnblockTraining(j.job_id, tuple(backends)))
+
     async def _trainer_loop(self) -> None:
-        await self.trainer.probe_all()
+        await self._settle_blocked(await self._probe(first=True))
         self._train_wakeup.set()
         while True:
+            await self._reprobe_if_blocked()
             job = jobs.next_training(self.state, time.time(), self.cfg.scheduler.min_pairs)
             if job is None:
-                await self._train_wakeup.wait(jobs.next_training_deadline(self.state))
+                # while a job is blocked, also wake for the next re-probe (trio clock, backoff)
+                reprobe = self.probes.next_at if jobs.blocked_jobs(self.state) else math.inf
+                with trio.move_on_at(reprobe):
+                    await self._train_wakeup.wait(jobs.next_training_deadline(self.state))
                 continue
             try:
                 await self._train(job)
@@ -638,8 +692,8 @@ class Engine:
                 await trio.sleep(1.0)  # back-off (a failing disk, a bug): nothing to poll for
 
     def _base_model_path(self) -> str:
-        if self.cfg.training.base_model:
-            return str(Path(self.cfg.training.base_model).expanduser())
+        if self.cfg.training.base_model:  # a directory, or a repo id in the local HF cache
+            return str(hfcache.resolve(self.cfg.training.base_model))
         if self._base_model is None:
             raise TrainingError("no base model configured (training.base_model)")
         return str(self._base_model())
@@ -690,20 +744,13 @@ class Engine:
     async def _train(self, job: jobs.Job) -> None:
         s = self.cfg.scheduler
         backends = self.trainer.available()
-        if not backends:
-            reasons = "; ".join(f"{b.name}: {b.reason}" for b in self.trainer.statuses())
-            if job.state == JobState.QUEUED or job.pending_intent:
-                await self.execute(jobs.StartAttempt(job.job_id, ()))
+        if not backends:  # wait (one event), re-probed with backoff by the loop: no event per retry
+            statuses = self.trainer.statuses()
+            reasons = availability.unavailable_message((b.name, b.available, b.reason) for b in statuses)
             await self.execute(
-                jobs.FailAttempt(
-                    job.job_id,
-                    f"no training backend is available ({reasons})",
-                    time.time(),
-                    s.max_attempts,
-                    s.retry_backoff_s,
-                    s.retry_backoff_max_s,
-                )
+                jobs.BlockTraining(job.job_id, f"no training backend is available ({reasons})")
             )
+            self.probes.failed(trio.current_time())
             return
         if job.pending_intent == "TrainingStarted":
             log.warning(
@@ -1097,7 +1144,11 @@ class Engine:
         for name in {e.payload.voice for e in events}:  # type: ignore[attr-defined]
             v = state.voices.get(name)
             # wake the scheduler when a voice may be due now, or its max_wait clock just started
-            if v is not None and v.pending and (len(v.pending) >= s.min_pairs or v.pending[0][1] == at):
+            if (
+                v is not None
+                and v.pending
+                and (len(v.pending) + len(v.heldout_window) >= s.min_pairs or v.pending[0][1] == at)
+            ):
                 self._sched_wakeup.set()
                 break
 

@@ -107,6 +107,22 @@ class AttemptFailed(JobEvent):
 
 
 @dataclass(frozen=True)
+class TrainingBlocked(JobEvent):
+    """No training backend is available: the job waits (recorded once, not per probe)."""
+
+    TYPE: ClassVar[str] = "TrainingBlocked"
+    reason: str
+
+
+@dataclass(frozen=True)
+class TrainingUnblocked(JobEvent):
+    """A backend became available again for a blocked job."""
+
+    TYPE: ClassVar[str] = "TrainingUnblocked"
+    backends: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class TrainingSucceeded(JobEvent):
     TYPE: ClassVar[str] = "TrainingSucceeded"
     attempt: int
@@ -293,6 +309,8 @@ PAYLOAD_TYPES: dict[str, type[Payload]] = {
         TrainingStarted,
         TrainingFailed,
         AttemptFailed,
+        TrainingBlocked,
+        TrainingUnblocked,
         TrainingSucceeded,
         JobRejected,
         PromotionStarted,

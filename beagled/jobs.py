@@ -57,6 +57,11 @@ TRANSITIONS: dict[tuple[JobState | None, str], JobState] = {
     (JobState.TRAINING, "TrainingFailed"): JobState.TRAINING,  # one backend failed, the next is tried
     (JobState.TRAINING, "AttemptFailed"): JobState.TRAINING,  # every backend failed: retry after backoff
     (JobState.TRAINING, "TrainingSucceeded"): JobState.TRAINED,
+    # no backend is available: the job waits where it is, one event each way (not one per probe)
+    (JobState.QUEUED, "TrainingBlocked"): JobState.QUEUED,
+    (JobState.QUEUED, "TrainingUnblocked"): JobState.QUEUED,
+    (JobState.TRAINING, "TrainingBlocked"): JobState.TRAINING,
+    (JobState.TRAINING, "TrainingUnblocked"): JobState.TRAINING,
     (JobState.TRAINING, "JobFailed"): JobState.FAILED,
     (JobState.TRAINED, "JobRejected"): JobState.REJECTED,
     (JobState.TRAINED, "PromotionStarted"): JobState.TRAINED,
@@ -114,6 +119,7 @@ class Job:
     # its siblings. ``sibling_ids``: held out from this job's own window, reported apart.
     eval_ids: tuple[str, ...] = ()
     sibling_ids: tuple[str, ...] = ()
+    blocked: str | None = None  # why it waits: no training backend is available
     history: tuple[tuple[str, str, float, int], ...] = ()  # (event type, state after, at, seq)
 
     def public(self) -> dict[str, Any]:
@@ -140,6 +146,7 @@ class Job:
             "sibling_preference_accuracy": self.sibling_preference_accuracy,
             "eval_pairs": len(self.eval_ids),
             "sibling_pairs": len(self.sibling_ids),
+            "blocked": self.blocked,
         }
 
 
@@ -393,6 +400,10 @@ def _evolve_job(state: State, event: ev.Event, p: ev.JobEvent) -> None:
         job = _job_update(job, event, backend=p.backend, error=f"{p.backend}: {p.error}")
     elif isinstance(p, ev.AttemptFailed):
         job = _job_update(job, event, error=p.error, retry_at=p.retry_at, pending_intent=None)
+    elif isinstance(p, ev.TrainingBlocked):
+        job = _job_update(job, event, blocked=p.reason)
+    elif isinstance(p, ev.TrainingUnblocked):
+        job = _job_update(job, event, blocked=None)
     elif isinstance(p, ev.TrainingSucceeded):
         job = _job_update(
             job,
@@ -490,6 +501,18 @@ class FailAttempt:
     max_attempts: int
     backoff_s: float
     backoff_max_s: float
+
+
+@dataclass(frozen=True)
+class BlockTraining:
+    job_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class UnblockTraining:
+    job_id: str
+    backends: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -592,6 +615,8 @@ Command = (
     | StartAttempt
     | BackendFailed
     | FailAttempt
+    | BlockTraining
+    | UnblockTraining
     | FinishTraining
     | Gate
     | FinishPromotion
@@ -704,6 +729,12 @@ def decide(state: State, cmd: Command) -> list[ev.Payload]:
             ]
         retry_at = cmd.now + backoff(job.attempt, cmd.backoff_s, cmd.backoff_max_s)
         return [ev.AttemptFailed(job_id=job.job_id, attempt=job.attempt, error=cmd.error, retry_at=retry_at)]
+    if isinstance(cmd, BlockTraining):
+        _require(job, JobState.QUEUED, JobState.TRAINING)
+        return [] if job.blocked else [ev.TrainingBlocked(job_id=job.job_id, reason=cmd.reason)]
+    if isinstance(cmd, UnblockTraining):
+        _require(job, JobState.QUEUED, JobState.TRAINING)
+        return [ev.TrainingUnblocked(job_id=job.job_id, backends=cmd.backends)] if job.blocked else []
     if isinstance(cmd, FinishTraining):
         _require(job, JobState.TRAINING)
         return [
@@ -851,10 +882,14 @@ def _decide_rollback(state: State, cmd: Rollback) -> list[ev.Payload]:
 
 
 def cut_reason(v: Voice, *, now: float, min_pairs: int, max_wait_s: float) -> str | None:
-    """Why the voice's pending pairs should become a job now, or None (never for a paused voice)."""
+    """Why the voice's pending pairs should become a job now, or None (never for a paused voice).
+
+    ``min_pairs`` counts what the user submitted since the last cut: the pairs the job trains on and
+    their held-out siblings (``heldout_window``) together; a window that is all held out waits.
+    """
     if not v.pending or v.paused:
         return None
-    if len(v.pending) >= min_pairs:
+    if len(v.pending) + len(v.heldout_window) >= min_pairs:
         return "min_pairs"
     if now - v.pending[0][1] >= max_wait_s:
         return "max_wait"
@@ -875,8 +910,11 @@ def next_training(state: State, now: float, min_pairs: int = 0) -> Job | None:
     ready = [
         j
         for j in state.jobs.values()
-        if j.state == JobState.QUEUED
-        or (j.state == JobState.TRAINING and (j.pending_intent is not None or (j.retry_at or 0) <= now))
+        if j.blocked is None
+        and (
+            j.state == JobState.QUEUED
+            or (j.state == JobState.TRAINING and (j.pending_intent is not None or (j.retry_at or 0) <= now))
+        )
     ]
     if not ready:
         return None
@@ -891,8 +929,15 @@ def next_training(state: State, now: float, min_pairs: int = 0) -> Job | None:
     )
 
 
+def blocked_jobs(state: State) -> list[Job]:
+    """Jobs waiting for a training backend to become available."""
+    return [j for j in state.jobs.values() if j.blocked is not None]
+
+
 def next_training_deadline(state: State) -> float | None:
     times = [
-        j.retry_at for j in state.jobs.values() if j.state == JobState.TRAINING and j.retry_at is not None
+        j.retry_at
+        for j in state.jobs.values()
+        if j.state == JobState.TRAINING and j.retry_at is not None and j.blocked is None
     ]
     return min(times) if times else None

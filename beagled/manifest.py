@@ -36,18 +36,60 @@ def file_hashes(directory: Path) -> dict[str, str]:
     return out
 
 
+def hash_cache_path() -> Path:
+    """Where weight digests are cached: ``$BEAGLED_HASH_CACHE``, else the user's cache directory."""
+    if os.environ.get("BEAGLED_HASH_CACHE"):
+        return Path(os.environ["BEAGLED_HASH_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "beagled" / "sha256-cache.json"
+
+
+def _cache_key(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}"
+
+
+def sha256_file_cached(path: Path) -> str:
+    """``sha256_file``, remembered by (path, size, mtime, inode, ctime): a base model's weights are read
+    once, not on every job. Any change of the file (rewrite, touch, replace) makes a new key; a cache
+    that cannot be read or written only costs the re-read."""
+    cache_file = hash_cache_path()
+    key = _cache_key(path)
+    try:
+        cache = json.loads(cache_file.read_text(encoding="utf-8"))
+        if not isinstance(cache, dict):
+            cache = {}
+    except (OSError, ValueError):
+        cache = {}
+    hit = cache.get(key)
+    if isinstance(hit, str) and len(hit) == 64:
+        return hit
+    digest = sha256_file(path)
+    resolved = f"{path.resolve()}|"
+    cache = {k: v for k, v in cache.items() if not k.startswith(resolved)}  # older versions of this file
+    cache[key] = digest
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache, indent=0, sort_keys=True), encoding="utf-8")
+        tmp.replace(cache_file)
+    except OSError:
+        pass
+    return digest
+
+
 def base_model_sha256(base: Path) -> str | None:
     """sha256 of a model's ``model.safetensors``; for a sharded model, over the sorted shards' digests.
-    None when the directory holds no safetensors weights."""
+    None when the directory holds no safetensors weights. Digests are cached (``sha256_file_cached``)."""
     single = base / "model.safetensors"
     if single.is_file():
-        return sha256_file(single)
+        return sha256_file_cached(single)
     shards = sorted(base.glob("model*.safetensors"))
     if not shards:
         return None
     digest = hashlib.sha256()
     for shard in shards:
-        digest.update(f"{shard.name}:{sha256_file(shard)}\n".encode())
+        digest.update(f"{shard.name}:{sha256_file_cached(shard)}\n".encode())
     return digest.hexdigest()
 
 

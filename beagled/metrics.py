@@ -15,7 +15,15 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import trio
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
@@ -74,8 +82,11 @@ class _StateCollector(Collector):
 
 class Metrics:
     def __init__(self, state: Callable[[], State] | None = None, *, max_voices: int = 100) -> None:
+        # ``*_created`` series only double the scrape (Prometheus ignores them): off, process-wide
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        ProcessCollector(registry=r)  # the standard process_* metrics (CPU, RSS, fds, start time)
         self.training_duration = Histogram(
             "beagled_training_duration_seconds",
             "Wall time of one backend's training try.",
@@ -112,6 +123,12 @@ class Metrics:
             ["executor", "kind"],
             registry=r,
         )
+        self.backend_available = Gauge(
+            "beagled_backend_available",
+            "1 if the training backend's last probe found it usable, else 0.",
+            ["backend"],
+            registry=r,
+        )
         Info("beagled_build", "beagled build.", registry=r).info({"version": __version__})
         self.leader = Gauge(
             "beagled_leader", "1 on the node that runs effects (the leader), else 0.", registry=r
@@ -130,6 +147,7 @@ class Metrics:
         """Export every known label combination at zero from the start, so that ``rate()`` and
         ``increase()`` see a series' first event (a series born with its first sample hides it)."""
         for b in backends:
+            self.backend_available.labels(b).set(0)
             for outcome in ("success", "failure", "timeout"):
                 self.training_duration.labels(b, outcome, executor)
         if executor == "ray":

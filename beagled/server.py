@@ -318,9 +318,12 @@ class Server:
                 return
             await self._serve_connection(stream, uid)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
-            pass
-        except Exception:
-            log.exception("connection failed")
+            log.info("client closed the connection")
+        except Exception as e:
+            if _client_went_away(e):  # e.g. a watch client that closed: a normal end, not a failure
+                log.info("client closed the connection")
+            else:
+                log.exception("connection failed")
         finally:
             if counted and uid is not None:
                 self.active -= 1
@@ -569,6 +572,16 @@ class Server:
         )
         entry.done = True
         out.wake()
+
+
+_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, ConnectionError)
+
+
+def _client_went_away(e: BaseException) -> bool:
+    """True if ``e`` (or every exception in a group of them) only says the peer went away."""
+    if isinstance(e, BaseExceptionGroup):
+        return all(_client_went_away(x) for x in e.exceptions)
+    return isinstance(e, _GONE)
 
 
 def _append(out: _Output) -> _Entry:

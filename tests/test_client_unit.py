@@ -660,6 +660,9 @@ async def test_async_watch(fake: FakeDaemon) -> None:
 def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     monkeypatch.delenv("BEAGLED_SOCKET", raising=False)
     monkeypatch.delenv("BEAGLED_CONFIG", raising=False)
+    for var in ("STATE_DIRECTORY", "XDG_STATE_HOME", "RUNTIME_DIRECTORY", "XDG_RUNTIME_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -927,7 +930,7 @@ def test_ctl_watch_json_lines(
     ]
 
 
-def test_ctl_watch_ctrl_c_exits_0(
+def test_ctl_watch_ctrl_c_exits_130(
     fake: FakeDaemon, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fake.stream = [{"event": {"seq": 1, "type": "a", "at": 0, "data": {}}}] * 3
@@ -942,7 +945,7 @@ def test_ctl_watch_ctrl_c_exits_0(
 
     monkeypatch.setattr(ctl.ProgressBoard, "event", interrupt)
     code, out, err = run_ctl(["--socket", fake.path, "watch"], capsys, monkeypatch)
-    assert (code, err) == (0, "")
+    assert (code, err) == (130, "")  # the shell's Ctrl-C status (issue 14), not success
     assert calls == 1
     assert len(out.splitlines()) == 1
 

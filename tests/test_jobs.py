@@ -263,6 +263,8 @@ def test_every_transition_in_the_table_is_forward_or_a_new_attempt() -> None:
                 "TrainingStarted",
                 "TrainingFailed",
                 "AttemptFailed",
+                "TrainingBlocked",  # no backend: the job waits where it is
+                "TrainingUnblocked",
                 "PromotionStarted",
                 "ReloadStarted",
                 "ReloadFailed",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import sys
 import textwrap
 import threading
@@ -342,3 +343,37 @@ async def test_trio_cancellation_reaches_the_ssh_call(
         await wait_until(lambda: not process_alive(call["pid"]))
     finally:
         await r.aclose()
+
+
+async def test_agent_and_ssh_config_alias_without_identity_file(
+    sshd: Sshd, setup: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # issue 14: the key only in the user's ssh-agent, the host only as an ~/.ssh/config alias
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "config").write_text(
+        f"Host gpu-box\n  HostName 127.0.0.1\n  Port {sshd.port}\n  User {sshd.user}\n"
+    )
+    sock = tmp_path / "agent.sock"
+    agent = await trio.lowlevel.open_process(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL)
+    try:
+        await wait_until(sock.exists, 10)
+        env = {**os.environ, "SSH_AUTH_SOCK": str(sock)}
+        await trio.run_process(["ssh-add", str(sshd.identity_file)], env=env, capture_stderr=True)
+        monkeypatch.setenv("HOME", str(home))
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(sock))
+        r = SshReloader("gpu-box", 22, "", "", sshd.known_hosts, command=["true"], timeout_s=30.0)
+        try:
+            await r.reload(target(tmp_path, 1))  # logs in with the agent's key; host key still verified
+        finally:
+            await r.aclose()
+        bad = SshReloader("gpu-box", 22, "", "", sshd.wrong_known_hosts, command=["true"], timeout_s=30.0)
+        try:
+            with pytest.raises(ReloadError, match="not trusted"):
+                await bad.reload(target(tmp_path, 2))
+        finally:
+            await bad.aclose()
+    finally:
+        agent.terminate()
+        with trio.fail_after(10):
+            await agent.wait()

@@ -176,3 +176,6 @@ def test_user_unit_settings(tmp_path: Path) -> None:
     proc = run_analyze("--user", "security", "--offline=true", str(USER_UNIT), env=user_env(tmp_path))
     assert proc.returncode == 0, proc.stderr
     print(f"beagled-user.service exposure: {exposure(proc.stdout)}")
+    # what a user manager can apply without privileges or mount namespaces (issue 14: was 6.5)
+    assert exposure(proc.stdout) <= 6.3, proc.stdout
+    assert service["KeyringMode"] == ["private"]

@@ -193,12 +193,6 @@ class SshReloader:
             raise ReloadConfigError(
                 "reload.ssh.host", "is empty: name the host that runs the inference server"
             )
-        if not user:
-            raise ReloadConfigError("reload.ssh.user", "is empty")
-        if not str(identity_file):
-            raise ReloadConfigError(
-                "reload.ssh.identity_file", "is empty: give the private key file to log in with"
-            )
         if not str(known_hosts):
             raise ReloadConfigError(
                 "reload.ssh.known_hosts",
@@ -214,7 +208,8 @@ class SshReloader:
         self.host = host
         self.port = port
         self.user = user
-        self.identity_file = Path(identity_file).expanduser()
+        # "" → the user's ssh-agent ($SSH_AUTH_SOCK) and default keys, as `ssh` would
+        self.identity_file = Path(identity_file).expanduser() if str(identity_file) else None
         self.known_hosts = Path(known_hosts).expanduser()
         self.remote_dir = remote_dir.rstrip("/") if remote_dir not in ("", "/") else remote_dir
         self.command = list(command)
@@ -307,10 +302,11 @@ class SshReloader:
             raise ReloadConfigError(
                 "reload.ssh.known_hosts", f"{self.known_hosts} does not exist: host keys are always verified"
             )
-        if not self.identity_file.is_file():
+        if self.identity_file is not None and not self.identity_file.is_file():
             raise ReloadConfigError("reload.ssh.identity_file", f"{self.identity_file} does not exist")
         try:  # a key others can read is not a secret; a known_hosts others can write verifies nothing
-            check_private_file(self.identity_file, "reload.ssh.identity_file", "the SSH key")
+            if self.identity_file is not None:  # optional: the agent may hold the key
+                check_private_file(self.identity_file, "reload.ssh.identity_file", "the SSH key")
             check_private_file(
                 self.known_hosts, "reload.ssh.known_hosts", "the known_hosts file", others_may_read=True
             )
@@ -331,13 +327,13 @@ class SshReloader:
 
     def _connect(self) -> AbstractAsyncContextManager[asyncssh.SSHClientConnection]:
         return asyncssh.connect(
-            self.host,
-            self.port,
-            username=self.user,
-            client_keys=[str(self.identity_file)],
-            known_hosts=str(self.known_hosts),
-            agent_path=None,
-            config=[],
+            self.host,  # may be a Host alias of ~/.ssh/config (HostName, Port, ProxyJump …)
+            self.port if self.port != 22 else (),  # () → the config's Port, else 22
+            username=self.user or (),
+            client_keys=[str(self.identity_file)] if self.identity_file is not None else (),
+            known_hosts=str(self.known_hosts),  # always verified, whatever the config says
+            agent_path=(),  # $SSH_AUTH_SOCK when set
+            config=(),  # ~/.ssh/config (and /etc/ssh/ssh_config) when present
             preferred_auth="publickey",
             connect_timeout=self.connect_timeout_s,
             login_timeout=self.connect_timeout_s,
@@ -352,7 +348,8 @@ class SshReloader:
             )
         if isinstance(e, asyncssh.PermissionDenied):
             return ReloadError(
-                f"{self.where} refused the key in {self.identity_file} (is its public key in the "
+                f"{self.where} refused the key in {self.identity_file or 'the ssh-agent or default keys'} "
+                "(is its public key in the "
                 "remote authorized_keys?)",
                 retryable=False,
             )

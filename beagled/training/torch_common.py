@@ -621,6 +621,12 @@ def _drop_printer(trainer: Any) -> None:
             trainer.remove_callback(cb)
 
 
+def sft_row(ids: list[int], labels: list[int]) -> dict[str, list[int]]:
+    """One SFT dataset row. ``labels`` carry the loss mask; ``completion_mask`` says the same for TRL
+    releases that rebuild labels from ``input_ids`` (they would otherwise train on the prompt)."""
+    return {"input_ids": ids, "labels": labels, "completion_mask": [int(y != IGNORE) for y in labels]}
+
+
 def train_sft(
     model: Any, tokenizer: Any, spec: Spec, emit: Emit, *, peft_config: Any, use_cuda: bool, bf16: bool
 ) -> tuple[Any, float]:
@@ -630,7 +636,7 @@ def train_sft(
     for pair in spec.train:
         ids, labels = encode_example(tokenizer, pair.prompt, pair.chosen, spec.hyper.max_seq_len)
         if n_loss_tokens((ids, labels)):
-            rows.append({"input_ids": ids, "labels": labels})
+            rows.append(sft_row(ids, labels))
     if not rows:
         raise SpecError(f"no train pair keeps a completion token within max_seq_len={spec.hyper.max_seq_len}")
     with tempfile.TemporaryDirectory(prefix="beagled-trl-") as tmp:
