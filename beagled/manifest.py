@@ -93,6 +93,17 @@ def base_model_sha256(base: Path) -> str | None:
     return digest.hexdigest()
 
 
+def model_files_key(base: Path) -> tuple[tuple[str, int, int, int], ...]:
+    """What identifies the base model's bytes cheaply (name, size, mtime and inode of each file): a warm
+    worker reloads its copy when this changes."""
+    out = []
+    for path in sorted(base.iterdir()) if base.is_dir() else []:
+        if path.is_file():
+            st = path.stat()
+            out.append((path.name, st.st_size, st.st_mtime_ns, st.st_ino))
+    return tuple(out)
+
+
 def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:

@@ -37,7 +37,7 @@ from mlx_lm.tuner.utils import remove_lora_layers
 
 from beagled.errors import ConfigError, TrainingError
 from beagled.manifest import base_model_sha256 as manifest_base_sha256
-from beagled.manifest import sha256_file, write_manifest
+from beagled.manifest import model_files_key, sha256_file, write_manifest
 from beagled.training.convert import PeftAdapter, mlx_to_peft, peft_to_mlx
 from beagled.training.preference import preference_accuracy
 
@@ -350,16 +350,6 @@ def base_model_sha256(base: Path) -> str:
 # --- the base model, loaded once per worker ------------------------------------------------------------
 
 
-def _model_files_key(base: Path) -> tuple[tuple[str, int, int, int], ...]:
-    """What identifies the base model's bytes cheaply: name, size, mtime and inode of each file."""
-    out = []
-    for path in sorted(base.iterdir()) if base.is_dir() else []:
-        if path.is_file():
-            st = path.stat()
-            out.append((path.name, st.st_size, st.st_mtime_ns, st.st_ino))
-    return tuple(out)
-
-
 class Session:
     """The base model of a worker, kept between jobs: reloaded only when the path or its files change."""
 
@@ -374,7 +364,7 @@ class Session:
         self.nll_cache: NllCache = {}
 
     def load(self, base: Path, emit: Emit) -> tuple[Any, Any]:
-        key = _model_files_key(base)
+        key = model_files_key(base)
         if self.model is not None and self.base == base and self.key == key:
             emit({"type": "log", "message": f"mlx: base model {base} already loaded"})
             return self.model, self.tokenizer

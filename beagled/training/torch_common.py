@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from beagled.manifest import MANIFEST, PEFT_FILES, base_model_sha256, write_manifest
+from beagled.manifest import MANIFEST, PEFT_FILES, base_model_sha256, model_files_key, write_manifest
 from beagled.training.preference import preference_accuracy
 
 # them, and Unsloth must be imported before any of them)
@@ -743,16 +743,6 @@ class TorchLoader(Protocol):
         ...
 
 
-def _model_files_key(base: Path) -> tuple[tuple[str, int, int, int], ...]:
-    """What identifies the base model's bytes cheaply: name, size, mtime and inode of each file."""
-    out = []
-    for path in sorted(base.iterdir()) if base.is_dir() else []:
-        if path.is_file():
-            st = path.stat()
-            out.append((path.name, st.st_size, st.st_mtime_ns, st.st_ino))
-    return tuple(out)
-
-
 class Session:
     """A warm worker's base model and tokenizer, kept (on the device) between jobs.
 
@@ -769,7 +759,7 @@ class Session:
         self.tokenizer: Any = None
 
     def get(self, spec: Spec, loader: TorchLoader, use_cuda: bool, bf16: bool) -> tuple[Any, Any]:
-        key = (str(spec.base_model.resolve()), _model_files_key(spec.base_model), use_cuda, bf16)
+        key = (str(spec.base_model.resolve()), model_files_key(spec.base_model), use_cuda, bf16)
         if self.model is None or self.key != key:
             self.reset()
             self.model, self.tokenizer = loader.load(spec, use_cuda, bf16)
