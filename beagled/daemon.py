@@ -200,6 +200,10 @@ class Daemon:
                         host.strip("[]"),
                         int(port),
                     )
+                    bound_host, bound_port = self.metrics_address[:2]
+                    self.engine.metrics_listen = (
+                        f"{host}:{bound_port}" if host else f"{bound_host}:{bound_port}"
+                    )
                 await nursery.start(self.engine.run)
                 await nursery.start(self.notifier.run_watchdog)
                 nursery.start_soon(self._status_line)
@@ -209,7 +213,7 @@ class Daemon:
                     extra={
                         "socket": str(self.cfg.socket_path),
                         "startup_s": round(ready, 3),
-                        "metrics": self.cfg.metrics.listen,
+                        "metrics": self.engine.metrics_listen,
                         "pid": os.getpid(),
                     },
                 )

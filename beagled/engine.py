@@ -139,6 +139,9 @@ class Engine:
         self.probes = availability.ProbeSchedule()
         self.verified_at: dict[str, float] = {}
         self.accepting = True
+        self.metrics_listen: str | None = (
+            None  # HOST:PORT the metrics endpoint is bound to (port 0: the OS's)
+        )
         self.sleep_guard = guard_for(cfg, reloader)  # reload.vllm.sleep_during_training
         if callable(getattr(reloader, "collect", None)):  # per-replica metrics (vLLM replicas)
             self.metrics.registry.register(reloader)  # type: ignore[arg-type]
@@ -418,6 +421,7 @@ class Engine:
             "backends": [b.public() for b in self.trainer.statuses()],
             "reload_method": self.reloader.method,
             "running": running,
+            "metrics": self.metrics_listen,
             "version": __version__,
             "uptime_s": time.monotonic() - self.started_at,
             **self._leader_status(),

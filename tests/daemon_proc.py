@@ -76,10 +76,12 @@ class DaemonProc:
         self.sockdir = Path(tempfile.mkdtemp(prefix="bgd", dir="/tmp"))
         self.socket = self.sockdir / "s.sock"
         self.state_dir = root / "state"
-        self.metrics_port = free_port()
+        self._metrics_port: tuple[int, int] | None = None  # (daemon pid, port)
         base: dict[str, dict[str, Any]] = {
             "daemon": {"state_dir": str(self.state_dir), "socket": str(self.socket), "log_format": "json"},
-            "metrics": {"listen": f"127.0.0.1:{self.metrics_port}"},
+            # port 0: the daemon binds a port the OS picks and says which in ``status`` (no window in
+            # which another process could take a port picked here first)
+            "metrics": {"listen": "127.0.0.1:0"},
         }
         for k, v in tables.items():
             base.setdefault(k, {}).update(v)
@@ -115,6 +117,17 @@ class DaemonProc:
             return True
 
         poll(up, timeout, what="daemon ready")
+
+    @property
+    def metrics_port(self) -> int:
+        """The port this daemon process's metrics endpoint is bound to (from ``status``)."""
+        assert self.proc is not None
+        if self._metrics_port is None or self._metrics_port[0] != self.proc.pid:
+            with self.client() as c:
+                listen = c.status()["metrics"]
+            assert listen, "the daemon serves no metrics"
+            self._metrics_port = (self.proc.pid, int(listen.rpartition(":")[2]))
+        return self._metrics_port[1]
 
     def client(self, timeout: float = 30.0) -> Client:
         return Client(self.socket, timeout=timeout)
