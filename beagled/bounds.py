@@ -135,6 +135,7 @@ WORKER_ENV_PREFIXES = (
     "BEAGLED_",
     "UNSLOTH_",
     "PYTORCH_",
+    "RAY_",  # the cluster's own settings (RAY_ADDRESS, RAY_TMPDIR, loopback-only clusters …) for its driver
     "TORCH_",
     "TOKENIZERS_",
 )

@@ -174,13 +174,17 @@ def _submit(d: DaemonProc, tag: str, n: int = 4) -> list[float]:
     return acks
 
 
-def _training_progress(d: DaemonProc, job_id: str | None = None) -> dict[str, Any]:
-    """The first progress line of a job in training (watched live)."""
-    with d.client() as c:
+def _training_progress(d: DaemonProc, job_id: str | None = None, timeout: float = 120.0) -> dict[str, Any]:
+    """The first progress line of a job in training (watched live, for at most ``timeout``: a watch
+    that keeps receiving other lines, such as the cluster's fault lines, must not hold the test)."""
+    deadline = time.monotonic() + timeout
+    with d.client(timeout=10) as c:
         for msg in c.watch():
             p = msg.get("progress")
             if p and p.get("step") and (job_id is None or p["job_id"] == job_id):
                 return dict(p)
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no training progress within {timeout} s")
     raise AssertionError("watch ended")
 
 
