@@ -71,7 +71,9 @@ async def test_runs_with_placeholders_env_and_own_session(tmp_path: Path, t1: Se
         "$HOME; rm -rf /",
         "{not_a_placeholder} {}",
     ]
+    inherited = {k: v for k, v in os.environ.items() if k.startswith("BEAGLED_")}  # the test run's own
     assert call["env"] == {
+        **inherited,
         "BEAGLED_ADAPTER_DIR": str(t1.adapter_dir),
         "BEAGLED_VOICE": "default",
         "BEAGLED_VERSION": "7",
