@@ -82,26 +82,15 @@ class DriverProcess(WarmWorker):
         token.with_suffix(".pgid").write_text(f"{proc.pid}\n{token}")
         return cls(proc, backend, token)
 
-    async def wait_ready(self, timeout_s: float) -> None:
-        if self.ready:
-            return
-        with trio.move_on_after(timeout_s):
-            while True:
-                raw = await self._line()
-                if raw is None:
-                    break
-                msg = _parse_line(raw)
-                if msg is None:
-                    continue
-                if msg.get("type") == "ready":
-                    self.ready = True
-                    self.actor_pid = msg.get("actor_pid")
-                    return
-                if msg.get("type") == "error":
-                    text = str(msg.get("message", "error"))[:2000]
-                    raise RayUnreachable(text) if msg.get("unreachable") else WarmStartError(text)
-            raise WarmStartError(f"ray driver exited before it was ready; {self.stderr_tail()}")
-        raise WarmStartError(f"ray actor not ready after {timeout_s:.0f}s")
+    _exited_what = "ray driver "
+    _slow_what = "ray actor "
+
+    def _on_ready(self, msg: dict[str, Any]) -> None:
+        self.actor_pid = msg.get("actor_pid")
+
+    def _start_error(self, msg: dict[str, Any]) -> Exception:
+        text = str(msg.get("message", "error"))[:2000]
+        return RayUnreachable(text) if msg.get("unreachable") else WarmStartError(text)
 
     actor_pid: Any = None
 

@@ -213,11 +213,22 @@ class WarmWorker:
                     continue
                 if msg.get("type") == "ready":
                     self.ready = True
+                    self._on_ready(msg)
                     return
                 if msg.get("type") == "error":
-                    raise WarmStartError(str(msg.get("message", "error"))[:2000])
-            raise WarmStartError(f"exited before it was ready; {self.stderr_tail()}")
-        raise WarmStartError(f"not ready after {timeout_s:.0f}s")
+                    raise self._start_error(msg)
+            raise WarmStartError(f"{self._exited_what}exited before it was ready; {self.stderr_tail()}")
+        raise WarmStartError(f"{self._slow_what}not ready after {timeout_s:.0f}s")
+
+    # what a subclass (the Ray driver) changes of the start-up handshake
+    _exited_what = ""
+    _slow_what = ""
+
+    def _on_ready(self, msg: dict[str, Any]) -> None:
+        """The ``ready`` line arrived (nothing more to note for a local worker)."""
+
+    def _start_error(self, msg: dict[str, Any]) -> Exception:
+        return WarmStartError(str(msg.get("message", "error"))[:2000])
 
     async def run(
         self, spec: dict[str, Any], on_progress: Progress
