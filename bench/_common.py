@@ -7,6 +7,7 @@ machine they report (``machine()``), side by side in one process tree, so ratios
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -193,17 +194,37 @@ class Conn:
         self.out = b""
         self.inflight: list[float] = []  # send times of unanswered requests, in order
 
+    def read_lines(self) -> list[bytes]:
+        """The complete lines that have arrived (the socket is readable); a closed one is an error."""
+        data = self.sock.recv(1 << 20)
+        if not data:
+            raise RuntimeError("daemon closed a connection")
+        self.buf += data
+        *lines, self.buf = self.buf.split(b"\n")
+        return lines
+
+
+def begin(ap: argparse.ArgumentParser, prefix: str = "beagled-bench-") -> tuple[argparse.Namespace, Path]:
+    """Every bench's start: its arguments, a fresh work directory, and the machine and disk it reports."""
+    args = ap.parse_args()
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    print(machine())
+    print(f"disk: {disk_of(root)}")
+    return args, root
+
 
 def closed_loop(
-    path: Path, clients: int, total: int, depth: int = 1, voices: int = 4
+    path: Path | list[Path], clients: int, total: int, depth: int = 1, voices: int = 4
 ) -> tuple[float, list[dict[str, Any]], list[float]]:
     """``clients`` connections, each keeping ``depth`` submits in flight (1: wait for each ack).
 
-    Returns (seconds, responses, latencies). One process, ``selectors``: cheap enough that the
-    daemon, not the load generator, is what is measured (both share the machine's cores).
+    ``path`` may be several sockets (several daemons on one log): connections are spread over them
+    round-robin. Returns (seconds, responses, latencies). One process, ``selectors``: cheap enough
+    that the daemon, not the load generator, is what is measured (both share the machine's cores).
     """
+    paths = path if isinstance(path, list) else [path]
     sel = selectors.DefaultSelector()
-    conns = [Conn(path) for _ in range(clients)]
+    conns = [Conn(paths[i % len(paths)]) for i in range(clients)]
     sent = 0
     responses: list[dict[str, Any]] = []
     lat: list[float] = []
@@ -225,11 +246,7 @@ def closed_loop(
     while len(responses) < total:
         for key, _ in sel.select(30):
             c = key.data
-            data = c.sock.recv(1 << 20)
-            if not data:
-                raise RuntimeError("daemon closed a connection")
-            c.buf += data
-            *lines, c.buf = c.buf.split(b"\n")
+            lines = c.read_lines()
             now = time.perf_counter()
             for line in lines:
                 responses.append(json.loads(line))

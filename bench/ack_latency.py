@@ -13,13 +13,12 @@ import argparse
 import json
 import selectors
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Conn, daemon, disk_of, machine, pct, submit_line, verdict
+from _common import Conn, begin, daemon, pct, submit_line, verdict
 
 
 def main() -> int:
@@ -27,10 +26,7 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=1000)
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--clients", type=int, default=8)
-    a = ap.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="beagled-bench-"))
-    print(machine())
-    print(f"disk: {disk_of(root)}")
+    a, root = begin(ap)
     with daemon(root / "d") as d:
         d.start().ready()
         conns = [Conn(d.sock) for _ in range(a.clients)]
@@ -55,11 +51,7 @@ def main() -> int:
             timeout = max(0.0, t0 + i * interval - time.perf_counter()) if i < total else 1.0
             for key, _ in sel.select(timeout):
                 c = key.data
-                data = c.sock.recv(1 << 20)
-                if not data:
-                    raise RuntimeError("daemon closed a connection")
-                c.buf += data
-                *lines, c.buf = c.buf.split(b"\n")
+                lines = c.read_lines()
                 t = time.perf_counter()
                 for line in lines:
                     sent = c.inflight.pop(0)

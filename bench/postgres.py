@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import selectors
 import socket
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -31,57 +29,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import FAKE_TRAINER, Conn, daemon, disk_of, machine, pct, submit_line, write_config
+from _common import FAKE_TRAINER, begin, closed_loop, daemon, pct, write_config
 
 from tests.pg import PgServer
-
-
-def closed_loop_multi(paths: list[Path], clients: int, total: int) -> tuple[float, int, list[float]]:
-    """``clients`` connections spread round-robin over ``paths``, one submit in flight each."""
-    sel = selectors.DefaultSelector()
-    conns = [Conn(paths[i % len(paths)]) for i in range(clients)]
-    sent = 0
-    ok = 0
-    done = 0
-    lat: list[float] = []
-
-    def fill(c: Conn) -> None:
-        nonlocal sent
-        if not c.inflight and sent < total:
-            c.out += submit_line(sent, f"v{sent % 4}", sent)
-            c.inflight.append(time.perf_counter())
-            sent += 1
-
-    for c in conns:
-        sel.register(c.sock, selectors.EVENT_READ, c)
-    t0 = time.perf_counter()
-    for c in conns:
-        fill(c)
-        c.sock.sendall(c.out)
-        c.out = b""
-    while done < total:
-        for key, _ in sel.select(30):
-            c = key.data
-            data = c.sock.recv(1 << 20)
-            if not data:
-                raise RuntimeError("daemon closed a connection")
-            c.buf += data
-            *lines, c.buf = c.buf.split(b"\n")
-            now = time.perf_counter()
-            for line in lines:
-                done += 1
-                ok += json.loads(line).get("ok") is True
-                lat.append(now - c.inflight.pop(0))
-            fill(c)
-            if c.out:
-                c.sock.setblocking(True)
-                c.sock.sendall(c.out)
-                c.sock.setblocking(False)
-                c.out = b""
-    dt = time.perf_counter() - t0
-    for c in conns:
-        c.sock.close()
-    return dt, ok, lat
 
 
 def request(sock: Path, op: str, **fields: Any) -> dict[str, Any]:
@@ -135,13 +85,14 @@ def throughput(pg: PgServer, root: Path, a: argparse.Namespace) -> None:
             for _, d in ds:
                 d.ready()
             socks = [d.sock for _, d in ds]
-            closed_loop_multi(socks, a.clients, a.warmup)
+            closed_loop(socks, a.clients, a.warmup)
             lags: list[float] = []
             stop = threading.Event()
             sampler = threading.Thread(target=sample_lag, args=(socks, stop, lags))
             if n > 1:
                 sampler.start()
-            dt, ok, lat = closed_loop_multi(socks, a.clients, a.total)
+            dt, responses, lat = closed_loop(socks, a.clients, a.total)
+            ok = sum(r.get("ok") is True for r in responses)
             stop.set()
             if n > 1:
                 sampler.join()
@@ -238,10 +189,7 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--leader-timeout", type=float, default=2.0)
     ap.add_argument("--skip-throughput", action="store_true")
-    a = ap.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="beagled-bench-"))
-    print(machine())
-    print(f"disk: {disk_of(root)}")
+    a, root = begin(ap)
     pg = PgServer()
     try:
         print(f"PostgreSQL: {pg.sql('SHOW server_version')[0][0]}, fsync {pg.sql('SHOW fsync')[0][0]}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,55 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from beagled import events as ev
-from beagled.store import SqliteStore
+from tests.attacks import FD_FLOOD, WATCH_ATTACK, Attack, ping_p99, rss_kb, seed_large_drafts
 from tests.daemon_proc import DaemonProc, fake_backend
-
-WATCHERS = r"""
-import json, socket, sys
-path, conns, per = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-held = []
-for c in range(conns):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.connect(path)
-    w = [json.dumps({"v": 1, "id": i, "op": "watch", "from_seq": 0}).encode() for i in range(per)]
-    s.sendall(b"\n".join(w) + b"\n")
-    held.append(s)
-print("ready", flush=True)
-sys.stdin.read()
-"""
-FLOOD = r"""
-import resource, socket, sys
-port, n = int(sys.argv[1]), int(sys.argv[2])
-resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
-held = []
-for _ in range(n):
-    s = socket.socket()
-    try:
-        s.connect(("127.0.0.1", port)); held.append(s)
-    except OSError:
-        pass
-print("ready", len(held), flush=True)
-sys.stdin.read()
-"""
-
-
-def status_kb(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def p99_ping(d: DaemonProc, n: int = 300) -> float:
-    lat = []
-    with d.client() as c:
-        for _ in range(n):
-            t = time.perf_counter()
-            c.ping()
-            lat.append(time.perf_counter() - t)
-    lat.sort()
-    return lat[int(n * 0.99) - 1]
 
 
 def new_daemon(root: Path, **tables: dict[str, object]) -> DaemonProc:
@@ -85,37 +37,20 @@ def new_daemon(root: Path, **tables: dict[str, object]) -> DaemonProc:
 
 def watch_attack(root: Path, conns: int, per: int) -> None:
     d = new_daemon(root, daemon={"write_timeout_s": 30.0})
-    store = SqliteStore(d.state_dir / "events.sqlite3")
-    draft = "d" * 250_000
-    store.submit_batch(
-        [
-            ev.PairSubmitted(
-                pair_id=f"p{i}", voice="alice", bad=f"{i}{draft}", good=f"{draft}{i}", key=f"k{i}"
-            )
-            for i in range(60)
-        ],
-        time.time(),
-    )
-    store.close()
+    seed_large_drafts(d.state_dir)
     d.start()
     try:
         assert d.proc is not None
         pid = d.proc.pid
-        base = status_kb(pid, "VmRSS")
-        quiet = p99_ping(d)
+        base = rss_kb(pid, "VmRSS")
+        quiet = ping_p99(d, 300)
         Path(f"/proc/{pid}/clear_refs").write_text("5")
-        with subprocess.Popen(
-            [sys.executable, "-c", WATCHERS, str(d.socket), str(conns), str(per)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        ) as att:
-            assert att.stdout is not None
-            assert att.stdin is not None
-            att.stdout.readline()
-            loaded = p99_ping(d)
-            peak = status_kb(pid, "VmHWM")
-            att.stdin.close()
+        att = Attack(WATCH_ATTACK, str(d.socket), str(conns), str(per))
+        try:
+            loaded = ping_p99(d, 300)
+            peak = rss_kb(pid, "VmHWM")
+        finally:
+            att.stop()
         print(
             f"watch attack ({conns} connections x {per} watch from_seq:0, ~30 MB of drafts in the log): "
             f"RSS before {base / 1024:.0f} MB, peak during {peak / 1024:.0f} MB (target < 150); "
@@ -129,15 +64,9 @@ def fd_flood(root: Path, n: int) -> None:
     d = new_daemon(root).start()
     try:
         assert d.proc is not None
-        with subprocess.Popen(
-            [sys.executable, "-c", FLOOD, str(d.metrics_port), str(n)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        ) as fl:
-            assert fl.stdout is not None
-            assert fl.stdin is not None
-            held = fl.stdout.readline().split()[1]
+        fl = Attack(FD_FLOOD, str(d.metrics_port), str(n))
+        try:
+            held = fl.ready["held"]
             fds = len(list(Path(f"/proc/{d.proc.pid}/fd").iterdir()))
             times = []
             with d.client(timeout=5) as c:
@@ -155,7 +84,8 @@ def fd_flood(root: Path, n: int) -> None:
                 except OSError:
                     time.sleep(0.1)
             scrape = time.perf_counter() - t
-            fl.stdin.close()
+        finally:
+            fl.stop()
         print(
             f"fd flood ({n} metrics connections opened, {held} connected, held open): "
             f"daemon fds {fds}; "

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -19,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import os
 import resource
 
-from _common import closed_loop, daemon, disk_of, machine, pct, proc_stat, raw_sqlite_commits, verdict
+from _common import begin, closed_loop, daemon, pct, proc_stat, raw_sqlite_commits, verdict
 
 
 def main() -> int:
@@ -28,10 +27,7 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--depth", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2000)
-    a = ap.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="beagled-bench-"))
-    print(machine())
-    print(f"disk: {disk_of(root)}")
+    a, root = begin(ap)
     raw = raw_sqlite_commits(root / "raw.sqlite3")
     print(f"raw sqlite single-row durable commits: {raw:,.0f}/s", flush=True)
     ok = True

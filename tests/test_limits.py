@@ -5,7 +5,6 @@ churn) that must not push a well-behaved client's submit-ack p99 above a bound."
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -15,12 +14,11 @@ from typing import Any
 import pytest
 
 from beagled.client import Client
+from tests.attacks import P99_BOUND_S
 from tests.daemon_proc import DaemonProc, poll
 
 MAX_MSG = 8192
 MAX_DRAFT = 2048
-_BOUND_MS = os.environ.get("BEAGLED_P99_BOUND_MS")
-P99_BOUND_S = float(_BOUND_MS) / 1000 if _BOUND_MS else None
 
 
 def line(**kw: Any) -> bytes:

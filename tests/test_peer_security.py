@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import shutil
 import stat
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,9 +22,9 @@ from typing import Any
 import pytest
 
 from tests.daemon_proc import DaemonProc
+from tests.shared_users import PYTHON, ensure_user, run_code_as
 
 USER = "beagletest"
-PYTHON = "/usr/bin/python3"
 CLIENT = r"""
 import json, socket, sys
 path, payload = sys.argv[1], sys.argv[2].encode() + b"\n"
@@ -63,36 +61,13 @@ def other_uid() -> int:
     if not Path(PYTHON).is_file():
         pytest.skip(f"{PYTHON} is needed to run a client as another user")
     try:
-        return pwd.getpwnam(USER).pw_uid
-    except KeyError:
-        pass
-    done = subprocess.run(
-        ["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", USER],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot create a second user: {done.stderr.strip()}")
-    return pwd.getpwnam(USER).pw_uid
+        return ensure_user(USER)[0]
+    except RuntimeError as e:
+        pytest.skip(str(e))
 
 
 def run_as(uid: int, code: str, *args: str) -> dict[str, Any]:
-    gid = pwd.getpwuid(uid).pw_gid
-    done = subprocess.run(
-        [PYTHON, "-c", code, *args],
-        user=uid,
-        group=gid,
-        extra_groups=[],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-        cwd="/",
-        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-    )
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)  # type: ignore[no-any-return]
+    return run_code_as(uid, code, *args, timeout=30)  # type: ignore[no-any-return]
 
 
 def ping_as(uid: int, sock: Path) -> dict[str, Any]:
