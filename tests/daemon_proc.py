@@ -11,7 +11,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,24 @@ def to_toml(tables: dict[str, dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+@contextmanager
+def notify_socket(timeout: float) -> Iterator[tuple[socket.socket, str]]:
+    """A bound datagram socket (what systemd listens on for sd_notify) and its path, short for sun_path."""
+    with tempfile.TemporaryDirectory(prefix="bn-", dir="/tmp") as directory:
+        path = str(Path(directory) / "notify")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(path)
+        sock.settimeout(timeout)
+        try:
+            yield sock, path
+        finally:
+            sock.close()
+
+
+class GaveUp(AssertionError):
+    """Raised by a ``poll`` predicate when the condition can never hold (e.g. the process exited)."""
+
+
 def poll(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = "") -> Any:
     deadline = time.monotonic() + timeout
     last_exc: BaseException | None = None
@@ -56,6 +75,8 @@ def poll(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 
             value = predicate()
             if value:
                 return value
+        except GaveUp:
+            raise
         except Exception as e:  # the condition may not be checkable yet
             last_exc = e
         time.sleep(interval)
@@ -111,7 +132,7 @@ class DaemonProc:
         def up() -> bool:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log_text()}")
+                raise GaveUp(f"daemon exited with {self.proc.returncode}:\n{self.log_text()}")
             with Client(self.socket, timeout=2) as c:
                 c.ping()
             return True

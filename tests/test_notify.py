@@ -16,20 +16,14 @@ import trio
 import trio.testing
 
 from beagled.notify import Notifier
+from tests.daemon_proc import notify_socket
 
 
 @pytest.fixture
 def receiver() -> Iterator[tuple[socket.socket, str]]:
-    """A bound datagram socket (what systemd listens on) and its path; kept short for sun_path."""
-    with tempfile.TemporaryDirectory(prefix="bn-", dir="/tmp") as directory:
-        path = str(Path(directory) / "notify")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        sock.bind(path)
-        sock.settimeout(2)
-        try:
-            yield sock, path
-        finally:
-            sock.close()
+    """A bound datagram socket (what systemd listens on) and its path."""
+    with notify_socket(2) as pair:
+        yield pair
 
 
 def recv(sock: socket.socket) -> str:

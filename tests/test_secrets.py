@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.daemon_proc import DaemonProc, free_port, poll
+from tests.daemon_proc import free_port, poll
 
 WINDOW = 16  # any run of this many base64 characters of the key counts as a leak
 
@@ -31,18 +31,6 @@ def keygen(tmp: Path) -> tuple[Path, str, str]:
 
 def windows(s: str) -> set[str]:
     return {s[i : i + WINDOW] for i in range(len(s) - WINDOW + 1)}
-
-
-def reload_failures(d: DaemonProc) -> list[dict[str, Any]]:
-    out = []
-    with d.client() as c:
-        last = c.status()["event_seq"]
-        for msg in c.watch(from_seq=0):
-            if "event" in msg:
-                out.append(msg["event"])
-                if msg["event"]["seq"] >= last:
-                    break
-    return out
 
 
 @pytest.mark.parametrize("key_state", ["valid", "corrupt"])
@@ -78,12 +66,12 @@ def test_no_key_material_in_logs_events_status_or_metrics(
         for i in range(4):
             c.submit(bad=f"bad {i}", good=f"good {i}")
     poll(
-        lambda: sum(e["type"] == "ReloadFailed" for e in reload_failures(d)) >= 2,
+        lambda: sum(e["type"] == "ReloadFailed" for e in d.events()) >= 2,
         60,
         0.2,
         "two failed reloads",
     )
-    evs = reload_failures(d)
+    evs = d.events()
     errors = [e["data"].get("error", "") for e in evs if e["type"] == "ReloadFailed"]
     assert all(errors), evs
     with d.client() as c:

@@ -169,12 +169,18 @@ def test_idle_client_is_disconnected(make_daemon: Any) -> None:
         assert time.monotonic() - started < 5
 
 
-def test_client_that_never_reads_is_dropped_and_others_unaffected(make_daemon: Any) -> None:
-    d = make_daemon({"daemon": {"write_timeout_s": 1.0}})
+def non_reader(d: DaemonProc) -> socket.socket:
+    """A connection that will never read: a small receive buffer, non-blocking sends."""
     hog = socket.socket(socket.AF_UNIX)
     hog.connect(str(d.socket))
     hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     hog.setblocking(False)
+    return hog
+
+
+def test_client_that_never_reads_is_dropped_and_others_unaffected(make_daemon: Any) -> None:
+    d = make_daemon({"daemon": {"write_timeout_s": 1.0}})
+    hog = non_reader(d)
     line = req(op="status")
     sent = 0
     try:  # keep asking without reading until the daemon stops reading from us or drops us
@@ -200,10 +206,7 @@ def test_a_stalled_reader_never_holds_others_up(make_daemon: Any) -> None:
     """With a write timeout longer than the test, the stalled client is never dropped while we ask: a
     daemon that served others behind it would not answer at all (the client's timeout fails it)."""
     d = make_daemon({"daemon": {"write_timeout_s": 600.0}})
-    hog = socket.socket(socket.AF_UNIX)
-    hog.connect(str(d.socket))
-    hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    hog.setblocking(False)
+    hog = non_reader(d)
     line = req(op="status")
     try:
         stalled = 0

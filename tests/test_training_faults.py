@@ -36,16 +36,7 @@ def submit4(d: DaemonProc, tag: str) -> None:
 
 
 def failures(d: DaemonProc) -> list[dict[str, Any]]:
-    out = []
-    with d.client() as c:
-        last = c.status()["event_seq"]
-        for msg in c.watch(from_seq=0):
-            if "event" in msg:
-                if msg["event"]["type"] == "TrainingFailed":
-                    out.append(msg["event"]["data"])
-                if msg["event"]["seq"] >= last:
-                    break
-    return out
+    return [e["data"] for e in d.events() if e["type"] == "TrainingFailed"]
 
 
 FAULTS = {
