@@ -204,8 +204,16 @@ class Conn:
         return lines
 
 
-def begin(ap: argparse.ArgumentParser, prefix: str = "beagled-bench-") -> tuple[argparse.Namespace, Path]:
-    """Every bench's start: its arguments, a fresh work directory, and the machine and disk it reports."""
+def begin(prefix: str = "beagled-bench-", **defaults: Any) -> tuple[argparse.Namespace, Path]:
+    """Every bench's start: its options (``--name`` per keyword, typed by its default; a ``False``
+    default is a flag), a fresh work directory, and the machine and disk it reports."""
+    ap = argparse.ArgumentParser()
+    for name, default in defaults.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(default, bool):
+            ap.add_argument(flag, action="store_true")
+        else:
+            ap.add_argument(flag, type=type(default), default=default)
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix=prefix))
     print(machine())

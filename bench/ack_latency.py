@@ -9,7 +9,6 @@ the ack (so a stall is not hidden by sending late: no coordinated omission).
 
 from __future__ import annotations
 
-import argparse
 import json
 import selectors
 import sys
@@ -22,11 +21,7 @@ from _common import Conn, begin, daemon, pct, submit_line, verdict
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rate", type=float, default=1000)
-    ap.add_argument("--seconds", type=float, default=10)
-    ap.add_argument("--clients", type=int, default=8)
-    a, root = begin(ap)
+    a, root = begin(rate=1000.0, seconds=10.0, clients=8)
     with daemon(root / "d") as d:
         d.start().ready()
         conns = [Conn(d.sock) for _ in range(a.clients)]

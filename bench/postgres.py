@@ -134,9 +134,7 @@ def failover(pg: PgServer, root: Path, a: argparse.Namespace) -> None:
             term = status(leader.sock)["term"]  # type: ignore[index]
             for k in range(2):  # a job: the leader cuts it and starts training
                 request(leader.sock, "submit", voice="fo", bad=f"b{trial}-{k}", good=f"g{trial}-{k}")
-            while not any(
-                j["state"] == "training" for j in request(leader.sock, "jobs")["result"]["jobs"]
-            ):
+            while not any(j["state"] == "training" for j in request(leader.sock, "jobs")["result"]["jobs"]):
                 time.sleep(0.02)
             assert leader.proc is not None
             leader.proc.kill()
@@ -182,14 +180,9 @@ def _wait_leader(ds: list[Any]) -> Any:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--total", type=int, default=20_000)
-    ap.add_argument("--warmup", type=int, default=2000)
-    ap.add_argument("--clients", type=int, default=64)
-    ap.add_argument("--trials", type=int, default=20)
-    ap.add_argument("--leader-timeout", type=float, default=2.0)
-    ap.add_argument("--skip-throughput", action="store_true")
-    a, root = begin(ap)
+    a, root = begin(
+        total=20_000, warmup=2000, clients=64, trials=20, leader_timeout=2.0, skip_throughput=False
+    )
     pg = PgServer()
     try:
         print(f"PostgreSQL: {pg.sql('SHOW server_version')[0][0]}, fsync {pg.sql('SHOW fsync')[0][0]}")

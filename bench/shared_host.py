@@ -11,16 +11,18 @@ the fd flood; a real voice's job delayed by at most one job by the flood of voic
 
 from __future__ import annotations
 
-import argparse
+import shutil
 import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.attacks import FD_FLOOD, WATCH_ATTACK, Attack, ping_p99, rss_kb, seed_large_drafts
+from _common import begin
+
+from tests.attacks import FD_FLOOD, WATCH_ATTACK, Attack, ping_p99, rss_kb, seed_large_drafts, timed_submits
 from tests.daemon_proc import DaemonProc, fake_backend
 
 
@@ -68,12 +70,7 @@ def fd_flood(root: Path, n: int) -> None:
         try:
             held = fl.ready["held"]
             fds = len(list(Path(f"/proc/{d.proc.pid}/fd").iterdir()))
-            times = []
-            with d.client(timeout=5) as c:
-                for i in range(5):
-                    t = time.perf_counter()
-                    c.submit(bad=f"b{i}", good=f"g{i}")
-                    times.append(time.perf_counter() - t)
+            times = timed_submits(d, 5)
             t = time.perf_counter()
             ok = False
             while not ok and time.perf_counter() - t < 15:  # the flood holds the cap until its deadline
@@ -131,16 +128,13 @@ def voice_flood(root: Path, voices: int) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--conns", type=int, default=8)
-    ap.add_argument("--watches", type=int, default=32)
-    ap.add_argument("--flood", type=int, default=1100)
-    ap.add_argument("--voices", type=int, default=30)
-    a = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="beagled-bench-") as tmp:
-        watch_attack(Path(tmp) / "w", a.conns, a.watches)
-        fd_flood(Path(tmp) / "f", a.flood)
-        voice_flood(Path(tmp) / "v", a.voices)
+    a, root = begin(conns=8, watches=32, flood=1100, voices=30)
+    try:
+        watch_attack(root / "w", a.conns, a.watches)
+        fd_flood(root / "f", a.flood)
+        voice_flood(root / "v", a.voices)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
     return 0
 
 

@@ -9,7 +9,6 @@ COMMIT) comes back; then a pipelined variant (``--depth`` submits in flight per 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -22,12 +21,7 @@ from _common import begin, closed_loop, daemon, pct, proc_stat, raw_sqlite_commi
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--total", type=int, default=20_000)
-    ap.add_argument("--clients", type=int, default=64)
-    ap.add_argument("--depth", type=int, default=8)
-    ap.add_argument("--warmup", type=int, default=2000)
-    a, root = begin(ap)
+    a, root = begin(total=20_000, clients=64, depth=8, warmup=2000)
     raw = raw_sqlite_commits(root / "raw.sqlite3")
     print(f"raw sqlite single-row durable commits: {raw:,.0f}/s", flush=True)
     ok = True

@@ -122,3 +122,14 @@ def ping_p99(d: DaemonProc, n: int = 200) -> float:
             lat.append(time.perf_counter() - t)
     lat.sort()
     return lat[int(n * 0.99) - 1]
+
+
+def timed_submits(d: DaemonProc, n: int) -> list[float]:
+    """``n`` owner submits, one after another (client timeout 5 s); the seconds each took."""
+    times = []
+    with d.client(timeout=5) as c:
+        for i in range(n):
+            t = time.perf_counter()
+            c.submit(bad=f"owner bad {i}", good=f"owner good {i}")
+            times.append(time.perf_counter() - t)
+    return times
