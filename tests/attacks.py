@@ -19,6 +19,7 @@ from typing import Any
 from beagled import events as ev
 from beagled.store import SqliteStore
 from tests.daemon_proc import DaemonProc
+from tests.shared_users import PYTHON
 
 # Latency bounds are speed targets: checked only on a quiet machine, e.g. BEAGLED_P99_BOUND_MS=50
 # (docs/reliability.md); otherwise the tests assert service under attack, not how fast it was.
@@ -76,7 +77,7 @@ class Attack:
                 "cwd": "/",
                 "env": {"PATH": "/usr/bin:/bin"},
             }
-        python = "/usr/bin/python3" if uid is not None else sys.executable
+        python = PYTHON if uid is not None else sys.executable
         self.proc = subprocess.Popen(
             [python, "-c", code, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, **kw
         )

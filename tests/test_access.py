@@ -81,30 +81,20 @@ def test_throttle_lets_a_burst_pass_then_counts() -> None:
 
 
 def test_files_others_can_write_or_read_are_refused(tmp_path: Path) -> None:
-    cfg, key = tmp_path / "config.toml", tmp_path / "id"
-    checks = [  # (file, refused mode, accepted mode, check, message when refused)
-        (
-            cfg,
-            0o664,
-            0o644,
-            lambda: bounds.check_not_writable_by_others(cfg, "", "the config file"),
-            "writable by its group or others",
-        ),
-        (
-            key,
-            0o644,
-            0o600,
-            lambda: bounds.check_private_file(key, "reload.ssh.identity_file", "the SSH key"),
-            "readable or writable",
-        ),
-    ]
-    for path, refused, accepted, check, message in checks:
-        path.write_text("")
-        path.chmod(refused)
-        with pytest.raises(ConfigError, match=message):
-            check()
-        path.chmod(accepted)
-        check()
+    cfg = tmp_path / "config.toml"
+    cfg.write_text("")
+    cfg.chmod(0o664)
+    with pytest.raises(ConfigError, match="writable by its group or others"):
+        bounds.check_not_writable_by_others(cfg, "", "the config file")
+    cfg.chmod(0o644)
+    bounds.check_not_writable_by_others(cfg, "", "the config file")
+    key = tmp_path / "id"
+    key.write_text("")
+    key.chmod(0o644)
+    with pytest.raises(ConfigError, match="readable or writable"):
+        bounds.check_private_file(key, "reload.ssh.identity_file", "the SSH key")
+    key.chmod(0o600)
+    bounds.check_private_file(key, "reload.ssh.identity_file", "the SSH key")
     bounds.check_private_file(cfg, "reload.ssh.known_hosts", "known_hosts", others_may_read=True)
 
 
