@@ -110,7 +110,8 @@ def test_finding3_keys_are_scoped_and_never_a_false_duplicate(
     make_daemon: Any, users: tuple[int, int]
 ) -> None:
     sub, _ = users
-    d = make_daemon(shared(sub))
+    # the pair must stay pending to be counted there: none is held out (a held-out pair is not pending)
+    d = make_daemon({**shared(sub), "training": {"heldout_share": 0.0}})
     key = "acme-merger-memo-rev4"
     theirs = requests_as(
         sub, d.socket, [{"op": "submit", "voice": "mallory", "bad": "x", "good": "y", "key": key}]
