@@ -44,13 +44,25 @@ def ray_available() -> bool:
 class RayHead:
     def __init__(self, num_cpus: int = 2) -> None:
         self.num_cpus = num_cpus
+        self.env = {**os.environ, **LOOPBACK_ENV}
+        for attempt in range(3):  # a free port can be taken between probing and binding: pick others
+            self._start()
+            try:
+                self._wait_ready()
+                return
+            except BaseException as e:
+                taken = isinstance(e, RuntimeError) and "in use" in self.log_tail().lower()
+                self.close()
+                if not taken or attempt == 2:
+                    raise
+
+    def _start(self) -> None:
         self.temp = Path(tempfile.mkdtemp(prefix="rayt-", dir="/tmp"))  # short: AF_UNIX paths
         gcs, om, nm, agent_grpc, agent_http, metrics, rtenv, dash = _free_ports(8)
         self.address = f"127.0.0.1:{gcs}"
-        self.env = {**os.environ, **LOOPBACK_ENV}
         argv = [
             str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
-            "--node-ip-address", "127.0.0.1", "--port", str(gcs), "--num-cpus", str(num_cpus),
+            "--node-ip-address", "127.0.0.1", "--port", str(gcs), "--num-cpus", str(self.num_cpus),
             "--num-gpus", "0", "--include-dashboard", "false", "--dashboard-host", "127.0.0.1",
             "--dashboard-port", str(dash),
             "--object-manager-port", str(om), "--node-manager-port", str(nm),
@@ -63,11 +75,6 @@ class RayHead:
         self.proc = subprocess.Popen(
             argv, stdout=self.log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
         )
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.close()
-            raise
 
     def _wait_ready(self, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout

@@ -84,47 +84,55 @@ def running_sshd(tmp: Path) -> Iterator[Sshd]:
     authorized = tmp / "authorized_keys"
     authorized.write_text(client_pub + "\n", encoding="utf-8")
     authorized.chmod(0o600)
-    port = _free_port()
     known_hosts = tmp / "known_hosts"
-    known_hosts.write_text(f"[127.0.0.1]:{port} {' '.join(host_pub.split()[:2])}\n", encoding="utf-8")
     wrong = tmp / "wrong_known_hosts"
-    wrong.write_text(f"[127.0.0.1]:{port} {' '.join(other_pub.split()[:2])}\n", encoding="utf-8")
     config = tmp / "sshd_config"
-    config.write_text(
-        "\n".join(
-            [
-                "ListenAddress 127.0.0.1",
-                f"Port {port}",
-                f"HostKey {host_key}",
-                f"PidFile {tmp / 'sshd.pid'}",
-                f"AuthorizedKeysFile {authorized}",
-                "StrictModes no",
-                "UsePAM no",
-                "PermitRootLogin prohibit-password",
-                "PasswordAuthentication no",
-                "KbdInteractiveAuthentication no",
-                "PubkeyAuthentication yes",
-                "AllowTcpForwarding no",
-                "X11Forwarding no",
-                "PrintMotd no",
-                "Subsystem sftp internal-sftp",
-                "LogLevel ERROR",
-                "",
-            ]
-        ),
-        encoding="utf-8",
-    )
     log = tmp / "sshd.log"
-    with log.open("wb") as log_file:
-        proc = subprocess.Popen(
-            [SSHD, "-D", "-e", "-f", str(config)],
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+    for attempt in range(3):  # a free port can be taken between probing and binding: pick another
+        port = _free_port()
+        known_hosts.write_text(f"[127.0.0.1]:{port} {' '.join(host_pub.split()[:2])}\n", encoding="utf-8")
+        wrong.write_text(f"[127.0.0.1]:{port} {' '.join(other_pub.split()[:2])}\n", encoding="utf-8")
+        config.write_text(
+            "\n".join(
+                [
+                    "ListenAddress 127.0.0.1",
+                    f"Port {port}",
+                    f"HostKey {host_key}",
+                    f"PidFile {tmp / 'sshd.pid'}",
+                    f"AuthorizedKeysFile {authorized}",
+                    "StrictModes no",
+                    "UsePAM no",
+                    "PermitRootLogin prohibit-password",
+                    "PasswordAuthentication no",
+                    "KbdInteractiveAuthentication no",
+                    "PubkeyAuthentication yes",
+                    "AllowTcpForwarding no",
+                    "X11Forwarding no",
+                    "PrintMotd no",
+                    "Subsystem sftp internal-sftp",
+                    "LogLevel ERROR",
+                    "",
+                ]
+            ),
+            encoding="utf-8",
         )
+        with log.open("wb") as log_file:
+            proc = subprocess.Popen(
+                [SSHD, "-D", "-e", "-f", str(config)],
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            _wait_for_banner(port, proc, log)
+            break
+        except RuntimeError:
+            proc.kill()
+            proc.wait()
+            if attempt == 2 or "Address already in use" not in log.read_text(errors="replace"):
+                raise
     try:
-        _wait_for_banner(port, proc, log)
         yield Sshd(
             host="127.0.0.1",
             port=port,
