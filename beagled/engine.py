@@ -101,6 +101,7 @@ class _PendingSubmit:
     payload: ev.PairSubmitted
     arrived: float
     on_done: Callable[[dict[str, Any] | None, BaseException | None], None]
+    heldout_by_share: bool = False  # held out by the hash of its id, not by the client: may be settled
 
 
 class Engine:
@@ -334,6 +335,7 @@ class Engine:
         if self._key_secret is None:
             self._key_secret = self.store.key_secret()
         pair_id = "p-" + secrets.token_hex(8)
+        by_share, share = fields.get("heldout") is None, self.cfg.training.heldout_share
         payload = ev.PairSubmitted(
             pair_id=pair_id,
             voice=voice,
@@ -344,12 +346,10 @@ class Engine:
             ),
             prompt=fields.get("prompt"),
             quality=fields.get("quality"),
-            heldout=fields["heldout"]
-            if fields.get("heldout") is not None
-            else jobs.is_heldout(pair_id, self.cfg.training.heldout_share),
+            heldout=jobs.is_heldout(pair_id, share) if by_share else fields["heldout"],
             uid=uid,
         )
-        self._submits.append(_PendingSubmit(payload, arrived, on_done))
+        self._submits.append(_PendingSubmit(payload, arrived, on_done, heldout_by_share=by_share))
         self._submit_wakeup.set()
 
     async def _committer(self) -> None:
@@ -368,6 +368,11 @@ class Engine:
                     await self._submit_wakeup.wait(time.time() + self._SNAPSHOT_POLL_S)
                     continue
                 batch, self._submits = self._submits[:MAX_BATCH], self._submits[MAX_BATCH:]
+                settled = jobs.settle_heldout(
+                    self.state, [(b.payload, b.heldout_by_share) for b in batch], self.cfg.scheduler.min_pairs
+                )
+                for b, payload in zip(batch, settled, strict=True):
+                    b.payload = payload
                 try:
                     async with self._lock:
                         results = await trio.to_thread.run_sync(

@@ -239,6 +239,30 @@ def is_heldout(pair_id: str, share: float) -> bool:
     return h / 2**64 < share
 
 
+def settle_heldout(
+    state: State, batch: Sequence[tuple[ev.PairSubmitted, bool]], min_pairs: int
+) -> list[ev.PairSubmitted]:
+    """The batch's pairs as they will be recorded, in order (``(payload, chosen_by_share)`` each).
+
+    A pair held out by the hash of its id (``chosen_by_share``) trains instead when, with it, the voice's
+    window since its last cut would reach ``min_pairs`` with no pair to train on: a user who submits
+    ``min_pairs`` pairs gets a job, whatever the split (else such a window would wait for one more pair).
+    A pair the client marked ``heldout`` keeps its mark. Decided once, before the pair is recorded, so a
+    replay reads the same split.
+    """
+    counts: dict[str, tuple[int, int]] = {}
+    out = []
+    for given, chosen_by_share in batch:
+        v = state.voice(given.voice)
+        pending, window = counts.get(given.voice) or (len(v.pending), len(v.heldout_window))
+        p = given
+        if p.heldout and chosen_by_share and pending == 0 and window + 1 >= min_pairs:
+            p = dataclasses.replace(p, heldout=False)
+        counts[p.voice] = (pending, window + 1) if p.heldout else (pending + 1, window)
+        out.append(p)
+    return out
+
+
 def held_back(pending: Sequence[str], v: Voice) -> tuple[str, ...]:
     """The pairs of a job to be cut that are held back to evaluate it: none when the voice already has
     a held-out pair (in its set or its pending window); else its newest pending pair, when at least

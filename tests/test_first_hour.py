@@ -330,6 +330,20 @@ def test_min_pairs_counts_held_out_pairs_too(make_daemon: Any) -> None:
     assert v["heldout_pairs"] == 1
 
 
+def test_min_pairs_makes_a_job_however_the_split_falls(make_daemon: Any) -> None:
+    # the split holds (all but one in a million) every pair out: the pair that completes a window of
+    # min_pairs with nothing to train on trains instead, one by one or in one pipelined batch
+    d = make_daemon({"training": {"heldout_share": 0.999999}})
+    with d.client() as c:
+        for i in range(4):
+            c.submit(bad=f"b{i}", good=f"g{i}", voice="one")
+        got = c.pipeline([("submit", {"voice": "batch", "bad": f"b{i}", "good": f"g{i}"}) for i in range(4)])
+        assert all(r["ok"] for r in got), got
+    js = d.wait_jobs(lambda js: len(js) == 2)
+    cuts = sorted((j["voice"], j["pairs"], j["sibling_pairs"]) for j in js)
+    assert cuts == [("batch", 1, 3), ("one", 1, 3)]
+
+
 # --- 12. the TRL path masks the prompt whichever column a TRL release reads ---------------------------
 
 

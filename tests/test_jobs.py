@@ -280,6 +280,35 @@ def test_heldout_is_deterministic_and_near_its_share() -> None:
     assert not any(jobs.is_heldout(p, 0.0) for p in ids)
 
 
+def _pair(voice: str, pid: str, heldout: bool) -> ev.PairSubmitted:
+    return ev.PairSubmitted(pair_id=pid, voice=voice, bad="b", good="g", key=pid, heldout=heldout)
+
+
+def test_a_window_of_min_pairs_is_never_all_held_out() -> None:
+    """Were every pair of a window held out by the split, ``min_pairs`` pairs would make no job."""
+    state, log = jobs.State(), Log()
+    batch = [(_pair("v", f"p{i}", True), True) for i in range(4)]  # the split held all four out
+    settled = jobs.settle_heldout(state, batch, min_pairs=4)
+    assert [p.heldout for p in settled] == [True, True, True, False]  # the one that completes it trains
+    log.record(state, list(settled))
+    assert jobs.cut_reason(state.voices["v"], now=log.clock, min_pairs=4, max_wait_s=1e9) == "min_pairs"
+    (created,) = run(state, log, jobs.CutJob("v", "j1", "min_pairs"))
+    assert isinstance(created.payload, ev.JobCreated) and created.payload.pair_ids == ("p3",)
+    # a window that already has a pair to train on keeps the split as it fell; so does the client's mark
+    state = jobs.State()
+    submit(state, Log(), "v", "t0")
+    held = [(_pair("v", f"h{i}", True), True) for i in range(3)]
+    assert all(p.heldout for p in jobs.settle_heldout(state, held, min_pairs=4))
+    marked = [(_pair("w", f"m{i}", True), False) for i in range(4)]
+    assert all(p.heldout for p in jobs.settle_heldout(jobs.State(), marked, min_pairs=4))
+    # counted per voice across the batch, and from what the voice's window already holds
+    state = jobs.State()
+    for i in range(2):
+        submit(state, Log(), "x", f"x{i}", heldout=True)
+    mixed = [(_pair("x", "x2", True), True), (_pair("y", "y0", True), True), (_pair("x", "x3", True), True)]
+    assert [p.heldout for p in jobs.settle_heldout(state, mixed, min_pairs=4)] == [True, True, False]
+
+
 def test_replay_sample_is_bounded_deterministic_and_from_earlier_pairs() -> None:
     trained = tuple(f"p{i}" for i in range(100))
     a = jobs.replay_sample(trained, 10, "j1")
