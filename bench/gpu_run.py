@@ -115,7 +115,7 @@ def run_daemon(
         "metrics": {"listen": ""},
         "scheduler": {"min_pairs": 8, "max_wait_s": 1e9},
         "training": {"backends": [backend], "base_model": str(base), "warm": warm, "heldout_share": 0.0,
-                     "replay_pairs": 0, "probe_timeout_s": 600},
+                     "replay_pairs": 0},
         "training.hyper": {"steps": steps, "batch_size": 4, "max_seq_len": 256},
         "reload": {"method": "none"},
     })  # fmt: skip
