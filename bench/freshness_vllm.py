@@ -162,8 +162,10 @@ def main() -> None:
     if over:
         median = statistics.median(over)
         verdict = "PASS" if median <= 1 else "FAIL"
-        print(f"\nmedian overhead (send → first completion under the new name, minus training) over "
-              f"{len(over)} jobs: {median:.2f} s; target ≤ 1 s: {verdict}")
+        print(
+            f"\nmedian overhead (send → first completion under the new name, minus training) over "
+            f"{len(over)} jobs: {median:.2f} s; target ≤ 1 s: {verdict}"
+        )
 
 
 if __name__ == "__main__":
