@@ -27,7 +27,7 @@ def hang_first(tmp_path: Path, *, always: bool = False) -> Path:
     exe = tmp_path / "python-slow-first"
     exe.write_text(
         "#!/bin/sh\n"
-        f"echo \"$@\" >> {tmp_path / 'calls'}\n"
+        f'echo "$@" >> {tmp_path / "calls"}\n'
         f'if [ "$3" = probe ] && {test}; then exec sleep 3600; fi\n'
         f'exec {sys.executable} "$@"\n'
     )
@@ -52,7 +52,7 @@ def test_a_probe_that_timed_out_is_asked_again_and_the_backend_becomes_available
         return dict(b)
 
     def when(ok: Any) -> Any:
-        return lambda: (b if ok(b := mlx()) else None)
+        return lambda: b if ok(b := mlx()) else None
 
     first = poll(when(lambda b: "timed out" in b["reason"]), 120, what="the first timeout")
     assert not first["available"]
