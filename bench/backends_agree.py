@@ -103,7 +103,7 @@ def main() -> None:
     ap.add_argument("--controlled", action="store_true",
                     help="also: both backends from one fresh LoRA init, one full batch per step")  # fmt: skip
     args = ap.parse_args()
-    seeds = [int(x) for x in args.seeds.split(",")]
+    seeds = [int(x) for x in args.seeds.split(",") if x]
     import numpy as np
     import torch
     import transformers
