@@ -672,6 +672,20 @@ class Engine:
             return
         await self._settle_blocked(await self._probe())
 
+    async def _reprobe_timed_out(self) -> None:
+        """Ask again the backends whose probe timed out (longer each time, bounded by the trainer)."""
+        if trio.current_time() < self.trainer.reprobe_at():
+            return
+        before = self.trainer.available()
+        await self.trainer.reprobe_due()
+        for b in self.trainer.statuses():
+            self.metrics.backend_available.labels(b.name).set(1 if b.available else 0)
+        now = self.trainer.available()
+        if now != before:
+            log.info("training backends available after a re-probe: %s", now, extra={"available": now})
+            if now and jobs.blocked_jobs(self.state):
+                await self._settle_blocked(now)
+
     async def _settle_blocked(self, backends: list[str]) -> None:
         if not backends:
             self.probes.failed(trio.current_time())
@@ -685,10 +699,12 @@ class Engine:
         self._train_wakeup.set()
         while True:
             await self._reprobe_if_blocked()
+            await self._reprobe_timed_out()
             job = jobs.next_training(self.state, time.time(), self.cfg.scheduler.min_pairs)
             if job is None:
                 # while a job is blocked, also wake for the next re-probe (trio clock, backoff)
                 reprobe = self.probes.next_at if jobs.blocked_jobs(self.state) else math.inf
+                reprobe = min(reprobe, self.trainer.reprobe_at())  # and for a timed-out probe's retry
                 with trio.move_on_at(reprobe):
                     await self._train_wakeup.wait(jobs.next_training_deadline(self.state))
                 continue

@@ -19,6 +19,7 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -157,6 +158,14 @@ def main() -> None:
     for n, name, fresh, train in rows:
         ok = "PASS" if fresh <= train + 1 else "FAIL"
         print(f"| {n} | {name} | {fresh:.2f} | {train:.2f} | {fresh - train:.2f} | {ok} |")
+    over = sorted(fresh - train for _, _, fresh, train in rows)
+    if over:
+        median = statistics.median(over)
+        verdict = "PASS" if median <= 1 else "FAIL"
+        print(
+            f"\nmedian overhead (send → first completion under the new name, minus training) over "
+            f"{len(over)} jobs: {median:.2f} s; target ≤ 1 s: {verdict}"
+        )
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -173,6 +174,14 @@ class RayTrainer:
         if available and self.warm:
             await self._spawn(available[0])
         return True
+
+    def reprobe_at(self) -> float:
+        """The local fallback's timed-out probes are asked again; the cluster's probe is not timed here."""
+        return self.fallback.reprobe_at() if self.fallback is not None else math.inf
+
+    async def reprobe_due(self) -> None:
+        if self.fallback is not None:
+            await self.fallback.reprobe_due()
 
     def statuses(self) -> list[BackendStatus]:
         return [self._status[n] for n in self.order]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import resource
 import shutil
@@ -42,6 +43,9 @@ log = logging.getLogger("beagled.training")
 
 WARM_BACKENDS = frozenset({"mlx", "peft"})  # built-in backends whose worker has a ``serve`` mode
 WARM_RETRY_AFTER_S = 300.0  # after a warm worker failed to start, run cold this long before trying again
+PROBE_RETRIES = 3  # a probe that timed out is asked again this many times, each timeout twice the last
+PROBE_TIMEOUT_MAX_FACTOR = 8  # ... up to this multiple of ``probe_timeout_s``
+PROBE_RETRY_BACKOFF_S = 5.0  # wait before the first re-probe of a timed-out backend (doubles each time)
 
 Progress = Callable[[dict[str, Any]], None]
 MAX_LINE_BYTES = 1 << 20  # a worker's stdout line longer than this is garbage, not protocol
@@ -61,6 +65,8 @@ class Trainer(Protocol):
     """The port the engine trains through."""
 
     async def probe_all(self) -> list[BackendStatus]: ...
+    def reprobe_at(self) -> float: ...
+    async def reprobe_due(self) -> None: ...
     def statuses(self) -> list[BackendStatus]: ...
     def available(self) -> list[str]: ...
     async def run(self, backend: str, spec: dict[str, Any], on_progress: Progress) -> dict[str, Any]: ...
@@ -319,6 +325,8 @@ class SubprocessTrainer:
         self._status: dict[str, BackendStatus] = {
             n: BackendStatus(n, False, "not probed yet") for n in self.order
         }
+        self._probe_timeouts: dict[str, int] = {}  # consecutive timed-out probes of a backend
+        self._reprobe: dict[str, float] = {}  # trio time of a timed-out backend's next probe
 
     def argv(self, backend: str) -> list[str]:
         if backend in self.custom:
@@ -346,8 +354,11 @@ class SubprocessTrainer:
             )
             return
         argv = [*self.argv(name), "probe", name]
+        self._reprobe.pop(name, None)
+        timeouts = self._probe_timeouts.get(name, 0)
+        limit_s = self.probe_timeout_s * min(2**timeouts, PROBE_TIMEOUT_MAX_FACTOR)
         try:
-            with trio.fail_after(self.probe_timeout_s):
+            with trio.fail_after(limit_s):
                 done = await trio.run_process(
                     argv,
                     capture_stdout=True,
@@ -363,14 +374,43 @@ class SubprocessTrainer:
                 bool(answer.get("available")),
                 str(answer.get("reason") or done.stderr.decode(errors="replace")[-300:] or "no answer"),
             )
+            self._probe_timeouts.pop(name, None)
         except trio.TooSlowError:
-            status = BackendStatus(name, False, f"probe timed out after {self.probe_timeout_s:.0f}s")
+            status = self._timed_out(name, limit_s, timeouts + 1)
         except (OSError, ValueError) as e:
+            self._probe_timeouts.pop(name, None)
             status = BackendStatus(name, False, f"probe failed: {e}")
         self._status[name] = status
         log.info(
             "backend probed", extra={"backend": name, "available": status.available, "reason": status.reason}
         )
+
+    def _timed_out(self, name: str, limit_s: float, timeouts: int) -> BackendStatus:
+        """A probe ran past ``limit_s`` (a loaded machine, a slow import): ask again later, longer."""
+        self._probe_timeouts[name] = timeouts
+        reason = f"probe timed out after {limit_s:.0f}s"
+        if timeouts > PROBE_RETRIES:  # bounded: no re-probe of its own (a blocked job or `train` still asks)
+            return BackendStatus(name, False, f"{reason} ({timeouts} tries)")
+        wait_s = PROBE_RETRY_BACKOFF_S * 2 ** (timeouts - 1)
+        self._reprobe[name] = trio.current_time() + wait_s
+        next_s = self.probe_timeout_s * min(2**timeouts, PROBE_TIMEOUT_MAX_FACTOR)
+        again = f"asked again in {wait_s:.0f}s with a {next_s:.0f}s timeout"
+        return BackendStatus(name, False, f"{reason}; {again}")
+
+    def reprobe_at(self) -> float:
+        """When (trio clock) a backend whose probe timed out is to be probed again; inf if none is."""
+        return min(self._reprobe.values(), default=math.inf)
+
+    async def reprobe_due(self) -> None:
+        """Probe again each backend whose probe timed out and whose re-probe is due."""
+        now = trio.current_time()
+        due = [n for n, at in self._reprobe.items() if at <= now]
+        async with trio.open_nursery() as nursery:
+            for name in due:
+                nursery.start_soon(self._probe_one, name)
+        available = self.available()
+        if due and available:
+            await self._prespawn(available[0])
 
     def statuses(self) -> list[BackendStatus]:
         return [self._status[n] for n in self.order]
