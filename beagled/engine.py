@@ -142,7 +142,8 @@ class Engine:
         self.metrics_listen: str | None = (
             None  # HOST:PORT the metrics endpoint is bound to (port 0: the OS's)
         )
-        self.sleep_guard = guard_for(cfg, reloader)  # reload.vllm.sleep_during_training
+        # reload.vllm.sleep_during_training; wakes what the log holds asleep (State.sleeping) either way
+        self.sleep_guard = guard_for(cfg, reloader, self.execute, lambda: self.state.sleeping)
         if callable(getattr(reloader, "collect", None)):  # per-replica metrics (vLLM replicas)
             self.metrics.registry.register(reloader)  # type: ignore[arg-type]
         self.leadership = leadership  # None: the only daemon on its log, always the leader
@@ -421,6 +422,7 @@ class Engine:
             "backends": [b.public() for b in self.trainer.statuses()],
             "reload_method": self.reloader.method,
             "running": running,
+            "sleeping": [rec.public(url) for url, rec in sorted(self.state.sleeping.items())],
             "metrics": self.metrics_listen,
             "version": __version__,
             "uptime_s": time.monotonic() - self.started_at,
@@ -586,8 +588,8 @@ class Engine:
 
     # -- loops -------------------------------------------------------------------------------------
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        if self.sleep_guard is not None:  # before anything else: never leave a server asleep
-            await self.sleep_guard.recover()
+        if self.sleep_guard is not None and self.leadership is None:  # before anything else: never
+            await self.sleep_guard.recover()  # leave a server asleep (a leader does it when elected)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._committer)
             if self.leadership is None:
@@ -600,6 +602,8 @@ class Engine:
 
     async def _effect_loops(self) -> None:
         """What only the leader runs: cutting jobs, training, promotion, reload, reconciliation."""
+        if self.sleep_guard is not None and self.leadership is not None:
+            await self.sleep_guard.recover()  # before training or loading: wake what the log holds asleep
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._scheduler)
             nursery.start_soon(self._trainer_loop)
@@ -1075,6 +1079,8 @@ class Engine:
                 retention.sweep(self.voices, self.reloader, lambda name: name in self.state.voices), "sweep"
             )
             await trio.sleep(interval)
+            if self.sleep_guard is not None:
+                await self._guarded(self.sleep_guard.retry(), "wake")  # a wake that gave up
             for v in list(self.state.voices.values()):
                 if not v.served_job or v.served_job != v.current_job:
                     continue

@@ -8,6 +8,7 @@ point is serving; what real backends train is checked against vLLM's logprobs in
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +21,8 @@ from tests.daemon_proc import DaemonProc, fake_backend, poll
 from tests.vllm_real import RealVllm, http
 
 pytestmark = pytest.mark.slow
+
+SERVER_EVENTS = ("SleepStarted", "Slept", "WakeStarted", "Woken", "WakeFailed")
 
 
 def vllm_daemon(
@@ -153,6 +156,11 @@ def test_sleep_train_wake_load_and_kill_9_while_asleep(
             c.submit(bad=f"s{i} plain", good=f"s{i} voiced", key=f"s-{i}")
     poll(sleeping, timeout=60, what="the server asleep while the job trains")
     asleep_s = time.monotonic() - t0
+    # the log holds it asleep (intent, outcome) and status shows it
+    poll(lambda: "Slept" in [e["type"] for e in d.events()], timeout=30, what="Slept recorded")
+    with d.client() as c:
+        (shown,) = c.status()["sleeping"]
+    assert shown["url"] == vllm.url and shown["phase"] == "asleep" and shown["level"] == 1, shown
 
     # a completion sent while the server sleeps waits until it wakes
     answer: list[Any] = []
@@ -166,6 +174,11 @@ def test_sleep_train_wake_load_and_kill_9_while_asleep(
     d.wait_jobs(lambda js: bool(js) and js[0]["state"] == "reloaded", timeout=120)
     cycle_s = time.monotonic() - t1
     assert not sleeping()
+    kinds = (*SERVER_EVENTS, "TrainingSucceeded", "Reloaded")
+    served = [e["type"] for e in d.events() if e["type"] in kinds]
+    assert served == ["SleepStarted", "Slept", "WakeStarted", "Woken", "TrainingSucceeded", "Reloaded"]
+    with d.client() as c:
+        assert c.status()["sleeping"] == []
     waiter.join(timeout=60)
     assert answer and answer[0][0] == 200
     assert voice(d)["served_name"] in vllm.adapters()
@@ -180,12 +193,29 @@ def test_sleep_train_wake_load_and_kill_9_while_asleep(
     assert sleeping()
     gate.touch()
     t2 = time.monotonic()
+    seen = len(d.events())
     d.start()
     poll(lambda: not sleeping(), timeout=60, what="woken after the crash")
     woken_s = time.monotonic() - t2
     # the interrupted job trains again (asleep, then awake) and is served; the server ends awake
     d.wait_jobs(lambda js: len(js) == 2 and all(j["state"] == "reloaded" for j in js), timeout=120)
     assert not sleeping()
+    after = [e for e in d.events()[seen:] if e["type"] in (*SERVER_EVENTS, "TrainingStarted")]
+    assert [e["type"] for e in after[:3]] == ["WakeStarted", "Woken", "TrainingStarted"], after
+    assert after[0]["data"] == {"urls": [vllm.url], "reason": "recovery"}
+    d.stop()
+
+    # an older build's marker file (no events): read once at start-up, its server woken, then removed
+    assert http("POST", vllm.url + "/sleep?level=1")[0] == 200 and sleeping()
+    marker = d.state_dir / "sleeping.json"
+    marker.write_text(json.dumps({"job_id": "old-job", "urls": [vllm.url], "at": time.time()}))
+    seen = len(d.events())
+    d.start()
+    poll(lambda: not sleeping(), timeout=60, what="woken from the old marker")
+    assert not marker.exists()
+    adopted = [e for e in d.events()[seen:] if e["type"] in SERVER_EVENTS]
+    assert [e["type"] for e in adopted] == ["SleepStarted", "WakeStarted", "Woken"], adopted
+    assert adopted[0]["data"]["job_id"] == "old-job" and adopted[0]["data"]["urls"] == [vllm.url]
     d.stop()
     print(
         f"\nFIGURE sleep: submit->asleep={asleep_s:.2f}s wake+load after training={cycle_s:.2f}s "
