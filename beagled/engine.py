@@ -726,6 +726,7 @@ class Engine:
             "voice": job.voice,
             "attempt": job.attempt,
             "base_model": base,
+            "served_base": self._served_base(),
             "init_adapter": str(current) if current and t.init == "current" else None,
             "served_adapter": str(current) if current else None,
             "objective": t.objective,
@@ -1105,6 +1106,15 @@ class Engine:
                 except Exception:
                     log.exception("reconcile failed", extra={"voice": v.name})
 
+    served_base_found: str | None = None  # the server's base entry id, found at start-up
+
+    def _served_base(self) -> str | None:
+        """The name the inference server serves the base under, when known (reload.vllm.served_base,
+        else the base entry found at start-up): trained adapters record it as their base."""
+        if self.reloader.method != "vllm":
+            return None
+        return self.cfg.reload.vllm.served_base or self.served_base_found
+
     async def _check_served_base(self) -> None:
         """At start-up: is the server's base model the training base? A mismatch is logged loudly
         (each load checks again and fails with the same message)."""
@@ -1113,7 +1123,9 @@ class Engine:
             return
         try:
             with trio.fail_after(_reload_timeout(self.cfg)):
-                await check(self.cfg.training.base_model or None)
+                found = await check(self.cfg.training.base_model or None)
+            if isinstance(found, str) and found:
+                self.served_base_found = found  # written into adapters' base_model_name_or_path
         except ReloadError as e:
             if not e.retryable:
                 log.error("the inference server's base model does not match: %s", e)
