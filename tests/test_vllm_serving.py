@@ -193,16 +193,21 @@ def test_sleep_train_wake_load_and_kill_9_while_asleep(
     assert sleeping()
     gate.touch()
     t2 = time.monotonic()
-    seen = len(d.events())
     d.start()
     poll(lambda: not sleeping(), timeout=60, what="woken after the crash")
     woken_s = time.monotonic() - t2
     # the interrupted job trains again (asleep, then awake) and is served; the server ends awake
     d.wait_jobs(lambda js: len(js) == 2 and all(j["state"] == "reloaded" for j in js), timeout=120)
     assert not sleeping()
-    after = [e for e in d.events()[seen:] if e["type"] in (*SERVER_EVENTS, "TrainingStarted")]
+    evs = d.events()
+    rec = next(  # the first start-up wake
+i for i, e in enumerate(evs) if e["type"] == "WakeStarted" and e["data"]["reason"] == "recovery")
+    before = [e["type"] for e in evs[:rec] if e["type"] in SERVER_EVENTS]
+    assert before[-2:] == ["SleepStarted", "Slept"] or before[-1] == "SleepStarted", before  # killed asleep
+    after = [e for e in evs[rec:] if e["type"] in (*SERVER_EVENTS, "TrainingStarted", "ReloadStarted")]
     assert [e["type"] for e in after[:3]] == ["WakeStarted", "Woken", "TrainingStarted"], after
     assert after[0]["data"] == {"urls": [vllm.url], "reason": "recovery"}
+    seen = len(evs)
     d.stop()
 
     # an older build's marker file (no events): read once at start-up, its server woken, then removed
@@ -221,3 +226,37 @@ def test_sleep_train_wake_load_and_kill_9_while_asleep(
         f"\nFIGURE sleep: submit->asleep={asleep_s:.2f}s wake+load after training={cycle_s:.2f}s "
         f"restart_after_kill9->awake={woken_s:.2f}s"
     )
+
+
+def test_routes_absent_is_one_operator_error_naming_the_env_var(
+    make_daemon: Callable[..., DaemonProc], tiny_model: Path, vllm_no_runtime: RealVllm
+) -> None:
+    """A real server started without VLLM_ALLOW_RUNTIME_LORA_UPDATING: its LoRA routes answer 404;
+    a load is one ReloadFailed (retryable false, naming the variable), never a retry storm."""
+    server = vllm_no_runtime
+    status, body = http("POST", server.url + "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/x"})
+    assert (status, body) == (404, {"detail": "Not Found"})  # the real answer the daemon classifies
+    d = vllm_daemon(make_daemon, tiny_model, [server.url])
+
+    def failures(job_id: str) -> list[dict[str, Any]]:
+        return [e for e in d.events() if e["type"] == "ReloadFailed" and e["data"]["job_id"] == job_id]
+
+    jobs_seen = []
+    for n in range(2):  # the second job's whole life is the time in which a storm would show
+        with d.client() as c:
+            for i in range(4):
+                c.submit(bad=f"r{n}.{i} plain", good=f"r{n}.{i} voiced", key=f"r-{n}-{i}")
+        js = d.wait_jobs(lambda js, n=n: len(js) == n + 1 and all(j["state"] == "promoted" for j in js), 120)
+        (new,) = [j["job_id"] for j in js if j["job_id"] not in jobs_seen]
+        jobs_seen.append(new)
+        poll(lambda new=new: failures(new), timeout=60, what="the load refused")
+    for job_id in jobs_seen:
+        (fail,) = failures(job_id)
+        assert fail["data"]["retryable"] is False, fail
+        assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" in fail["data"]["error"], fail
+    with d.client() as c:
+        (job, *_) = c.jobs()["jobs"]
+        assert job["state"] == "promoted" and "VLLM_ALLOW_RUNTIME_LORA_UPDATING" in job["error"]
+    assert server.alive() and server.adapters() == {}
+    d.stop()
+    print(f"\nFIGURE routes absent: server_start={server.start_seconds[0]:.1f}s (the CI time it adds)")

@@ -5,8 +5,9 @@ configured server; after training (success or failure) ``POST /wake_up``, then `
 must answer false before anything is loaded. The daemon never leaves a server asleep: each step is an
 intent/outcome pair in the event log (``SleepStarted`` before the sleep request, ``Slept``;
 ``WakeStarted``, then ``Woken`` or ``WakeFailed``), folded by the pure projection into
-``State.sleeping`` (the servers the daemon may have put to sleep). At start-up, before any other work,
-``recover`` wakes every server the log holds asleep; the reconcile loop retries a wake that gave up.
+``State.sleeping`` (the servers the daemon may have put to sleep). At start-up, before any other work
+(training, loading), ``recover`` wakes every server the log holds asleep; the reconcile loop retries,
+with backoff, a wake that gave up (a server that was down).
 
 An older build kept the intent in a file ``<state_dir>/sleeping.json``; ``recover`` reads such a file
 once, records its servers as ``SleepStarted`` (so the log now holds them) and removes it, then wakes
@@ -57,6 +58,7 @@ class SleepGuard:
         level: int = 1,
         wake_timeout_s: float = 120.0,
         retry_s: float = 1.0,
+        recover_timeout_s: float = 30.0,
         connect: Callable[[str], Sleeper] | None = None,
     ) -> None:
         self.servers = list(servers)
@@ -67,6 +69,7 @@ class SleepGuard:
         self.level = level
         self.wake_timeout_s = wake_timeout_s
         self.retry_s = retry_s
+        self.recover_timeout_s = recover_timeout_s
         self.connect = connect  # a server the log names that is no longer configured
         self.timings: dict[str, float] = {}  # the last cycle: sleep_s, wake_s (for status/benchmarks)
         self._by_url = {s.url: s for s in self.servers}
@@ -102,11 +105,19 @@ class SleepGuard:
             await trio.to_thread.run_sync(lambda: marker.unlink(missing_ok=True))
 
     async def recover(self) -> None:
-        """Wake every server the log (or an older build's marker) holds asleep, until each answers awake."""
+        """Wake every server the log (or an older build's marker) holds asleep, until each answers
+        awake or ``recover_timeout_s`` passes (a server that is down must not keep the daemon from
+        starting: it is recorded ``WakeFailed`` and the reconcile loop keeps trying)."""
         await self._adopt_marker()
         if self.sleeping():
             log.warning("a previous run put the inference server(s) to sleep: waking them")
-            await self.wake("recovery")
+            with trio.move_on_after(self.recover_timeout_s) as scope:
+                await self.wake("recovery")
+            if scope.cancelled_caught:
+                log.error(
+                    "vLLM did not wake within %g s of start-up; the reconcile loop keeps trying",
+                    self.recover_timeout_s,
+                )
 
     async def retry(self) -> None:
         """From the reconcile loop: a wake that gave up is tried again (never while a job trains), with
