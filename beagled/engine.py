@@ -721,6 +721,8 @@ class Engine:
 
         current = self.voices.adapter_dir(job.voice, v.current_job) if v.current_job else None
         base = await trio.to_thread.run_sync(self._base_model_path)
+        if self._served_base() is None and not self._base_checked:
+            await self._check_served_base()  # the first job may be cut before reconcile has asked
         return {
             "job_id": job.job_id,
             "voice": job.voice,
@@ -1107,6 +1109,7 @@ class Engine:
                     log.exception("reconcile failed", extra={"voice": v.name})
 
     served_base_found: str | None = None  # the server's base entry id, found at start-up
+    _base_checked = False
 
     def _served_base(self) -> str | None:
         """The name the inference server serves the base under, when known (reload.vllm.served_base,
@@ -1121,6 +1124,7 @@ class Engine:
         check = getattr(self.reloader, "check_base", None)
         if check is None:
             return
+        self._base_checked = True
         try:
             with trio.fail_after(_reload_timeout(self.cfg)):
                 found = await check(self.cfg.training.base_model or None)

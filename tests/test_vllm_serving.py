@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from beagled import manifest
 from tests.daemon_proc import DaemonProc, fake_backend, poll
 from tests.vllm_real import RealVllm, http
 
@@ -214,7 +215,6 @@ i for i, e in enumerate(evs) if e["type"] == "WakeStarted" and e["data"]["reason
     assert http("POST", vllm.url + "/sleep?level=1")[0] == 200 and sleeping()
     marker = d.state_dir / "sleeping.json"
     marker.write_text(json.dumps({"job_id": "old-job", "urls": [vllm.url], "at": time.time()}))
-    seen = len(d.events())
     d.start()
     poll(lambda: not sleeping(), timeout=60, what="woken from the old marker")
     assert not marker.exists()
@@ -229,14 +229,19 @@ i for i, e in enumerate(evs) if e["type"] == "WakeStarted" and e["data"]["reason
 
 
 def test_routes_absent_is_one_operator_error_naming_the_env_var(
-    make_daemon: Callable[..., DaemonProc], tiny_model: Path, vllm_no_runtime: RealVllm
+    make_daemon: Callable[..., DaemonProc], tiny_model: Path, vllm_no_runtime: RealVllm, tmp_path: Path
 ) -> None:
     """A real server started without VLLM_ALLOW_RUNTIME_LORA_UPDATING: its LoRA routes answer 404;
-    a load is one ReloadFailed (retryable false, naming the variable), never a retry storm."""
+    a load is one ReloadFailed (retryable false, naming the variable), never a retry storm.
+
+    The daemon trains over the same model under another path (a link): the adapters it writes name
+    the base as the server serves it (its base entry's id), as vLLM's filesystem resolver demands."""
     server = vllm_no_runtime
     status, body = http("POST", server.url + "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/x"})
     assert (status, body) == (404, {"detail": "Not Found"})  # the real answer the daemon classifies
-    d = vllm_daemon(make_daemon, tiny_model, [server.url])
+    linked = tmp_path / "same-model"
+    linked.symlink_to(tiny_model, target_is_directory=True)
+    d = vllm_daemon(make_daemon, linked, [server.url])
 
     def failures(job_id: str) -> list[dict[str, Any]]:
         return [e for e in d.events() if e["type"] == "ReloadFailed" and e["data"]["job_id"] == job_id]
@@ -258,5 +263,11 @@ def test_routes_absent_is_one_operator_error_naming_the_env_var(
         (job, *_) = c.jobs()["jobs"]
         assert job["state"] == "promoted" and "VLLM_ALLOW_RUNTIME_LORA_UPDATING" in job["error"]
     assert server.alive() and server.adapters() == {}
+    for job_id in jobs_seen:  # the served base, written before the manifest hashed the files
+        adapter = d.state_dir / "voices" / "default" / "adapters" / job_id
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == server.base_id != str(linked)
+        info = manifest.verify(adapter)
+        assert info["served_base"] == server.base_id and info["base_model"] == str(linked)
     d.stop()
     print(f"\nFIGURE routes absent: server_start={server.start_seconds[0]:.1f}s (the CI time it adds)")
