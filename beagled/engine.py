@@ -143,7 +143,8 @@ class Engine:
         self.metrics_listen: str | None = (
             None  # HOST:PORT the metrics endpoint is bound to (port 0: the OS's)
         )
-        self.sleep_guard = guard_for(cfg, reloader)  # reload.vllm.sleep_during_training
+        # reload.vllm.sleep_during_training; wakes what the log holds asleep (State.sleeping) either way
+        self.sleep_guard = guard_for(cfg, reloader, self.execute, lambda: self.state.sleeping)
         if callable(getattr(reloader, "collect", None)):  # per-replica metrics (vLLM replicas)
             self.metrics.registry.register(reloader)  # type: ignore[arg-type]
         self.leadership = leadership  # None: the only daemon on its log, always the leader
@@ -426,6 +427,7 @@ class Engine:
             "backends": [b.public() for b in self.trainer.statuses()],
             "reload_method": self.reloader.method,
             "running": running,
+            "sleeping": [rec.public(url) for url, rec in sorted(self.state.sleeping.items())],
             "metrics": self.metrics_listen,
             "version": __version__,
             "uptime_s": time.monotonic() - self.started_at,
@@ -591,8 +593,8 @@ class Engine:
 
     # -- loops -------------------------------------------------------------------------------------
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        if self.sleep_guard is not None:  # before anything else: never leave a server asleep
-            await self.sleep_guard.recover()
+        if self.sleep_guard is not None and self.leadership is None:  # before anything else: never
+            await self.sleep_guard.recover()  # leave a server asleep (a leader does it when elected)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._committer)
             if self.leadership is None:
@@ -605,6 +607,8 @@ class Engine:
 
     async def _effect_loops(self) -> None:
         """What only the leader runs: cutting jobs, training, promotion, reload, reconciliation."""
+        if self.sleep_guard is not None and self.leadership is not None:
+            await self.sleep_guard.recover()  # before training or loading: wake what the log holds asleep
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._scheduler)
             nursery.start_soon(self._trainer_loop)
@@ -738,11 +742,14 @@ class Engine:
 
         current = self.voices.adapter_dir(job.voice, v.current_job) if v.current_job else None
         base = await trio.to_thread.run_sync(self._base_model_path)
+        if self._served_base() is None and not self._base_checked:
+            await self._check_served_base()  # the first job may be cut before reconcile has asked
         return {
             "job_id": job.job_id,
             "voice": job.voice,
             "attempt": job.attempt,
             "base_model": base,
+            "served_base": self._served_base(),
             "init_adapter": str(current) if current and t.init == "current" else None,
             "served_adapter": str(current) if current else None,
             "objective": t.objective,
@@ -1096,6 +1103,8 @@ class Engine:
                 retention.sweep(self.voices, self.reloader, lambda name: name in self.state.voices), "sweep"
             )
             await trio.sleep(interval)
+            if self.sleep_guard is not None:
+                await self._guarded(self.sleep_guard.retry(), "wake")  # a wake that gave up
             for v in list(self.state.voices.values()):
                 if not v.served_job or v.served_job != v.current_job:
                     continue
@@ -1120,15 +1129,28 @@ class Engine:
                 except Exception:
                     log.exception("reconcile failed", extra={"voice": v.name})
 
+    served_base_found: str | None = None  # the server's base entry id, found at start-up
+    _base_checked = False
+
+    def _served_base(self) -> str | None:
+        """The name the inference server serves the base under, when known (reload.vllm.served_base,
+        else the base entry found at start-up): trained adapters record it as their base."""
+        if self.reloader.method != "vllm":
+            return None
+        return self.cfg.reload.vllm.served_base or self.served_base_found
+
     async def _check_served_base(self) -> None:
         """At start-up: is the server's base model the training base? A mismatch is logged loudly
         (each load checks again and fails with the same message)."""
         check = getattr(self.reloader, "check_base", None)
         if check is None:
             return
+        self._base_checked = True
         try:
             with trio.fail_after(_reload_timeout(self.cfg)):
-                await check(self.cfg.training.base_model or None)
+                found = await check(self.cfg.training.base_model or None)
+            if isinstance(found, str) and found:
+                self.served_base_found = found  # written into adapters' base_model_name_or_path
         except ReloadError as e:
             if not e.retryable:
                 log.error("the inference server's base model does not match: %s", e)

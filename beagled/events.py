@@ -3,7 +3,7 @@
 An event is an envelope (global ``seq``, ``stream``, per-stream ``version``, ``at``, ``schema``) around
 a typed, frozen payload. The store assigns ``seq`` and ``version``; everything else is decided by the
 pure core (``jobs.decide``). Streams: ``voice:<name>`` (pairs, promotions of that voice), ``job:<id>``
-(one job's life), ``daemon`` (pause/resume).
+(one job's life), ``daemon`` (pause/resume), ``inference`` (the servers the daemon put to sleep).
 """
 
 from __future__ import annotations
@@ -301,6 +301,63 @@ class Resumed(Payload):
         return "daemon"
 
 
+# --- inference servers asleep (reload.vllm.sleep_during_training) -------------------------------
+
+
+@dataclass(frozen=True)
+class ServerEvent(Payload):
+    """Sleep and wake of inference servers (by URL): one stream for every server, whichever job."""
+
+    urls: tuple[str, ...]
+
+    def stream(self) -> str:
+        return "inference"
+
+
+@dataclass(frozen=True)
+class SleepStarted(ServerEvent):
+    """Intent: ``POST /sleep?level=N`` on ``urls`` while ``job_id`` trains (``job_id`` empty: adopted
+    from an older build's ``sleeping.json`` marker). From here until ``Woken`` they may be asleep."""
+
+    TYPE: ClassVar[str] = "SleepStarted"
+    level: int = 1
+    job_id: str = ""
+
+
+@dataclass(frozen=True)
+class Slept(ServerEvent):
+    """Outcome: ``urls`` answered the sleep; ``refused`` did not (4xx: they are not asleep)."""
+
+    TYPE: ClassVar[str] = "Slept"
+    refused: tuple[str, ...] = ()
+    duration_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class WakeStarted(ServerEvent):
+    """Intent: ``POST /wake_up`` on ``urls`` until ``/is_sleeping`` answers false."""
+
+    TYPE: ClassVar[str] = "WakeStarted"
+    reason: str = "trained"  # trained (the job's training ended) | recovery | retry
+
+
+@dataclass(frozen=True)
+class Woken(ServerEvent):
+    """Outcome: ``urls`` answered ``/is_sleeping`` false."""
+
+    TYPE: ClassVar[str] = "Woken"
+    duration_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class WakeFailed(ServerEvent):
+    """Outcome: ``urls`` were still not awake when the wake gave up; they stay asleep in the state
+    and the daemon tries again (reconcile, start-up)."""
+
+    TYPE: ClassVar[str] = "WakeFailed"
+    error: str = ""
+
+
 PAYLOAD_TYPES: dict[str, type[Payload]] = {
     cls.TYPE: cls
     for cls in (
@@ -327,6 +384,11 @@ PAYLOAD_TYPES: dict[str, type[Payload]] = {
         DraftsErased,
         Paused,
         Resumed,
+        SleepStarted,
+        Slept,
+        WakeStarted,
+        Woken,
+        WakeFailed,
     )
 }
 

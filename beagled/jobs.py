@@ -8,9 +8,10 @@ go through ``decide(state, command)``, which checks them against the state and r
 to record, or raises ``IllegalTransition`` (a ``ClientError``-mapped conflict) and changes nothing.
 
 Every side effect is bracketed: an *intent* event (``TrainingStarted``, ``PromotionStarted``,
-``ReloadStarted``, ``RollbackStarted``) is committed before it, an *outcome* event after it. After a
-crash the engine replays the log and finds intents without outcomes (``pending_intent``, and the
-queries at the end of this module); each effect is idempotent, so it is simply run again:
+``ReloadStarted``, ``RollbackStarted``, ``SleepStarted``, ``WakeStarted``) is committed before it, an
+*outcome* event after it. After a crash the engine replays the log and finds intents without outcomes
+(``pending_intent``, and the queries at the end of this module); each effect is idempotent, so it is
+simply run again:
 
     queued -TrainingStarted-> training -TrainingSucceeded-> trained -Promoted-> promoted -Reloaded-> reloaded
                                 |  ^ AttemptFailed, then TrainingStarted (a new attempt)
@@ -197,6 +198,25 @@ class Voice:
         }
 
 
+@dataclass(frozen=True)
+class Sleeping:
+    """An inference server the daemon put to sleep (``SleepStarted``) and has not seen awake since."""
+
+    job_id: str  # the job it slept for ("" when adopted from an older build's marker file)
+    level: int
+    since: float
+    phase: str  # sleeping (asked) | asleep (answered) | waking (wake asked)
+
+    def public(self, url: str) -> dict[str, Any]:
+        return {
+            "url": url,
+            "job_id": self.job_id or None,
+            "level": self.level,
+            "since": self.since,
+            "phase": self.phase,
+        }
+
+
 @dataclass
 class State:
     """The projection of the log. Compare two with ``==`` (the crash-and-replay property)."""
@@ -211,6 +231,7 @@ class State:
     # so memory and start-up follow the live work, not the history.
     keep_finished: int = 64
     archived: dict[str, int] = field(default_factory=dict)  # finished jobs out of memory, by state
+    sleeping: dict[str, Sleeping] = field(default_factory=dict)  # by URL: servers the daemon put to sleep
 
     def job(self, job_id: str) -> Job:
         try:
@@ -407,6 +428,8 @@ def evolve(state: State, event: ev.Event) -> State:
         state.paused = True
     elif isinstance(p, ev.Resumed):
         state.paused = False
+    elif isinstance(p, ev.ServerEvent):
+        _evolve_sleeping(state.sleeping, event, p)
     else:  # pragma: no cover - every payload type is handled above
         raise IllegalTransition(f"unknown event {event.type}")
     state.seq = max(state.seq, event.seq)
@@ -481,6 +504,22 @@ def _evolve_job(state: State, event: ev.Event, p: ev.JobEvent) -> None:
     else:  # pragma: no cover
         raise IllegalTransition(f"unknown job event {event.type}")
     state.jobs[job.job_id] = job
+
+
+def _evolve_sleeping(sleeping: dict[str, Sleeping], event: ev.Event, p: ev.ServerEvent) -> None:
+    """Which servers may be asleep because of the daemon: from the intent until they are seen awake."""
+    if isinstance(p, ev.SleepStarted):
+        for url in p.urls:
+            sleeping[url] = Sleeping(p.job_id, p.level, event.at, "sleeping")
+        return
+    for url in p.urls if not isinstance(p, ev.Slept) else (*p.urls, *p.refused):
+        if url not in sleeping:
+            continue
+        if isinstance(p, ev.Woken) or (isinstance(p, ev.Slept) and url in p.refused):
+            del sleeping[url]
+        else:
+            phase = "waking" if isinstance(p, ev.WakeStarted) else "asleep"  # Slept, WakeFailed
+            sleeping[url] = dataclasses.replace(sleeping[url], phase=phase)
 
 
 def replay(events: Iterable[ev.Event], state: State | None = None) -> State:
@@ -634,6 +673,40 @@ class DeleteVoice:
     remove_adapters: bool = False
 
 
+@dataclass(frozen=True)
+class StartSleep:
+    """Intent before ``POST /sleep``: ``urls`` may be asleep from the moment it is recorded."""
+
+    urls: tuple[str, ...]
+    level: int
+    job_id: str = ""
+
+
+@dataclass(frozen=True)
+class FinishSleep:
+    slept: tuple[str, ...]
+    refused: tuple[str, ...] = ()
+    duration_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class StartWake:
+    urls: tuple[str, ...]
+    reason: str = "trained"
+
+
+@dataclass(frozen=True)
+class FinishWake:
+    urls: tuple[str, ...]
+    duration_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class FailWake:
+    urls: tuple[str, ...]
+    error: str
+
+
 Command = (
     CutJob
     | StartAttempt
@@ -652,6 +725,11 @@ Command = (
     | FinishRollback
     | SetPaused
     | DeleteVoice
+    | StartSleep
+    | FinishSleep
+    | StartWake
+    | FinishWake
+    | FailWake
 )
 
 
@@ -667,6 +745,8 @@ def backoff(attempt: int, base: float, cap: float) -> float:
 
 def decide(state: State, cmd: Command) -> list[ev.Payload]:
     """What to record for ``cmd`` given ``state``; raises and records nothing when it is illegal."""
+    if isinstance(cmd, StartSleep | FinishSleep | StartWake | FinishWake | FailWake):
+        return _decide_sleep(state, cmd)
     if isinstance(cmd, CutJob):
         v = state.voice(cmd.voice)
         if not v.pending:
@@ -850,6 +930,32 @@ def decide(state: State, cmd: Command) -> list[ev.Payload]:
             raise IllegalTransition(f"job {job.job_id} is {job.state.value}: it cannot fail now")
         return [ev.JobFailed(job_id=job.job_id, error=cmd.error)]
     raise IllegalTransition(f"unknown command {cmd!r}")  # pragma: no cover
+
+
+def _decide_sleep(
+    state: State, cmd: StartSleep | FinishSleep | StartWake | FinishWake | FailWake
+) -> list[ev.Payload]:
+    """Sleep and wake: an outcome names only servers the state holds asleep (others are dropped)."""
+    if isinstance(cmd, StartSleep):
+        if not cmd.urls:
+            return []
+        if cmd.level not in (1, 2):
+            raise IllegalTransition(f"sleep level {cmd.level} is not 1 or 2")
+        return [ev.SleepStarted(urls=cmd.urls, level=cmd.level, job_id=cmd.job_id)]
+    if isinstance(cmd, FinishSleep):
+        slept = tuple(u for u in cmd.slept if u in state.sleeping)
+        refused = tuple(u for u in cmd.refused if u in state.sleeping)
+        if not slept and not refused:
+            return []
+        return [ev.Slept(urls=slept, refused=refused, duration_s=cmd.duration_s)]
+    urls = tuple(u for u in cmd.urls if u in state.sleeping)
+    if not urls:
+        return []
+    if isinstance(cmd, StartWake):
+        return [ev.WakeStarted(urls=urls, reason=cmd.reason)]
+    if isinstance(cmd, FinishWake):
+        return [ev.Woken(urls=urls, duration_s=cmd.duration_s)]
+    return [ev.WakeFailed(urls=urls, error=cmd.error)]
 
 
 def gate_verdict(job: Job, cmd: Gate) -> str | None:

@@ -112,11 +112,36 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def set_served_base(directory: Path, served_base: str) -> None:
+    """Write ``served_base`` as the adapter's ``base_model_name_or_path``: the name the inference server
+    serves its base under (vLLM's ``lora_filesystem_resolver`` refuses an adapter whose value differs).
+    The file is replaced atomically; call it before the manifest hashes the files."""
+    path = directory / PEFT_FILES[0]
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise AdapterError(f"{path} is unreadable: {e}") from e
+    if not isinstance(config, dict):
+        raise AdapterError(f"{path} is not a JSON object")
+    if config.get("base_model_name_or_path") == served_base:
+        return
+    config["base_model_name_or_path"] = served_base
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+    tmp.replace(path)
+
+
 def write_manifest(directory: Path, info: dict[str, Any]) -> dict[str, Any]:
-    """Hash every file, write ``manifest.json`` (fsynced) and return the manifest."""
+    """Hash every file, write ``manifest.json`` (fsynced) and return the manifest.
+
+    ``info["served_base"]``, when set, is first written into ``adapter_config.json`` as
+    ``base_model_name_or_path`` (``set_served_base``), so the hashes cover it; the manifest records it.
+    The training base stays in ``info["base_model"]`` (the path the adapter was trained over)."""
     for name in PEFT_FILES:
         if not (directory / name).is_file():
             raise AdapterError(f"{directory} has no {name}: not a PEFT adapter")
+    if info.get("served_base"):
+        set_served_base(directory, str(info["served_base"]))
     for path in directory.rglob("*"):
         if path.is_file():
             with path.open("rb") as f:

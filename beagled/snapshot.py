@@ -7,13 +7,15 @@ read and replays only the events after its ``seq``. ``from_snapshot(to_snapshot(
 Format (``SCHEMA`` 1): three lines of UTF-8 JSON — a header, the voices, the jobs. Records are
 positional lists, not objects: a log of a million events holds tens of thousands of jobs, and repeating
 field names would double the size. The header names the fields of ``Job`` and ``Voice`` in the order
-they were written, and carries a CRC-32 of the two record lines; a snapshot that is damaged, of another
-schema, or whose field lists differ from this build's records (the projection changed shape) is refused
-with ``SnapshotError`` and recovery falls back to an older snapshot or a full replay — a stale or
-corrupt projection is never loaded. Tuples are restored from lists, ``JobState`` from its value; floats
-round-trip exactly (``repr``). Not compressed: at a million events, zlib costs more CPU than the disk
-space it saves is worth. Records are encoded one by one, so a writer thread yields the GIL to the event
-loop between them (one C-level ``json.dumps`` of the whole state would hold it for a second).
+they were written, carries a CRC-32 of the two record lines, and holds the servers the daemon put to
+sleep (``sleeping``: URL -> a ``Sleeping`` record as a list, its fields named by ``sleeping_fields``).
+A snapshot that is damaged, of another schema, or whose field lists differ from this build's records
+(the projection changed shape) is refused with ``SnapshotError`` and recovery falls back to an older
+snapshot or a full replay — a stale or corrupt projection is never loaded. Tuples are restored from
+lists, ``JobState`` from its value; floats round-trip exactly (``repr``). Not compressed: at a million
+events, zlib costs more CPU than the disk space it saves is worth. Records are encoded one by one, so a
+writer thread yields the GIL to the event loop between them (one C-level ``json.dumps`` of the whole
+state would hold it for a second).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from typing import Any
 from beagled import jobs
 from beagled.jobs import Job, JobState, Voice
 
-SCHEMA = 3  # 2: keep_finished and archived counts in the header; 3: held-out window, jobs' eval ids
+SCHEMA = 4  # 2: keep_finished and archived counts in the header; 3: held-out window, jobs' eval ids;
+# 4: the servers asleep (``State.sleeping``) in the header
 MAGIC = "beagled-state"
 
 
@@ -64,6 +67,7 @@ def _converters(cls: type) -> list[tuple[int, Callable[[Any], Any]]]:
 
 _JOB_FIELDS = _names(Job)
 _VOICE_FIELDS = _names(Voice)
+_SLEEPING_FIELDS = _names(jobs.Sleeping)
 _JOB_CONV = _converters(Job)
 _VOICE_CONV = _converters(Voice)
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=True).encode
@@ -87,6 +91,8 @@ def to_snapshot(state: jobs.State) -> bytes:
         "heldout_max": state.heldout_max,
         "keep_finished": state.keep_finished,
         "archived": state.archived,
+        "sleeping": {url: _row(rec, _SLEEPING_FIELDS) for url, rec in state.sleeping.items()},
+        "sleeping_fields": _SLEEPING_FIELDS,
         "job_fields": _JOB_FIELDS,
         "voice_fields": _VOICE_FIELDS,
         "crc32": zlib.crc32(body),
@@ -115,6 +121,7 @@ def view(state: jobs.State) -> jobs.State:
         heldout_max=state.heldout_max,
         keep_finished=state.keep_finished,
         archived=dict(state.archived),
+        sleeping=dict(state.sleeping),  # records are frozen
     )
 
 
@@ -128,6 +135,10 @@ def _build(cls: type, names: list[str], conv: list[tuple[int, Callable[[Any], An
     obj: Any = object.__new__(cls)
     obj.__dict__.update(zip(names, row, strict=True))
     return obj
+
+
+def _bad_record() -> Any:
+    raise SnapshotError("sleeping record of the wrong length")
 
 
 def read_header(blob: bytes) -> dict[str, Any]:
@@ -147,7 +158,11 @@ def from_snapshot(blob: bytes) -> jobs.State:
     header = read_header(blob)
     if header.get("schema") != SCHEMA:
         raise SnapshotError(f"snapshot schema {header.get('schema')!r} is not {SCHEMA}")
-    if header.get("job_fields") != _JOB_FIELDS or header.get("voice_fields") != _VOICE_FIELDS:
+    if (
+        header.get("job_fields") != _JOB_FIELDS
+        or header.get("voice_fields") != _VOICE_FIELDS
+        or header.get("sleeping_fields") != _SLEEPING_FIELDS
+    ):
         raise SnapshotError("snapshot was written for records of another shape")
     body = memoryview(blob)[blob.find(b"\n") + 1 :]
     if len(body) != header.get("bytes") or zlib.crc32(body) != header.get("crc32"):
@@ -161,6 +176,10 @@ def from_snapshot(blob: bytes) -> jobs.State:
             heldout_max=int(header["heldout_max"]),
             keep_finished=int(header["keep_finished"]),
             archived={str(k): int(n) for k, n in dict(header["archived"]).items()},
+            sleeping={
+                str(url): jobs.Sleeping(*row) if len(row) == len(_SLEEPING_FIELDS) else _bad_record()
+                for url, row in dict(header["sleeping"]).items()
+            },
         )
         nv, nj = len(_VOICE_FIELDS), len(_JOB_FIELDS)
         for row in voice_rows:

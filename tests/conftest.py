@@ -66,4 +66,4 @@ def pg_server() -> Iterator[PgServer]:
 
 
 # real vLLM CPU servers, session-scoped (tests/vllm_real.py)
-from tests.vllm_real import vllm, vllm_replica, vllm_server  # noqa: E402, F401
+from tests.vllm_real import vllm, vllm_no_runtime, vllm_replica, vllm_server  # noqa: E402, F401

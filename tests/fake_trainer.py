@@ -138,6 +138,8 @@ def main() -> int:
             "job_id": spec["job_id"],
             "voice": spec["voice"],
             "backend": "fake",
+            "base_model": spec["base_model"],
+            "served_base": spec.get("served_base"),
             "pair_ids": [p["pair_id"] for p in spec["train"]],
         },
     )

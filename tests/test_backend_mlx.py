@@ -126,6 +126,7 @@ def test_continue_from_init_adapter(
     spec = make_spec(
         tiny_model, tmp_path / "next", init_adapter=str(first), served_adapter=str(first),
         train=_pairs(16, seed=3, start=200), hyper={**HYPER, "steps": 10, "alpha": 8.0},
+        served_base="tiny-served",
     )  # fmt: skip
     rc, lines = run_worker(tmp_path, "train", spec=spec)
     assert rc == 0, lines[-2:]
@@ -136,7 +137,11 @@ def test_continue_from_init_adapter(
     # continuing (with alpha changed: the init adapter is rescaled to the new scale) starts where it left off
     assert lines[[line["type"] for line in lines].index("progress")]["loss"] < before["base_eval_loss"] - 0.1
     assert result["eval_loss"] < result["base_eval_loss"]
-    assert verify(tmp_path / "next")["init_adapter"] == str(first)
+    info = verify(tmp_path / "next")  # the hashes cover the served base written into the config
+    assert info["init_adapter"] == str(first)
+    assert info["served_base"] == "tiny-served" and info["base_model"] == str(tiny_model)
+    config = json.loads((tmp_path / "next" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "tiny-served"  # what vLLM serves the base as
 
 
 @pytest.mark.parametrize(

@@ -176,6 +176,7 @@ def test_continue_from_init_adapter(
         init_adapter=str(sft_run.out_dir),
         served_adapter=str(sft_run.out_dir),
         hyper={"steps": 8},
+        served_base="tiny-served",
     )
     run = run_worker(tmp_path, spec)
     assert run.rc == 0, run.stderr[-3000:]
@@ -185,8 +186,11 @@ def test_continue_from_init_adapter(
     assert result["base_eval_loss"] == pytest.approx(first["base_eval_loss"], rel=1e-4)
     assert result["eval_loss"] < result["baseline_eval_loss"], result
     assert run.of_type("progress")[0]["loss"] < sft_run.of_type("progress")[0]["loss"]
-    info = manifest.verify(run.out_dir)
+    info = manifest.verify(run.out_dir)  # the hashes cover the served base written into the config
     assert info["init_adapter"] == str(sft_run.out_dir)
+    assert info["served_base"] == "tiny-served" and info["base_model"] == str(base_model)
+    config = json.loads((run.out_dir / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "tiny-served"
 
 
 @pytest.mark.parametrize("objective", ["dpo", "sft+dpo"])

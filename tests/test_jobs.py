@@ -366,6 +366,46 @@ def test_finished_jobs_leave_memory_but_stay_countable_and_foldable() -> None:
 VOICES = st.sampled_from(["a", "b"])
 
 
+A, B = "http://127.0.0.1:8000", "http://127.0.0.1:8001"
+
+
+def test_sleep_and_wake_fold_into_the_servers_the_daemon_put_to_sleep() -> None:
+    s, log = jobs.State(), Log()
+    run(s, log, jobs.StartSleep((A, B), 1, "j1"))  # the intent: both may be asleep from here
+    assert {u: r.phase for u, r in s.sleeping.items()} == {A: "sleeping", B: "sleeping"}
+    assert s.sleeping[A] == jobs.Sleeping("j1", 1, log.clock, "sleeping")
+    (e,) = run(s, log, jobs.FinishSleep((A,), refused=(B,), duration_s=0.25))
+    assert e.type == "Slept" and e.stream == "inference"
+    assert {u: r.phase for u, r in s.sleeping.items()} == {A: "asleep"}  # B said no: it is not asleep
+    run(s, log, jobs.StartWake((A, B), "trained"))  # B is not asleep: the intent names A only
+    assert log.events[-1].payload == ev.WakeStarted(urls=(A,), reason="trained")
+    assert s.sleeping[A].phase == "waking"
+    run(s, log, jobs.FailWake((A,), "vLLM at A is down"))
+    assert s.sleeping[A].phase == "asleep" and s.sleeping[A].job_id == "j1"
+    run(s, log, jobs.StartWake((A,), "retry"))
+    run(s, log, jobs.FinishWake((A,), 2.0))
+    assert s.sleeping == {}
+    # outcomes about servers not asleep record nothing; a crash-and-replay folds to the same state
+    assert jobs.decide(s, jobs.FinishWake((A,), 1.0)) == []
+    assert jobs.decide(s, jobs.StartWake((A, B))) == []
+    assert jobs.replay(log.events) == s
+    with pytest.raises(IllegalTransition):
+        jobs.decide(s, jobs.StartSleep((A,), 3, "j2"))
+
+
+def test_a_crash_while_asleep_or_waking_leaves_the_servers_listed_for_recovery() -> None:
+    s, log = jobs.State(), Log()
+    run(s, log, jobs.StartSleep((A,), 1, "j1"))
+    assert set(jobs.replay(log.events).sleeping) == {A}  # crashed before the sleep was answered
+    run(s, log, jobs.FinishSleep((A,)))
+    run(s, log, jobs.StartWake((A,), "trained"))
+    replayed = jobs.replay(log.events)  # crashed while waking
+    assert replayed == s and replayed.sleeping[A].phase == "waking"
+    run(s, log, jobs.StartSleep((A,), 2, ""))  # an older build's marker adopted at start-up
+    assert s.sleeping[A] == jobs.Sleeping("", 2, log.clock, "sleeping")
+    assert s.sleeping[A].public(A)["job_id"] is None
+
+
 class JobMachine(RuleBasedStateMachine):
     """Random commands through decide/evolve; ``crash`` rebuilds the state from the log alone."""
 

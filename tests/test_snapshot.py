@@ -26,6 +26,7 @@ from beagled.training.runner import SubprocessTrainer
 from beagled.voices import VoiceStore
 
 VOICES = ("a", "b", "c")
+URLS = ["http://127.0.0.1:8000", "http://127.0.0.1:8001"]
 
 
 def random_history(
@@ -83,6 +84,11 @@ def random_history(
                 jobs.FailJob(j, "gone"),
                 jobs.Rollback(rnd.choice(VOICES)),
                 jobs.SetPaused(rnd.random() < 0.5),
+                jobs.StartSleep(tuple(rnd.sample(URLS, rnd.randint(1, 2))), rnd.choice([1, 2]), j),
+                jobs.FinishSleep(tuple(rnd.sample(URLS, 1)), tuple(rnd.sample(URLS, rnd.randint(0, 1)))),
+                jobs.StartWake(tuple(URLS), rnd.choice(["trained", "recovery"])),
+                jobs.FinishWake(tuple(rnd.sample(URLS, rnd.randint(1, 2))), 1.5),
+                jobs.FailWake(tuple(rnd.sample(URLS, 1)), "still asleep"),
             ]
         )
         try:
@@ -117,6 +123,18 @@ def test_round_trip_is_exact(tmp_path: Path, seed: int) -> None:
     blob = snapshot.to_snapshot(snapshot.view(state))
     assert snapshot.from_snapshot(blob) == state
     assert snapshot.from_snapshot(snapshot.to_snapshot(jobs.State())) == jobs.State()
+
+
+def test_round_trip_carries_the_servers_asleep() -> None:
+    state = jobs.State()
+    store = MemoryStore()
+    for cmd in (jobs.StartSleep(tuple(URLS), 2, "j1"), jobs.FinishSleep((URLS[0],), (URLS[1],), 0.5)):
+        for e in store.append(jobs.decide(state, cmd), 1234.5):
+            jobs.evolve(state, e)
+    assert state.sleeping == {URLS[0]: jobs.Sleeping("j1", 2, 1234.5, "asleep")}
+    assert snapshot.from_snapshot(snapshot.to_snapshot(snapshot.view(state))) == state
+    header = snapshot.read_header(snapshot.to_snapshot(state))
+    assert header["sleeping"] == {URLS[0]: ["j1", 2, 1234.5, "asleep"]}
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -8,6 +8,7 @@ point is serving; what real backends train is checked against vLLM's logprobs in
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -16,10 +17,13 @@ from typing import Any
 
 import pytest
 
+from beagled import manifest
 from tests.daemon_proc import DaemonProc, fake_backend, poll
 from tests.vllm_real import RealVllm, http
 
 pytestmark = pytest.mark.slow
+
+SERVER_EVENTS = ("SleepStarted", "Slept", "WakeStarted", "Woken", "WakeFailed")
 
 
 def vllm_daemon(
@@ -153,6 +157,11 @@ def test_sleep_train_wake_load_and_kill_9_while_asleep(
             c.submit(bad=f"s{i} plain", good=f"s{i} voiced", key=f"s-{i}")
     poll(sleeping, timeout=60, what="the server asleep while the job trains")
     asleep_s = time.monotonic() - t0
+    # the log holds it asleep (intent, outcome) and status shows it
+    poll(lambda: "Slept" in [e["type"] for e in d.events()], timeout=30, what="Slept recorded")
+    with d.client() as c:
+        (shown,) = c.status()["sleeping"]
+    assert shown["url"] == vllm.url and shown["phase"] == "asleep" and shown["level"] == 1, shown
 
     # a completion sent while the server sleeps waits until it wakes
     answer: list[Any] = []
@@ -166,6 +175,11 @@ def test_sleep_train_wake_load_and_kill_9_while_asleep(
     d.wait_jobs(lambda js: bool(js) and js[0]["state"] == "reloaded", timeout=120)
     cycle_s = time.monotonic() - t1
     assert not sleeping()
+    kinds = (*SERVER_EVENTS, "TrainingSucceeded", "Reloaded")
+    served = [e["type"] for e in d.events() if e["type"] in kinds]
+    assert served == ["SleepStarted", "Slept", "WakeStarted", "Woken", "TrainingSucceeded", "Reloaded"]
+    with d.client() as c:
+        assert c.status()["sleeping"] == []
     waiter.join(timeout=60)
     assert answer and answer[0][0] == 200
     assert voice(d)["served_name"] in vllm.adapters()
@@ -186,8 +200,74 @@ def test_sleep_train_wake_load_and_kill_9_while_asleep(
     # the interrupted job trains again (asleep, then awake) and is served; the server ends awake
     d.wait_jobs(lambda js: len(js) == 2 and all(j["state"] == "reloaded" for j in js), timeout=120)
     assert not sleeping()
+    evs = d.events()
+    rec = next(  # the first start-up wake
+i for i, e in enumerate(evs) if e["type"] == "WakeStarted" and e["data"]["reason"] == "recovery")
+    before = [e["type"] for e in evs[:rec] if e["type"] in SERVER_EVENTS]
+    assert before[-2:] == ["SleepStarted", "Slept"] or before[-1] == "SleepStarted", before  # killed asleep
+    after = [e for e in evs[rec:] if e["type"] in (*SERVER_EVENTS, "TrainingStarted", "ReloadStarted")]
+    assert [e["type"] for e in after[:3]] == ["WakeStarted", "Woken", "TrainingStarted"], after
+    assert after[0]["data"] == {"urls": [vllm.url], "reason": "recovery"}
+    seen = len(evs)
+    d.stop()
+
+    # an older build's marker file (no events): read once at start-up, its server woken, then removed
+    assert http("POST", vllm.url + "/sleep?level=1")[0] == 200 and sleeping()
+    marker = d.state_dir / "sleeping.json"
+    marker.write_text(json.dumps({"job_id": "old-job", "urls": [vllm.url], "at": time.time()}))
+    d.start()
+    poll(lambda: not sleeping(), timeout=60, what="woken from the old marker")
+    assert not marker.exists()
+    adopted = [e for e in d.events()[seen:] if e["type"] in SERVER_EVENTS]
+    assert [e["type"] for e in adopted] == ["SleepStarted", "WakeStarted", "Woken"], adopted
+    assert adopted[0]["data"]["job_id"] == "old-job" and adopted[0]["data"]["urls"] == [vllm.url]
     d.stop()
     print(
         f"\nFIGURE sleep: submit->asleep={asleep_s:.2f}s wake+load after training={cycle_s:.2f}s "
         f"restart_after_kill9->awake={woken_s:.2f}s"
     )
+
+
+def test_routes_absent_is_one_operator_error_naming_the_env_var(
+    make_daemon: Callable[..., DaemonProc], tiny_model: Path, vllm_no_runtime: RealVllm, tmp_path: Path
+) -> None:
+    """A real server started without VLLM_ALLOW_RUNTIME_LORA_UPDATING: its LoRA routes answer 404;
+    a load is one ReloadFailed (retryable false, naming the variable), never a retry storm.
+
+    The daemon trains over the same model under another path (a link): the adapters it writes name
+    the base as the server serves it (its base entry's id), as vLLM's filesystem resolver demands."""
+    server = vllm_no_runtime
+    status, body = http("POST", server.url + "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/x"})
+    assert (status, body) == (404, {"detail": "Not Found"})  # the real answer the daemon classifies
+    linked = tmp_path / "same-model"
+    linked.symlink_to(tiny_model, target_is_directory=True)
+    d = vllm_daemon(make_daemon, linked, [server.url])
+
+    def failures(job_id: str) -> list[dict[str, Any]]:
+        return [e for e in d.events() if e["type"] == "ReloadFailed" and e["data"]["job_id"] == job_id]
+
+    jobs_seen = []
+    for n in range(2):  # the second job's whole life is the time in which a storm would show
+        with d.client() as c:
+            for i in range(4):
+                c.submit(bad=f"r{n}.{i} plain", good=f"r{n}.{i} voiced", key=f"r-{n}-{i}")
+        js = d.wait_jobs(lambda js, n=n: len(js) == n + 1 and all(j["state"] == "promoted" for j in js), 120)
+        (new,) = [j["job_id"] for j in js if j["job_id"] not in jobs_seen]
+        jobs_seen.append(new)
+        poll(lambda new=new: failures(new), timeout=60, what="the load refused")
+    for job_id in jobs_seen:
+        (fail,) = failures(job_id)
+        assert fail["data"]["retryable"] is False, fail
+        assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" in fail["data"]["error"], fail
+    with d.client() as c:
+        (job, *_) = c.jobs()["jobs"]
+        assert job["state"] == "promoted" and "VLLM_ALLOW_RUNTIME_LORA_UPDATING" in job["error"]
+    assert server.alive() and server.adapters() == {}
+    for job_id in jobs_seen:  # the served base, written before the manifest hashed the files
+        adapter = d.state_dir / "voices" / "default" / "adapters" / job_id
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == server.base_id != str(linked)
+        info = manifest.verify(adapter)
+        assert info["served_base"] == server.base_id and info["base_model"] == str(linked)
+    d.stop()
+    print(f"\nFIGURE routes absent: server_start={server.start_seconds[0]:.1f}s (the CI time it adds)")

@@ -91,3 +91,30 @@ def test_prune_keeps_the_current_and_the_kept(tmp_path: Path) -> None:
     ]
     assert store.remove("v") is True
     assert store.current("v") is None and store.remove("v") is False
+
+
+def test_the_served_base_is_written_into_adapter_config_before_the_manifest_hashes_it(tmp_path: Path) -> None:
+    d = tmp_path / "a"
+    d.mkdir()
+    config = {"peft_type": "LORA", "r": 8, "base_model_name_or_path": "/models/tiny"}
+    (d / "adapter_config.json").write_text(json.dumps(config))
+    (d / "adapter_model.safetensors").write_bytes(b"weights")
+    info = manifest.write_manifest(d, {"base_model": "/models/tiny", "served_base": "tiny-served"})
+    written = json.loads((d / "adapter_config.json").read_text())
+    assert written == {**config, "base_model_name_or_path": "tiny-served"}
+    assert not list(d.glob("*.tmp"))
+    verified = manifest.verify(d)  # the hash covers the rewritten config
+    assert verified == info and verified["served_base"] == "tiny-served"
+    assert verified["base_model"] == "/models/tiny"  # what it was trained over stays recorded
+    store = VoiceStore(tmp_path / "voices")
+    staging = store.staging_dir("v", "j1", 1, "mlx") / "adapter"
+    d.rename(staging)
+    store.finalize("v", "j1", staging)
+    store.promote("v", "j1")
+    # no served base known: the adapter_config is left as the backend wrote it
+    e = tmp_path / "b"
+    e.mkdir()
+    (e / "adapter_config.json").write_text(json.dumps(config))
+    (e / "adapter_model.safetensors").write_bytes(b"weights")
+    manifest.write_manifest(e, {"served_base": None})
+    assert json.loads((e / "adapter_config.json").read_text()) == config

@@ -3,7 +3,8 @@ built by ``scripts/test``), serving the project's tiny model on 127.0.0.1 at a f
 
 Each server costs ~30 s of start-up and ~1.8 GB, so the suite shares session-scoped ones:
 ``vllm_server`` (runtime LoRA updating on, default ``--max-cpu-loras``, ``VLLM_SERVER_DEV_MODE=1`` for
-the sleep endpoints) and ``vllm_replica`` (a second one, for replicas and real restarts). A server is
+the sleep endpoints) and ``vllm_replica`` (a second one, for replicas and real restarts);
+``vllm_no_runtime`` (runtime updating off, for one test) is started and stopped by that test. A server is
 trusted only after ``/health`` answers 200 *and* one real completion comes back (a model that vLLM's
 CPU attention cannot run answers ``/health`` and dies on the first request).
 
@@ -231,6 +232,20 @@ def vllm_replica(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     """A second real server (replicas, a real restart); started only by tests that ask for it."""
     need_vllm()
     server = RealVllm(tiny_model, tmp_path_factory.mktemp("vllm-replica-logs")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def vllm_no_runtime(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealVllm]:
+    """A real server started WITHOUT ``VLLM_ALLOW_RUNTIME_LORA_UPDATING`` (its LoRA routes absent).
+    One test uses it, so it lives for that test only (one more start, ~1.8 GB freed right after);
+    ``start_seconds`` is what it added to the run."""
+    need_vllm()
+    server = RealVllm(tiny_model, tmp_path_factory.mktemp("vllm-no-runtime-logs"), runtime_updating=False,
+                      dev_mode=False).start()  # fmt: skip
     try:
         yield server
     finally:

@@ -165,11 +165,13 @@ class VllmReplicas:
             safe &= released
         return safe
 
-    async def check_base(self, training_base: str | None) -> None:
+    async def check_base(self, training_base: str | None) -> str | None:
+        """Check every replica's base; returns the base id the first answering one serves."""
         results = await self._each(lambda s, b: s.check_base(b), training_base)
         for _, _, e in results:
             if e is not None and not e.retryable:
                 raise e
+        return next((base.id for _, base, e in results if e is None and base is not None), None)
 
     async def aclose(self) -> None:
         for server in self.servers:

@@ -90,6 +90,19 @@ def _adapter_config(adapter_dir: Path) -> dict[str, Any]:
     return config if isinstance(config, dict) else {}
 
 
+def _trained_on(adapter_dir: Path) -> str | None:
+    """The base the adapter was trained over: the manifest's ``base_model`` (its adapter_config names
+    the served base when the daemon knew it), else the adapter_config's ``base_model_name_or_path``."""
+    try:
+        manifest = json.loads((adapter_dir / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        manifest = None
+    if isinstance(manifest, dict) and isinstance(manifest.get("base_model"), str):
+        return str(manifest["base_model"])
+    trained_on = _adapter_config(adapter_dir).get("base_model_name_or_path")
+    return trained_on if isinstance(trained_on, str) else None
+
+
 def _adapter_rank(adapter_dir: Path) -> int | None:
     rank = _adapter_config(adapter_dir).get("r")
     return rank if isinstance(rank, int) else None
@@ -295,8 +308,8 @@ class VllmReloader:
         current = (await self.models()).get(name)
         if current is not None and current.root == path:
             return name  # served already (a repeated call after a crash): nothing to do
-        trained_on = _adapter_config(target.adapter_dir).get("base_model_name_or_path")
-        await self.check_base(trained_on if isinstance(trained_on, str) else None)
+        trained_on = _trained_on(target.adapter_dir)
+        await self.check_base(trained_on)
         if current is not None and self.naming == "fixed" and self.inplace is not False:
             kind = await self._load(name, path, inplace=True)
             self.inplace = kind == "ok"

@@ -619,6 +619,7 @@ def _train(spec: dict[str, Any], emit: Emit, session: Session) -> dict[str, Any]
             "objective": objective,
             "base_model": str(base),
             "base_model_sha256": session.sha256(),
+            "served_base": spec.get("served_base") or None,  # written into adapter_config.json
             "pair_ids": [p.get("pair_id") for p in spec["train"]],
             "heldout_pair_ids": [p.get("pair_id") for p in spec.get("heldout") or []],
             "sibling_pair_ids": [p.get("pair_id") for p in spec.get("siblings") or []],

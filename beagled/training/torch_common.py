@@ -871,6 +871,7 @@ def run_training(
         "objective": spec.objective,
         "base_model": str(spec.base_model),
         "base_model_sha256": base_model_sha256(spec.base_model),
+        "served_base": spec.raw.get("served_base") or None,  # written into adapter_config.json
         "init_adapter": str(spec.init_adapter) if spec.init_adapter else None,
         "served_adapter": str(spec.served_adapter) if spec.served_adapter else None,
         "pair_ids": [p.pair_id for p in spec.train],
