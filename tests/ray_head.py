@@ -42,10 +42,12 @@ def ray_available() -> bool:
 
 
 class RayHead:
-    def __init__(self, num_cpus: int = 2) -> None:
+    def __init__(self, num_cpus: int = 2, port: int | None = None) -> None:
+        """``port``: the GCS port (a head started again where drivers look for it); default a free one."""
         self.num_cpus = num_cpus
         self.temp = Path(tempfile.mkdtemp(prefix="rayt-", dir="/tmp"))  # short: AF_UNIX paths
         gcs, om, nm, agent_grpc, agent_http, metrics, rtenv, dash = _free_ports(8)
+        gcs = port or gcs
         self.address = f"127.0.0.1:{gcs}"
         self.env = {**os.environ, **LOOPBACK_ENV}
         argv = [
