@@ -909,13 +909,18 @@ class Engine:
                 await self._guarded(self.execute(report), "record executor outage", job_id=job.job_id)
 
         result: dict[str, Any] | None = None
+        failed: Exception | None = None  # raised as itself, not inside the nursery's ExceptionGroup
         with self.running.start(job.job_id, lambda: self._still_training(job.job_id)):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(record_outages)
                 try:
                     result = await self.trainer.run(backend, spec, on_progress)
+                except Exception as e:
+                    failed = e
                 finally:
                     send.close()
+        if failed is not None:
+            raise failed
         return result if self._still_training(job.job_id) else None
 
     def _progress_cb(self, job: jobs.Job, backend: str) -> Callable[[dict[str, Any]], None]:
