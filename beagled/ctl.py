@@ -175,6 +175,9 @@ def format_job(job: Mapping[str, Any], *, tz: tzinfo | None = None) -> str:
     for name, value in job.items():
         if name not in known and name != "history" and not isinstance(value, list | dict):
             fields.append((name, value))
+        elif name == "waiting_for_executor" and isinstance(value, Mapping):  # a Ray cluster is down
+            since = _format_time(value.get("since"), tz)
+            fields.append((name, f"{value.get('executor')} since {since}: {value.get('error')}"))
     width = max(len(name) for name, _ in fields)
     lines.extend(f"{name.ljust(width)}  {_clean(value)}" for name, value in fields)
     history = job.get("history")
