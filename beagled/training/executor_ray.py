@@ -9,10 +9,13 @@ it one Ray actor holding the loaded base model; it is replaced after a failed jo
 Faults: a cluster that cannot be reached makes the try wait with exponential backoff (``backoff_s`` up
 to ``backoff_max_s``), each failed connection shown on ``watch`` as a progress line with a ``fault`` and
 counted in ``beagled_executor_faults_total`` — the daemon keeps serving meanwhile; with
-``fallback_local = true`` the try runs on the local trainer instead. A driver or actor lost mid-job
-fails the try (``TrainingFailed``, then the engine's next attempt gets a fresh actor). Cancellation
-(job timeout, daemon shutdown, pause or deletion of the voice) SIGTERMs the driver, which kills its
-actor before it exits; a driver killed outright takes its actor with it (Ray fate-sharing).
+``fallback_local = true`` the try runs on the local trainer instead. The first failed connection of a
+try is marked ``"outage": "started"`` and its first successful one (or the fallback) ``"outage":
+"ended"``: the engine records one ``ExecutorUnreachable`` / ``ExecutorOutageEnded`` event for each.
+A driver or actor lost mid-job fails the try (``TrainingFailed``, then the engine's next attempt gets
+a fresh actor). Cancellation (job timeout, daemon shutdown, ``pause`` with ``cancel_running``,
+``delete_voice`` with ``force``) SIGTERMs the driver, which kills its actor before it exits; a driver
+killed outright takes its actor with it (Ray fate-sharing).
 """
 
 from __future__ import annotations
