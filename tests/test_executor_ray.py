@@ -140,15 +140,21 @@ def test_ray_down_waits_with_backoff_or_falls_back_to_local(tmp_path: Path) -> N
                 await three.wait()  # three failed connections, and the try still waits: nothing failed
                 nursery.cancel_scope.cancel()
         assert all(m["fault"] == "ray_unreachable" for m in seen)
+        assert [m.get("outage") for m in seen] == ["started", None, None], "one start, not one per retry"
+        assert seen[0]["retry_at"] > time.time() - 60
         local = SubprocessTrainer(["fake"], custom={"fake": fake_backend("ok")}, spec_dir=tmp_path / "l")
         fb = ray_trainer(dead, tmp_path, backends=["fake"], fallback=local, on_fault=faults.append)
         await fb.probe_all()
         out = tmp_path / "fb" / "adapter"
         spec = spec_for(tmp_path, out, "j")  # the fake trainer reads no model
-        return await fb.run("fake", spec, _ignore)
+        return await fb.run("fake", spec, fallen.append)
 
+    fallen: list[dict[str, Any]] = []
     result = trio.run(main)
     assert result["executor"] == "local" and "unreachable" in result["fallback_reason"]
+    # the outage's ends, for the engine's events: its first failure marked once, then the fallback
+    marks = [(m.get("outage"), m.get("fallback")) for m in fallen if "outage" in m]
+    assert marks == [("started", None), ("ended", "local")], fallen
     assert {"unreachable", "fallback_local"} <= set(faults)
 
 
