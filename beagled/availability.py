@@ -64,6 +64,8 @@ def waiting_reason(state: State, voice: str, min_pairs: int) -> str | None:
     for j in state.jobs.values():
         if j.voice == voice and j.blocked:
             return f"job {j.job_id} waits for a training backend: {j.blocked}"
+        if j.voice == voice and j.executor_outage and j.state == JobState.TRAINING:
+            return f"job {j.job_id} waits for the {j.outage_executor} executor: {j.executor_outage}"
     if v is None:
         return None
     if v.paused or state.paused:

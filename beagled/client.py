@@ -445,20 +445,26 @@ class Client:
     def rollback(self, voice: str, to: str | None = None) -> dict[str, Any]:
         return self.request("rollback", voice=voice, to=to)
 
-    def pause(self, voice: str | None = None) -> dict[str, Any]:
-        """Stop cutting new jobs: for the whole daemon, or for one voice."""
-        return self.request("pause", voice=voice)
+    def pause(self, voice: str | None = None, *, cancel_running: bool = False) -> dict[str, Any]:
+        """Stop cutting new jobs: for the whole daemon, or for one voice; with ``cancel_running`` also
+        cancel the jobs not yet trained (the running training is stopped, their pairs are pending again)."""
+        return self.request("pause", voice=voice, cancel_running=True if cancel_running else None)
 
     def resume(self, voice: str | None = None) -> dict[str, Any]:
         return self.request("resume", voice=voice)
 
     def delete_voice(
-        self, voice: str, *, remove_adapters: bool = False, erase_drafts: bool = False
+        self, voice: str, *, remove_adapters: bool = False, erase_drafts: bool = False, force: bool = False
     ) -> dict[str, Any]:
         """Remove a voice from the listing (its events stay); its adapters too if asked, and with
-        ``erase_drafts`` its drafts are overwritten in the log (a ``DraftsErased`` event records it)."""
+        ``erase_drafts`` its drafts are overwritten in the log (a ``DraftsErased`` event records it).
+        ``force``: cancel the voice's unfinished jobs (stopping a running training) instead of refusing."""
         return self.request(
-            "delete_voice", voice=voice, remove_adapters=remove_adapters, erase_drafts=erase_drafts
+            "delete_voice",
+            voice=voice,
+            remove_adapters=remove_adapters,
+            erase_drafts=erase_drafts,
+            force=True if force else None,
         )
 
     def watch(self, from_seq: int | None = None) -> Generator[dict[str, Any], None, None]:
@@ -689,14 +695,18 @@ class AsyncClient:
     async def rollback(self, voice: str, to: str | None = None) -> dict[str, Any]:
         return await self.request("rollback", voice=voice, to=to)
 
-    async def pause(self, voice: str | None = None) -> dict[str, Any]:
-        return await self.request("pause", voice=voice)
+    async def pause(self, voice: str | None = None, *, cancel_running: bool = False) -> dict[str, Any]:
+        return await self.request("pause", voice=voice, cancel_running=True if cancel_running else None)
 
     async def resume(self, voice: str | None = None) -> dict[str, Any]:
         return await self.request("resume", voice=voice)
 
-    async def delete_voice(self, voice: str, *, remove_adapters: bool = False) -> dict[str, Any]:
-        return await self.request("delete_voice", voice=voice, remove_adapters=remove_adapters)
+    async def delete_voice(
+        self, voice: str, *, remove_adapters: bool = False, force: bool = False
+    ) -> dict[str, Any]:
+        return await self.request(
+            "delete_voice", voice=voice, remove_adapters=remove_adapters, force=True if force else None
+        )
 
     def watch(self, from_seq: int | None = None) -> AsyncWatch:
         """An async iterator over streamed messages, on a connection of its own.

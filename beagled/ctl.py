@@ -175,6 +175,9 @@ def format_job(job: Mapping[str, Any], *, tz: tzinfo | None = None) -> str:
     for name, value in job.items():
         if name not in known and name != "history" and not isinstance(value, list | dict):
             fields.append((name, value))
+        elif name == "waiting_for_executor" and isinstance(value, Mapping):  # a Ray cluster is down
+            since = _format_time(value.get("since"), tz)
+            fields.append((name, f"{value.get('executor')} since {since}: {value.get('error')}"))
     width = max(len(name) for name, _ in fields)
     lines.extend(f"{name.ljust(width)}  {_clean(value)}" for name, value in fields)
     history = job.get("history")
@@ -568,12 +571,20 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", metavar="JOB", help="the job whose adapter to serve")
     p = add("pause", "stop cutting new jobs (running work finishes), for all voices or one")
     p.add_argument("voice", metavar="VOICE", nargs="?")
+    p.add_argument(
+        "--cancel-running",
+        action="store_true",
+        help="also cancel jobs not yet trained (stops the running training; their pairs wait again)",
+    )
     p = add("resume", "start cutting new jobs again, for all voices or one")
     p.add_argument("voice", metavar="VOICE", nargs="?")
     p = add("delete", "delete a voice from the listing (its events stay in the log)")
     p.add_argument("voice", metavar="VOICE")
     p.add_argument("--remove-adapters", action="store_true", help="also delete its adapter files")
     p.add_argument("--erase-drafts", action="store_true", help="also overwrite its drafts in the event log")
+    p.add_argument(
+        "--force", action="store_true", help="cancel its unfinished jobs (and a running training) first"
+    )
     p = add("watch", "follow events and live training progress (Ctrl-C to stop)")
     p.add_argument("--from-seq", type=int, metavar="SEQ", help="replay events from this seq")
     p = add("completion", "print a shell completion script (bash or zsh)")
@@ -618,7 +629,11 @@ def _run(client: Client, args: argparse.Namespace) -> int:
         result = client.rollback(args.voice, to=args.to)
         text = f"voice {_clean(args.voice)} now serves job {_clean(result.get('job_id'))}"
     elif command in ("pause", "resume"):
-        result = client.pause(args.voice) if command == "pause" else client.resume(args.voice)
+        result = (
+            client.pause(args.voice, cancel_running=args.cancel_running)
+            if command == "pause"
+            else client.resume(args.voice)
+        )
         who = f"voice {_clean(args.voice)}" if args.voice else "all voices"
         text = (
             f"{who} paused: no new jobs are cut"
@@ -627,7 +642,7 @@ def _run(client: Client, args: argparse.Namespace) -> int:
         )
     elif command == "delete":
         result = client.delete_voice(
-            args.voice, remove_adapters=args.remove_adapters, erase_drafts=args.erase_drafts
+            args.voice, remove_adapters=args.remove_adapters, erase_drafts=args.erase_drafts, force=args.force
         )
         removed = " and its adapters" if result.get("adapters_removed") else ""
         text = f"voice {_clean(args.voice)}{removed} deleted (its events stay in the log)"

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 import trio.lowlevel
 
-from beagled import __version__, availability, hfcache, jobs, retention, snapshot
+from beagled import __version__, availability, hfcache, jobs, retention, running, snapshot
 from beagled import events as ev
 from beagled.config import Config
 from beagled.errors import (
@@ -158,6 +158,7 @@ class Engine:
         self._watch_limiter = trio.CapacityLimiter(1)
         self._new_voices: set[str] = set()  # voices of queued, not yet committed submits (max_voices)
         self._key_secret: bytes | None = None
+        self.running = running.RunningWork()  # the training run now, for cancels (pause, delete_voice)
 
     # -- recovery ----------------------------------------------------------------------------------
     def recover(self) -> int:
@@ -533,19 +534,22 @@ class Engine:
         await self._finish_rollback(voice)
         return {"job_id": p.job_id, "version": p.version}
 
-    async def set_paused(self, paused: bool, voice: str | None = None) -> dict[str, Any]:
-        await self.execute(jobs.SetPaused(paused, voice))
+    async def set_paused(
+        self, paused: bool, voice: str | None = None, cancel_running: bool = False
+    ) -> dict[str, Any]:
+        await self._stop_cancelled(await self.execute(jobs.SetPaused(paused, voice, cancel_running)))
         if voice is not None:
             return {"paused": self.state.voices[voice].paused, "voice": voice}
         return {"paused": self.state.paused}
 
     async def delete_voice(
-        self, voice: str, remove_adapters: bool, erase_drafts: bool = False
+        self, voice: str, remove_adapters: bool, erase_drafts: bool = False, force: bool = False
     ) -> dict[str, Any]:
         try:
-            await self.execute(jobs.DeleteVoice(voice, remove_adapters))
+            recorded = await self.execute(jobs.DeleteVoice(voice, remove_adapters, force))
         except IllegalTransition as e:
             raise Conflict(str(e)) from None
+        await self._stop_cancelled(recorded)  # before adapters go: no run writes into them any more
         erased = None
         if erase_drafts:  # the voice is gone from the state: no job can start on its pairs now
             async with self._lock:
@@ -565,6 +569,18 @@ class Engine:
         if erase_drafts:
             out["drafts_erased"] = erased
         return out
+
+    async def _stop_cancelled(self, recorded: list[ev.Event]) -> None:
+        """End the training of each job just recorded as cancelled (and wait until it has ended)."""
+        for e in recorded:
+            if isinstance(e.payload, ev.JobCancelled):
+                stopped = await self.running.stop(e.payload.job_id)
+                log.info(
+                    "job cancelled",
+                    extra={"job_id": e.payload.job_id, "reason": e.payload.reason, "was_running": stopped},
+                )
+        if any(isinstance(e.payload, ev.JobCancelled) for e in recorded):
+            self._sched_wakeup.set()
 
     async def watch(self, from_seq: int | None) -> AsyncIterator[dict[str, Any]]:
         """History from ``from_seq`` (exclusive), then live events and progress, until the caller stops."""
@@ -825,12 +841,17 @@ class Engine:
             started = time.monotonic()
             try:
                 async with self.sleep_guard.asleep(job.job_id) if self.sleep_guard else _nothing():
-                    result = await self.trainer.run(backend, spec, self._progress_cb(job, backend))
+                    ran = await self._run_training(job, backend, spec)
+                if ran is None:
+                    return  # cancelled by an operator: JobCancelled is recorded, the run has ended
+                result = ran
                 fault("after_training_before_outcome")
                 final = await trio.to_thread.run_sync(
                     self.voices.finalize, job.voice, job.job_id, Path(spec["out_dir"])
                 )
             except (TrainingError, AdapterError, OSError) as e:
+                if not self._still_training(job.job_id):
+                    return  # cancelled while it failed: nothing more to record
                 timeout = isinstance(e, TrainingError) and e.timeout
                 elapsed = time.monotonic() - started
                 self.metrics.training_duration.labels(
@@ -890,6 +911,45 @@ class Engine:
                 s.retry_backoff_max_s,
             )
         )
+
+    def _still_training(self, job_id: str) -> bool:
+        job = self.state.jobs.get(job_id)
+        return job is not None and job.state == JobState.TRAINING
+
+    async def _run_training(self, job: jobs.Job, backend: str, spec: dict[str, Any]) -> dict[str, Any] | None:
+        """One try on the trainer, cancellable by an operator (None: cancelled); the executor outages
+        its progress reports are recorded as they come, once each way (``running.outage_report``)."""
+        send, recv = trio.open_memory_channel[jobs.ReportOutage](64)
+        progress = self._progress_cb(job, backend)
+
+        def on_progress(msg: dict[str, Any]) -> None:
+            report = running.outage_report(job.job_id, msg)
+            if report is None:
+                progress(msg)
+                return
+            if report.error is not None:
+                progress(msg)  # watch shows the first failed connection too
+            with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+                send.send_nowait(report)
+
+        async def record_outages() -> None:
+            async for report in recv:
+                await self._guarded(self.execute(report), "record executor outage", job_id=job.job_id)
+
+        result: dict[str, Any] | None = None
+        failed: Exception | None = None  # raised as itself, not inside the nursery's ExceptionGroup
+        with self.running.start(job.job_id, lambda: self._still_training(job.job_id)):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(record_outages)
+                try:
+                    result = await self.trainer.run(backend, spec, on_progress)
+                except Exception as e:
+                    failed = e
+                finally:
+                    send.close()
+        if failed is not None:
+            raise failed
+        return result if self._still_training(job.job_id) else None
 
     def _progress_cb(self, job: jobs.Job, backend: str) -> Callable[[dict[str, Any]], None]:
         started = time.monotonic()

@@ -211,6 +211,37 @@ class JobFailed(JobEvent):
     error: str
 
 
+@dataclass(frozen=True)
+class ExecutorUnreachable(JobEvent):
+    """The training executor (a Ray cluster) cannot be reached: the job waits for it. Recorded once
+    when an outage starts for the job, not per retry (the retries are ``progress`` lines)."""
+
+    TYPE: ClassVar[str] = "ExecutorUnreachable"
+    executor: str
+    error: str
+    retry_at: float | None = None  # wall clock of the next connection attempt
+
+
+@dataclass(frozen=True)
+class ExecutorOutageEnded(JobEvent):
+    """The executor answered again (``fallback`` empty), or the job went to the local trainer instead
+    (``fallback = "local"``)."""
+
+    TYPE: ClassVar[str] = "ExecutorOutageEnded"
+    executor: str
+    fallback: str = ""
+
+
+@dataclass(frozen=True)
+class JobCancelled(JobEvent):
+    """An operator cancelled the job (``pause`` with ``cancel_running``, ``delete_voice`` with ``force``);
+    its running training was stopped. ``requeued``: its pairs went back to the voice's pending pairs."""
+
+    TYPE: ClassVar[str] = "JobCancelled"
+    reason: str  # pause | delete_voice
+    requeued: bool = False
+
+
 # --- voices and the daemon ----------------------------------------------------------------------
 
 
@@ -376,6 +407,9 @@ PAYLOAD_TYPES: dict[str, type[Payload]] = {
         ReloadFailed,
         Reloaded,
         JobFailed,
+        ExecutorUnreachable,
+        ExecutorOutageEnded,
+        JobCancelled,
         RollbackStarted,
         RolledBack,
         VoicePaused,

@@ -45,9 +45,10 @@ class JobState(enum.StrEnum):
     RELOADED = "reloaded"
     FAILED = "failed"
     REJECTED = "rejected"
+    CANCELLED = "cancelled"  # by an operator: pause with cancel_running, delete_voice with force
 
 
-TERMINAL = frozenset({JobState.FAILED, JobState.REJECTED, JobState.RELOADED})
+TERMINAL = frozenset({JobState.FAILED, JobState.REJECTED, JobState.RELOADED, JobState.CANCELLED})
 
 # The one transition table: (state before, event type) -> state after. Absent = illegal.
 TRANSITIONS: dict[tuple[JobState | None, str], JobState] = {
@@ -64,6 +65,13 @@ TRANSITIONS: dict[tuple[JobState | None, str], JobState] = {
     (JobState.TRAINING, "TrainingBlocked"): JobState.TRAINING,
     (JobState.TRAINING, "TrainingUnblocked"): JobState.TRAINING,
     (JobState.TRAINING, "JobFailed"): JobState.FAILED,
+    # the executor (a Ray cluster) is unreachable: the job waits, one event each way (not one per retry)
+    (JobState.TRAINING, "ExecutorUnreachable"): JobState.TRAINING,
+    (JobState.TRAINING, "ExecutorOutageEnded"): JobState.TRAINING,
+    # an operator's cancel (pause with cancel_running, delete_voice with force): its training is stopped
+    (JobState.QUEUED, "JobCancelled"): JobState.CANCELLED,
+    (JobState.TRAINING, "JobCancelled"): JobState.CANCELLED,
+    (JobState.TRAINED, "JobCancelled"): JobState.CANCELLED,
     (JobState.TRAINED, "JobRejected"): JobState.REJECTED,
     (JobState.TRAINED, "PromotionStarted"): JobState.TRAINED,
     (JobState.TRAINED, "Promoted"): JobState.PROMOTED,
@@ -121,6 +129,11 @@ class Job:
     eval_ids: tuple[str, ...] = ()
     sibling_ids: tuple[str, ...] = ()
     blocked: str | None = None  # why it waits: no training backend is available
+    # while the executor (a Ray cluster) cannot be reached: the error, which executor, since, next retry
+    executor_outage: str | None = None
+    outage_executor: str | None = None
+    outage_since: float | None = None
+    outage_retry_at: float | None = None
     history: tuple[tuple[str, str, float, int], ...] = ()  # (event type, state after, at, seq)
 
     def public(self) -> dict[str, Any]:
@@ -148,6 +161,14 @@ class Job:
             "eval_pairs": len(self.eval_ids),
             "sibling_pairs": len(self.sibling_ids),
             "blocked": self.blocked,
+            "waiting_for_executor": None
+            if self.executor_outage is None
+            else {
+                "executor": self.outage_executor,
+                "error": self.executor_outage,
+                "since": self.outage_since,
+                "retry_at": self.outage_retry_at,
+            },
         }
 
 
@@ -311,6 +332,14 @@ def replay_sample(trained: Sequence[str], k: int, seed: str) -> tuple[str, ...]:
 # --- evolve -------------------------------------------------------------------------------------
 
 
+NO_OUTAGE: dict[str, Any] = {
+    "executor_outage": None,
+    "outage_executor": None,
+    "outage_since": None,
+    "outage_retry_at": None,
+}
+
+
 def _job_update(job: Job, event: ev.Event, **changes: Any) -> Job:
     new_state = transition(job.state, event.type)
     return dataclasses.replace(
@@ -446,7 +475,7 @@ def _evolve_job(state: State, event: ev.Event, p: ev.JobEvent) -> None:
     elif isinstance(p, ev.TrainingFailed):
         job = _job_update(job, event, backend=p.backend, error=f"{p.backend}: {p.error}")
     elif isinstance(p, ev.AttemptFailed):
-        job = _job_update(job, event, error=p.error, retry_at=p.retry_at, pending_intent=None)
+        job = _job_update(job, event, error=p.error, retry_at=p.retry_at, pending_intent=None, **NO_OUTAGE)
     elif isinstance(p, ev.TrainingBlocked):
         job = _job_update(job, event, blocked=p.reason)
     elif isinstance(p, ev.TrainingUnblocked):
@@ -468,6 +497,7 @@ def _evolve_job(state: State, event: ev.Event, p: ev.JobEvent) -> None:
             sibling_preference_accuracy=p.sibling_preference_accuracy,
             error=None,
             pending_intent=None,
+            **NO_OUTAGE,
         )
     elif isinstance(p, ev.JobRejected):
         job = _job_update(job, event, error=p.reason or "rejected by the evaluation gate")
@@ -500,7 +530,23 @@ def _evolve_job(state: State, event: ev.Event, p: ev.JobEvent) -> None:
         v = _stored_voice(state, job.voice)
         v.served_job, v.served_version, v.served_name = job.job_id, p.version, p.served_name
     elif isinstance(p, ev.JobFailed):
-        job = _job_update(job, event, error=p.error, pending_intent=None, retry_at=None)
+        job = _job_update(job, event, error=p.error, pending_intent=None, retry_at=None, **NO_OUTAGE)
+    elif isinstance(p, ev.ExecutorUnreachable):
+        job = _job_update(
+            job,
+            event,
+            executor_outage=p.error,
+            outage_executor=p.executor,
+            outage_since=event.at,
+            outage_retry_at=p.retry_at,
+        )
+    elif isinstance(p, ev.ExecutorOutageEnded):
+        job = _job_update(job, event, **NO_OUTAGE)
+    elif isinstance(p, ev.JobCancelled):
+        job = _job_update(
+            job, event, error=f"cancelled ({p.reason})", pending_intent=None, retry_at=None, **NO_OUTAGE
+        )
+        _requeue(state, job, event.at if p.requeued else None)
     else:  # pragma: no cover
         raise IllegalTransition(f"unknown job event {event.type}")
     state.jobs[job.job_id] = job
@@ -520,6 +566,19 @@ def _evolve_sleeping(sleeping: dict[str, Sleeping], event: ev.Event, p: ev.Serve
         else:
             phase = "waking" if isinstance(p, ev.WakeStarted) else "asleep"  # Slept, WakeFailed
             sleeping[url] = dataclasses.replace(sleeping[url], phase=phase)
+
+
+def _requeue(state: State, job: Job, at: float | None) -> None:
+    """A cancelled job's pairs leave the voice's trained list; with ``at`` they are pending again, first
+    in line (stamped with the job's creation: they have waited at least that long)."""
+    v = state.voices.get(job.voice)
+    if v is None:  # the voice was deleted (a forced delete records its cancels first: not reached)
+        return
+    mine = set(job.pair_ids)
+    v.trained[:] = [pid for pid in v.trained if pid not in mine]
+    if at is not None:
+        have = {pid for pid, _ in v.pending}
+        v.pending[:0] = [(pid, job.created_at) for pid in job.pair_ids if pid not in have]
 
 
 def replay(events: Iterable[ev.Event], state: State | None = None) -> State:
@@ -665,12 +724,27 @@ class FinishRollback:
 class SetPaused:
     paused: bool
     voice: str | None = None  # None: the whole daemon
+    # pausing also cancels the jobs not yet trained (queued or training); their pairs are pending again
+    cancel_running: bool = False
 
 
 @dataclass(frozen=True)
 class DeleteVoice:
     voice: str
     remove_adapters: bool = False
+    force: bool = False  # cancel the voice's jobs not yet promoted instead of refusing
+
+
+@dataclass(frozen=True)
+class ReportOutage:
+    """The executor could not be reached for a training job (``error``), or (``error`` None) it answered
+    again / the job fell back to ``fallback``. Records nothing when the job already shows that."""
+
+    job_id: str
+    executor: str
+    error: str | None
+    retry_at: float | None = None
+    fallback: str = ""
 
 
 @dataclass(frozen=True)
@@ -730,6 +804,7 @@ Command = (
     | StartWake
     | FinishWake
     | FailWake
+    | ReportOutage
 )
 
 
@@ -765,15 +840,21 @@ def decide(state: State, cmd: Command) -> list[ev.Payload]:
             )
         ]
     if isinstance(cmd, SetPaused):
+        cancels = _cancel_untrained(state, cmd.voice, "pause") if cmd.paused and cmd.cancel_running else []
         if cmd.voice is not None:
             if cmd.voice not in state.voices:
                 raise NotFound(f"no voice {cmd.voice!r}")
             if state.voices[cmd.voice].paused == cmd.paused:
-                return []
-            return [ev.VoicePaused(voice=cmd.voice) if cmd.paused else ev.VoiceResumed(voice=cmd.voice)]
+                return cancels
+            pause: ev.Payload = (
+                ev.VoicePaused(voice=cmd.voice) if cmd.paused else ev.VoiceResumed(voice=cmd.voice)
+            )
+            return [pause, *cancels]
         if cmd.paused == state.paused:
-            return []
-        return [ev.Paused() if cmd.paused else ev.Resumed()]
+            return cancels
+        return [ev.Paused() if cmd.paused else ev.Resumed(), *cancels]
+    if isinstance(cmd, DeleteVoice) and cmd.force:
+        return _decide_forced_delete(state, cmd)
     if isinstance(cmd, DeleteVoice):
         if cmd.voice not in state.voices:
             raise NotFound(f"no voice {cmd.voice!r}")
@@ -808,6 +889,20 @@ def decide(state: State, cmd: Command) -> list[ev.Payload]:
         ]
 
     job = state.job(cmd.job_id)
+    if isinstance(cmd, ReportOutage):
+        if job.state != JobState.TRAINING:
+            return []  # it ended meanwhile (cancelled, failed): nothing waits any more
+        if cmd.error is not None:
+            if job.executor_outage is not None:
+                return []
+            return [
+                ev.ExecutorUnreachable(
+                    job_id=job.job_id, executor=cmd.executor, error=cmd.error[:2000], retry_at=cmd.retry_at
+                )
+            ]
+        if job.executor_outage is None:
+            return []
+        return [ev.ExecutorOutageEnded(job_id=job.job_id, executor=cmd.executor, fallback=cmd.fallback)]
     if isinstance(cmd, StartAttempt):
         _require(job, JobState.QUEUED, JobState.TRAINING)
         return [ev.TrainingStarted(job_id=job.job_id, attempt=job.attempt + 1, backends=cmd.backends)]
@@ -956,6 +1051,37 @@ def _decide_sleep(
     if isinstance(cmd, FinishWake):
         return [ev.Woken(urls=urls, duration_s=cmd.duration_s)]
     return [ev.WakeFailed(urls=urls, error=cmd.error)]
+
+
+def _cancel_untrained(state: State, voice: str | None, reason: str) -> list[ev.Payload]:
+    """``JobCancelled`` (pairs requeued) for every queued or training job of ``voice`` (None: all)."""
+    return [
+        ev.JobCancelled(job_id=j.job_id, reason=reason, requeued=True)
+        for j in sorted(state.jobs.values(), key=lambda j: (j.created_at, j.job_id))
+        if (voice is None or j.voice == voice) and j.state in (JobState.QUEUED, JobState.TRAINING)
+    ]
+
+
+def _decide_forced_delete(state: State, cmd: DeleteVoice) -> list[ev.Payload]:
+    """Cancel the voice's queued, training and trained jobs, then delete it; a promotion, reload or
+    rollback in flight (short, and not stoppable halfway) still refuses, as a plain delete does."""
+    if cmd.voice not in state.voices:
+        raise NotFound(f"no voice {cmd.voice!r}")
+    mine = sorted(
+        (j for j in state.jobs.values() if j.voice == cmd.voice), key=lambda j: (j.created_at, j.job_id)
+    )
+    busy = [j.job_id for j in mine if j.pending_intent not in (None, "TrainingStarted")]
+    if busy or state.voices[cmd.voice].reload_intent is not None:
+        raise IllegalTransition(
+            f"voice {cmd.voice!r} has a promotion or reload in progress ({', '.join(busy) or 'a rollback'}):"
+            " try again when it has finished"
+        )
+    cancels: list[ev.Payload] = [
+        ev.JobCancelled(job_id=j.job_id, reason="delete_voice")
+        for j in mine
+        if j.state in (JobState.QUEUED, JobState.TRAINING, JobState.TRAINED)
+    ]
+    return [*cancels, ev.VoiceDeleted(voice=cmd.voice, remove_adapters=cmd.remove_adapters)]
 
 
 def gate_verdict(job: Job, cmd: Gate) -> str | None:

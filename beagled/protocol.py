@@ -207,6 +207,14 @@ def _pause(f: dict[str, Any], _limits: Limits) -> dict[str, Any]:
     return {"voice": voice_name(f["voice"])} if f.get("voice") is not None else {}
 
 
+def _pause_cancel(f: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    """``pause``: ``voice`` as for resume, and ``cancel_running`` (bool, default false)."""
+    cancel = f.get("cancel_running", False)
+    if not isinstance(cancel, bool):
+        raise BadRequest("cancel_running must be true or false")
+    return {**_pause(f, limits), "cancel_running": cancel}
+
+
 def _delete_voice(f: dict[str, Any], _limits: Limits) -> dict[str, Any]:
     if "voice" not in f:
         raise BadRequest("delete_voice needs voice")
@@ -216,7 +224,10 @@ def _delete_voice(f: dict[str, Any], _limits: Limits) -> dict[str, Any]:
     erase = f.get("erase_drafts", False)
     if not isinstance(erase, bool):
         raise BadRequest("erase_drafts must be true or false")
-    return {"voice": voice_name(f["voice"]), "remove_adapters": remove, "erase_drafts": erase}
+    force = f.get("force", False)
+    if not isinstance(force, bool):
+        raise BadRequest("force must be true or false")
+    return {"voice": voice_name(f["voice"]), "remove_adapters": remove, "erase_drafts": erase, "force": force}
 
 
 Validator = Callable[[dict[str, Any], Limits], dict[str, Any]]
@@ -229,9 +240,9 @@ OPS: dict[str, tuple[frozenset[str], Validator]] = {
     "voices": (frozenset(), _none),
     "train": (frozenset({"voice"}), _train),
     "rollback": (frozenset({"voice", "to"}), _rollback),
-    "pause": (frozenset({"voice"}), _pause),
+    "pause": (frozenset({"voice", "cancel_running"}), _pause_cancel),
     "resume": (frozenset({"voice"}), _pause),
-    "delete_voice": (frozenset({"voice", "remove_adapters", "erase_drafts"}), _delete_voice),
+    "delete_voice": (frozenset({"voice", "remove_adapters", "erase_drafts", "force"}), _delete_voice),
     "watch": (frozenset({"from_seq"}), _watch),
 }
 ENVELOPE = frozenset({"v", "id", "op"})

@@ -248,10 +248,10 @@ class Server:
             "job": lambda f: engine.job(f["job_id"]),
             "train": lambda f: engine.train_now(f["voice"]),
             "rollback": lambda f: engine.rollback(f["voice"], f.get("to")),
-            "pause": lambda f: engine.set_paused(True, f.get("voice")),
+            "pause": lambda f: engine.set_paused(True, f.get("voice"), f.get("cancel_running", False)),
             "resume": lambda f: engine.set_paused(False, f.get("voice")),
             "delete_voice": lambda f: engine.delete_voice(
-                f["voice"], f["remove_adapters"], f.get("erase_drafts", False)
+                f["voice"], f["remove_adapters"], f.get("erase_drafts", False), f.get("force", False)
             ),
         }
 

@@ -42,7 +42,8 @@ def ray_available() -> bool:
 
 
 class RayHead:
-    def __init__(self, num_cpus: int = 2) -> None:
+    def __init__(self, num_cpus: int = 2, port: int | None = None) -> None:
+        """``port``: the GCS port (a head started again where drivers look for it); default a free one."""
         self.num_cpus = num_cpus
         self.env = {**os.environ, **LOOPBACK_ENV}
         for attempt in range(3):  # a free port can be taken between probing and binding: pick others
@@ -59,6 +60,7 @@ class RayHead:
     def _start(self) -> None:
         self.temp = Path(tempfile.mkdtemp(prefix="rayt-", dir="/tmp"))  # short: AF_UNIX paths
         gcs, om, nm, agent_grpc, agent_http, metrics, rtenv, dash = _free_ports(8)
+        gcs = port or gcs
         self.address = f"127.0.0.1:{gcs}"
         argv = [
             str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",

@@ -281,6 +281,19 @@ def test_format_job_shows_history() -> None:
     assert "1970-01-01 00:00:30  training  attempt=1" in text
 
 
+def test_format_job_says_when_it_waits_for_its_executor() -> None:
+    outage = {"executor": "ray", "error": "ray at h:1 is unreachable", "since": 60, "retry_at": 64}
+    text = ctl.format_job(dict(JOBS[0], waiting_for_executor=outage), tz=UTC)
+    assert "waiting_for_executor  ray since 1970-01-01 00:01:00: ray at h:1 is unreachable" in text
+
+
+def test_pause_cancel_running_and_delete_force_flags() -> None:
+    parser = ctl._build_parser()
+    assert parser.parse_args(["pause", "--cancel-running"]).cancel_running is True
+    assert parser.parse_args(["pause", "v"]).cancel_running is False
+    assert parser.parse_args(["delete", "v", "--force"]).force is True
+
+
 def test_format_voices() -> None:
     text = ctl.format_voices(VOICES)
     assert text.splitlines()[1].split() == [

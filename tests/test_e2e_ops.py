@@ -59,7 +59,8 @@ def test_prometheus_scrapes_a_daemon_that_trained(make_daemon: Any, tmp_path: Pa
             lambda r: math.isfinite(by(r, "backend").get("fake", math.nan)),
         )
         jobs = by(q("beagled_jobs", lambda r: by(r, "state").get("reloaded") == 2), "state")
-        assert set(jobs) == {"queued", "training", "trained", "promoted", "reloaded", "failed", "rejected"}
+        every = {"queued", "training", "trained", "promoted", "reloaded", "failed", "rejected", "cancelled"}
+        assert set(jobs) == every
         assert jobs["failed"] == 0
         q("rate(beagled_submissions_total[1m])", lambda r: by(r, "outcome").get("accepted", 0) > 0)
         fb = q("beagled_backend_fallbacks_total", bool)

@@ -11,7 +11,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from beagled import manifest
+from beagled.errors import Conflict
 from tests.daemon_proc import DaemonProc, fake_backend, poll
 
 
@@ -292,3 +295,61 @@ def test_fair_between_voices_and_no_voice_sees_another_s_pairs(make_daemon: Any,
     for line in runs.read_text().splitlines():
         trained = line.split()[2].split(",")
         assert len({voice_of[p] for p in trained}) == 1, line  # what the trainer saw: one voice only
+
+
+def _trainers_of(d: DaemonProc) -> list[int]:
+    """Fake trainer processes of this daemon (their spec files lie in its state dir)."""
+    mark = str(d.state_dir)
+    return [
+        int(p)
+        for p in os.listdir("/proc")
+        if p.isdigit() and "fake_trainer.py" in _cmdline(p) and mark in _cmdline(p)
+    ]
+
+
+def test_pause_cancel_running_and_forced_delete_stop_the_training(make_daemon: Any, tmp_path: Path) -> None:
+    """By default pause lets the running training finish and delete_voice refuses; ``cancel_running`` /
+    ``force`` stop it (its process group is gone when the answer comes) and record ``JobCancelled``."""
+    mode = tmp_path / "mode"
+    mode.write_text("hang")
+    d = make_daemon(
+        {"training": {"heldout_share": 0.0, "timeout_s": 600.0}},
+        backend=fake_backend("ok", "--mode-file", str(mode)),
+    )
+    submit_n(d, 4)
+    (job,) = d.wait_jobs(lambda js: len(js) == 1 and js[0]["state"] == "training")
+    poll(lambda: _trainers_of(d), 30, what="the trainer to run")
+    with d.client() as c:
+        assert c.pause("default") == {"paused": True, "voice": "default"}
+        assert _trainers_of(d), "a plain pause lets the running training go on"
+        with pytest.raises(Conflict, match="work in progress"):
+            c.delete_voice("default")
+        assert c.pause("default", cancel_running=True)["paused"] is True
+        assert not _trainers_of(d), "the trainer's process group is gone when pause answers"
+        cancelled = c.job(job["job_id"])["job"]
+        (voice,) = c.voices()["voices"]
+    assert cancelled["state"] == "cancelled" and "pause" in cancelled["error"]
+    assert [h["event"] for h in cancelled["history"]][-1] == "JobCancelled"
+    assert voice["pending_pairs"] == job["pairs"], "its pairs are pending again"
+    mode.write_text("ok")
+    with d.client() as c:
+        c.resume("default")
+        c.train("default")  # 3 pending pairs < min_pairs (the held-back one judges): cut them now
+    (again,) = [
+        j
+        for j in d.wait_jobs(lambda js: any(j["state"] == "promoted" for j in js))
+        if j["state"] == "promoted"
+    ]
+    assert again["pairs"] == job["pairs"] and again["job_id"] != job["job_id"]
+
+    mode.write_text("hang")
+    submit_n(d, 4, voice="gone")
+    training = lambda j: j["voice"] == "gone" and j["state"] == "training"  # noqa: E731
+    (gone,) = [j for j in d.wait_jobs(lambda js: any(map(training, js))) if training(j)]
+    poll(lambda: _trainers_of(d), 30, what="its trainer to run")
+    with d.client() as c:
+        assert c.delete_voice("gone", force=True)["deleted"] is True
+        assert not _trainers_of(d), "the trainer's process group is gone when delete answers"
+        assert c.job(gone["job_id"])["job"]["state"] == "cancelled"
+        assert "gone" not in [v["voice"] for v in c.voices()["voices"]]
+        assert c.ping()

@@ -140,15 +140,21 @@ def test_ray_down_waits_with_backoff_or_falls_back_to_local(tmp_path: Path) -> N
                 await three.wait()  # three failed connections, and the try still waits: nothing failed
                 nursery.cancel_scope.cancel()
         assert all(m["fault"] == "ray_unreachable" for m in seen)
+        assert [m.get("outage") for m in seen] == ["started", None, None], "one start, not one per retry"
+        assert seen[0]["retry_at"] > time.time() - 60
         local = SubprocessTrainer(["fake"], custom={"fake": fake_backend("ok")}, spec_dir=tmp_path / "l")
         fb = ray_trainer(dead, tmp_path, backends=["fake"], fallback=local, on_fault=faults.append)
         await fb.probe_all()
         out = tmp_path / "fb" / "adapter"
         spec = spec_for(tmp_path, out, "j")  # the fake trainer reads no model
-        return await fb.run("fake", spec, _ignore)
+        return await fb.run("fake", spec, fallen.append)
 
+    fallen: list[dict[str, Any]] = []
     result = trio.run(main)
     assert result["executor"] == "local" and "unreachable" in result["fallback_reason"]
+    # the outage's ends, for the engine's events: its first failure marked once, then the fallback
+    marks = [(m.get("outage"), m.get("fallback")) for m in fallen if "outage" in m]
+    assert marks == [("started", None), ("ended", "local")], fallen
     assert {"unreachable", "fallback_local"} <= set(faults)
 
 
@@ -251,3 +257,134 @@ def test_ray_down_keeps_submits_fast(tiny_model: Path, make_daemon: Any) -> None
     assert job["state"] == "training" and job["attempt"] == 1, job  # waiting, not failing
     assert "unreachable" in status["backends"][0]["reason"]
     assert 'beagled_executor_faults_total{executor="ray",kind="unreachable"}' in _metrics(d)
+
+
+def test_warm_actor_is_replaced_after_warm_max_jobs(
+    ray_head: RayHead, tiny_model: Path, tmp_path: Path
+) -> None:
+    """With ``warm_max_jobs = 2`` the third job runs on a new actor; every adapter still verifies."""
+
+    async def main() -> list[dict[str, Any]]:
+        rt = ray_trainer(ray_head.address, tmp_path, warm_max_jobs=2)
+        try:
+            await rt.probe_all()
+            return [
+                await rt.run("mlx", spec_for(tiny_model, tmp_path / f"w{i}" / "adapter", f"w-{i}"), _ignore)
+                for i in range(3)
+            ]
+        finally:
+            await rt.aclose()
+
+    r = trio.run(main)
+    assert r[0]["actor_pid"] == r[1]["actor_pid"], "the warm actor took the second job"
+    assert r[2]["actor_pid"] != r[1]["actor_pid"], "after warm_max_jobs a new actor took the third"
+    for i in range(3):
+        assert verify(tmp_path / f"w{i}" / "adapter")["executor"] == "ray"
+    poll(lambda: not ray_head.worker_pids(), 30, what="aclose to end the actor")
+
+
+def _events_of(d: DaemonProc, job_id: str, *types: str) -> list[dict[str, Any]]:
+    return [e for e in d.events() if e["type"] in types and e["data"].get("job_id") == job_id]
+
+
+def _one_job(d: DaemonProc, pred: Any, timeout: float = 240.0) -> dict[str, Any]:
+    def find() -> dict[str, Any] | None:
+        with d.client() as c:
+            return next((j for j in c.jobs(limit=100)["jobs"] if pred(j)), None)
+
+    return dict(poll(find, timeout, what="a job"))
+
+
+def test_ray_down_at_start_then_up_and_lost_mid_job(tiny_model: Path, make_daemon: Any) -> None:
+    """Ray down at start: one ExecutorUnreachable however many retries, submits acked, the job waiting;
+    the head started: ExecutorOutageEnded and the job trains. The head lost while a job trains: a new
+    attempt, which waits for the cluster and completes once the head is back; the daemon never fails."""
+    port = free_port()
+    d: DaemonProc = make_daemon(_daemon_tables(tiny_model, f"127.0.0.1:{port}"), env=LOOPBACK_ENV)
+    _submit(d, "a")
+    first = _one_job(d, lambda j: j["state"] == "training")
+    retries = 0
+    with d.client(timeout=30) as c:
+        for msg in c.watch():  # the retries show on watch, with backoff (up to 1 s here)
+            p = msg.get("progress")
+            if p and p.get("fault") == "ray_unreachable":
+                retries += 1
+                if retries == 4:
+                    break
+    acks = _submit(d, "b", 3)  # 3 more: fewer than min_pairs, no second job yet
+    assert max(acks) < 5.0
+    with d.client() as c:
+        job = c.job(first["job_id"])["job"]
+        status = c.status()
+    assert job["state"] == "training" and job["waiting_for_executor"]["executor"] == "ray", job
+    assert "unreachable" in job["waiting_for_executor"]["error"]
+    assert "waits for the ray executor" in status["voices"]["default"]["waiting"]
+    assert len(_events_of(d, first["job_id"], "ExecutorUnreachable")) == 1, "one event, not one per retry"
+
+    head = RayHead(num_cpus=2, port=port)
+    try:
+        done = _one_job(d, lambda j: j["job_id"] == first["job_id"] and j["state"] in ("promoted", "failed"))
+        assert done["state"] == "promoted" and done["executor"] == "ray", done
+        kinds = [
+            e["type"] for e in _events_of(d, first["job_id"], "ExecutorUnreachable", "ExecutorOutageEnded")
+        ]
+        assert kinds == ["ExecutorUnreachable", "ExecutorOutageEnded"], kinds
+        with d.client() as c:
+            assert c.job(first["job_id"])["job"]["waiting_for_executor"] is None
+
+        _submit(d, "c", 1)  # the fourth pending pair: a second job
+        second = _one_job(d, lambda j: j["job_id"] != first["job_id"])
+        _training_progress(d, second["job_id"])
+        head.close()  # the cluster goes while the job trains
+        poll(
+            lambda: _events_of(d, second["job_id"], "ExecutorUnreachable"),
+            240,
+            what="the new attempt to wait",
+        )
+        with d.client() as c:
+            assert c.ping()
+            assert c.job(second["job_id"])["job"]["attempt"] >= 2
+        assert _submit(d, "d", 2)
+        head = RayHead(num_cpus=2, port=port)
+        job2 = _one_job(d, lambda j: j["job_id"] == second["job_id"] and j["state"] in ("promoted", "failed"))
+        assert job2["state"] == "promoted" and job2["executor"] == "ray" and job2["attempt"] >= 2, job2
+        history = json.dumps(d.events())
+        assert "TrainingFailed" in history and "ExecutorOutageEnded" in history
+    finally:
+        head.close()
+
+
+def test_pause_and_forced_delete_cancel_the_work_on_ray(
+    ray_head: RayHead, tiny_model: Path, make_daemon: Any
+) -> None:
+    """``pause --cancel-running`` and ``delete --force`` while a job trains on the head: its actor is
+    killed and the head's CPUs are free again; the job is cancelled (its pairs pending again for pause)."""
+    tables = _daemon_tables(tiny_model, ray_head.address)
+    tables["training.hyper"] = {"steps": 5000}  # long enough to be stopped halfway
+    d: DaemonProc = make_daemon(tables, env=LOOPBACK_ENV)
+
+    def nothing_left_after(actors: list[int]) -> None:
+        poll(lambda: not [pid for pid in actors if os.path.exists(f"/proc/{pid}")], 30, what="actors gone")
+        poll(lambda: ray_head.cluster()["available"].get("CPU") == ray_head.num_cpus, 60, what="CPUs free")
+        assert not ray_head.worker_pids()
+
+    _submit(d, "a")
+    p = _training_progress(d)
+    actors = poll(ray_head.worker_pids, 30, what="the actor")
+    with d.client() as c:
+        assert c.pause(cancel_running=True)["paused"] is True
+        job = c.job(p["job_id"])["job"]
+        (voice,) = c.voices()["voices"]
+    nothing_left_after(actors)
+    assert job["state"] == "cancelled" and voice["pending_pairs"] == job["pairs"], (job, voice)
+
+    with d.client() as c:
+        c.resume()
+        again = c.train("default")["job_id"]
+    _training_progress(d, again)
+    actors = poll(ray_head.worker_pids, 30, what="the next actor")
+    with d.client() as c:
+        assert c.delete_voice("default", force=True)["deleted"] is True
+        assert c.job(again)["job"]["state"] == "cancelled"
+        assert c.voices()["voices"] == [] and c.ping()
+    nothing_left_after(actors)

@@ -24,6 +24,7 @@ from beagled.cli import beagled_main
 from beagled.client import default_socket_path
 from beagled.config import from_mapping
 from beagled.errors import ConfigError, Conflict
+from beagled.events import PAYLOAD_TYPES
 from beagled.metrics import Metrics
 from tests.daemon_proc import fake_backend, poll
 
@@ -382,6 +383,10 @@ def test_readme_links_resolve_inside_the_repo_and_the_protocol_doc_covers_every_
     for code in ("forbidden", "not_found", "conflict", "unavailable", "internal"):
         assert f"`{code}`" in doc
     for field in ("prompt", "quality", "key", "heldout", "messages", "served_name", "heldout_pairs"):
+        assert f"`{field}`" in doc, field
+    for event_type in PAYLOAD_TYPES:  # every event a watch can show is named for users
+        assert f"`{event_type}`" in doc, event_type
+    for field in ("cancel_running", "force", "waiting_for_executor"):
         assert f"`{field}`" in doc, field
     assert "/v1/chat/completions" in doc
 

@@ -255,7 +255,7 @@ def test_illegal_event_raises_and_changes_nothing() -> None:
 def test_every_transition_in_the_table_is_forward_or_a_new_attempt() -> None:
     order = [JobState.QUEUED, JobState.TRAINING, JobState.TRAINED, JobState.PROMOTED, JobState.RELOADED]
     for (before, etype), after in jobs.TRANSITIONS.items():
-        if before is None or after in (JobState.FAILED, JobState.REJECTED):
+        if before is None or after in (JobState.FAILED, JobState.REJECTED, JobState.CANCELLED):
             continue
         assert order.index(after) >= order.index(before), (before, etype, after)
         if after == before:
@@ -265,6 +265,8 @@ def test_every_transition_in_the_table_is_forward_or_a_new_attempt() -> None:
                 "AttemptFailed",
                 "TrainingBlocked",  # no backend: the job waits where it is
                 "TrainingUnblocked",
+                "ExecutorUnreachable",  # the Ray cluster is down: the job waits where it is
+                "ExecutorOutageEnded",
                 "PromotionStarted",
                 "ReloadStarted",
                 "ReloadFailed",
@@ -362,6 +364,67 @@ def test_finished_jobs_leave_memory_but_stay_countable_and_foldable() -> None:
 
 
 # --- the crash-and-replay state machine -----------------------------------------------------------
+
+
+def training_job(pairs: int = 3) -> tuple[jobs.State, Log]:
+    s, log = jobs.State(), Log()
+    for i in range(pairs):
+        submit(s, log, "v", f"p{i}")
+    submit(s, log, "v", "h", heldout=True)
+    run(s, log, jobs.CutJob("v", "j1", "manual"))
+    run(s, log, jobs.StartAttempt("j1", ("mlx",)))
+    return s, log
+
+
+def test_an_executor_outage_is_one_event_each_way_and_shows_on_the_job() -> None:
+    s, log = training_job()
+    first = run(s, log, jobs.ReportOutage("j1", "ray", "ray at h:1 is unreachable", 1234.5))
+    assert [e.type for e in first] == ["ExecutorUnreachable"]
+    for _ in range(5):  # every later retry of the same outage records nothing
+        assert jobs.decide(s, jobs.ReportOutage("j1", "ray", "still unreachable", 2000.0)) == []
+    shown = s.jobs["j1"].public()["waiting_for_executor"]
+    assert shown == {"executor": "ray", "error": "ray at h:1 is unreachable", "since": first[0].at,
+                     "retry_at": 1234.5}  # fmt: skip
+    assert s.jobs["j1"].state == JobState.TRAINING
+    assert [e.type for e in run(s, log, jobs.ReportOutage("j1", "ray", None))] == ["ExecutorOutageEnded"]
+    assert jobs.decide(s, jobs.ReportOutage("j1", "ray", None)) == []
+    assert s.jobs["j1"].public()["waiting_for_executor"] is None
+    run(s, log, jobs.ReportOutage("j1", "ray", "down again"))
+    run(s, log, jobs.FinishTraining("j1", "mlx", "/a", 0.5, 1.0, 2.0, 3.0, 1.0, executor="local"))
+    assert s.jobs["j1"].executor_outage is None  # trained (locally, say): it no longer waits
+    assert jobs.decide(s, jobs.ReportOutage("j1", "ray", "late")) == []  # not training: nothing to say
+    assert jobs.replay(log.events) == s
+
+
+def test_pause_with_cancel_running_cancels_untrained_jobs_and_requeues_their_pairs() -> None:
+    s, log = training_job()
+    assert jobs.decide(s, jobs.SetPaused(True, "v")) == [ev.VoicePaused(voice="v")]  # the default: it runs on
+    out = run(s, log, jobs.SetPaused(True, "v", cancel_running=True))
+    assert [e.type for e in out] == ["VoicePaused", "JobCancelled"]
+    j, v = s.jobs["j1"], s.voices["v"]
+    assert j.state == JobState.CANCELLED and j.pending_intent is None and "pause" in (j.error or "")
+    assert [pid for pid, _ in v.pending] == list(j.pair_ids) and not set(j.pair_ids) & set(v.trained)
+    assert jobs.next_training(s, now=1e9) is None
+    # already paused: cancel_running still cancels what was cut since (a queued job of the voice)
+    run(s, log, jobs.CutJob("v", "j2", "manual"))
+    assert [e.type for e in run(s, log, jobs.SetPaused(True, "v", cancel_running=True))] == ["JobCancelled"]
+    assert jobs.replay(log.events) == s
+
+
+def test_delete_voice_refuses_busy_work_unless_forced_and_then_cancels_it() -> None:
+    s, log = training_job()
+    with pytest.raises(IllegalTransition, match="work in progress"):
+        jobs.decide(s, jobs.DeleteVoice("v"))
+    out = run(s, log, jobs.DeleteVoice("v", force=True))
+    assert [e.type for e in out] == ["JobCancelled", "VoiceDeleted"]
+    assert s.jobs["j1"].state == JobState.CANCELLED and "v" not in s.voices
+    # a promotion in flight is not stopped halfway: a forced delete still refuses
+    s, log = training_job()
+    run(s, log, jobs.FinishTraining("j1", "mlx", "/a", 0.5, 1.0, None, 3.0, 1.0))
+    run(s, log, jobs.Gate("j1", 0.0))
+    with pytest.raises(IllegalTransition, match="promotion or reload"):
+        jobs.decide(s, jobs.DeleteVoice("v", force=True))
+
 
 VOICES = st.sampled_from(["a", "b"])
 
@@ -483,13 +546,17 @@ class JobMachine(RuleBasedStateMachine):
         self.attempt(jobs.Rollback(voice))
         self.attempt(jobs.FinishRollback(voice, "/ad/rolled"))
 
-    @rule(paused=st.booleans(), voice=st.none() | VOICES)
-    def pause(self, paused: bool, voice: str | None) -> None:
-        self.attempt(jobs.SetPaused(paused, voice))
+    @rule(paused=st.booleans(), voice=st.none() | VOICES, cancel=st.booleans())
+    def pause(self, paused: bool, voice: str | None, cancel: bool) -> None:
+        self.attempt(jobs.SetPaused(paused, voice, cancel))
 
-    @rule(voice=VOICES, remove=st.booleans())
-    def delete_voice(self, voice: str, remove: bool) -> None:
-        self.attempt(jobs.DeleteVoice(voice, remove))
+    @rule(voice=VOICES, remove=st.booleans(), force=st.booleans())
+    def delete_voice(self, voice: str, remove: bool, force: bool) -> None:
+        self.attempt(jobs.DeleteVoice(voice, remove, force))
+
+    @rule(j=jobs_b, down=st.booleans())
+    def outage(self, j: str, down: bool) -> None:
+        self.attempt(jobs.ReportOutage(j, "ray", "unreachable" if down else None, self.log.clock + 5))
 
     @precondition(lambda self: bool(self.log.events))
     @rule()

@@ -124,3 +124,21 @@ def test_random_objects_are_accepted_or_refused_with_a_contract_code(obj: dict[s
         return
     assert r.op in protocol.OPS
     json.loads(protocol.encode_ok(r.id, {"echo": r.fields}))  # whatever passed validation encodes
+
+
+def test_pause_cancel_running_and_delete_force_are_booleans_defaulting_to_false() -> None:
+    def parse(obj: dict[str, object]) -> dict[str, object]:
+        return protocol.parse_request(json.dumps({"v": 1, "id": 1, **obj}).encode(), LIM).fields
+
+    assert parse({"op": "pause"}) == {"cancel_running": False}
+    assert parse({"op": "pause", "voice": "a", "cancel_running": True}) == {
+        "voice": "a",
+        "cancel_running": True,
+    }
+    assert parse({"op": "delete_voice", "voice": "a"})["force"] is False
+    assert parse({"op": "delete_voice", "voice": "a", "force": True})["force"] is True
+    for bad in ({"op": "pause", "cancel_running": "yes"}, {"op": "delete_voice", "voice": "a", "force": 1},
+                {"op": "resume", "cancel_running": True}):  # fmt: skip
+        with pytest.raises(protocol.RequestError) as e:
+            parse(bad)
+        assert e.value.code == "bad_request", bad

@@ -9,10 +9,13 @@ it one Ray actor holding the loaded base model; it is replaced after a failed jo
 Faults: a cluster that cannot be reached makes the try wait with exponential backoff (``backoff_s`` up
 to ``backoff_max_s``), each failed connection shown on ``watch`` as a progress line with a ``fault`` and
 counted in ``beagled_executor_faults_total`` — the daemon keeps serving meanwhile; with
-``fallback_local = true`` the try runs on the local trainer instead. A driver or actor lost mid-job
-fails the try (``TrainingFailed``, then the engine's next attempt gets a fresh actor). Cancellation
-(job timeout, daemon shutdown, pause or deletion of the voice) SIGTERMs the driver, which kills its
-actor before it exits; a driver killed outright takes its actor with it (Ray fate-sharing).
+``fallback_local = true`` the try runs on the local trainer instead. The first failed connection of a
+try is marked ``"outage": "started"`` and its first successful one (or the fallback) ``"outage":
+"ended"``: the engine records one ``ExecutorUnreachable`` / ``ExecutorOutageEnded`` event for each.
+A driver or actor lost mid-job fails the try (``TrainingFailed``, then the engine's next attempt gets
+a fresh actor). Cancellation (job timeout, daemon shutdown, ``pause`` with ``cancel_running``,
+``delete_voice`` with ``force``) SIGTERMs the driver, which kills its actor before it exits; a driver
+killed outright takes its actor with it (Ray fate-sharing).
 """
 
 from __future__ import annotations
@@ -228,32 +231,56 @@ class RayTrainer:
         delay = self.cfg.backoff_s
         if self.cfg.base_model:
             spec = {**spec, "base_model": self.cfg.base_model}
+        outage = False  # this try has failed to connect: its first connection ends the outage
+
+        def connected() -> None:
+            nonlocal outage
+            if outage:
+                outage = False
+                on_progress({"type": "progress", "outage": "ended", "executor": "ray"})
+
         while True:
             try:
                 lock = self._locks.setdefault(backend, trio.Lock())
                 async with lock:
-                    return await self._run_once(backend, spec, on_progress)
+                    return await self._run_once(backend, spec, on_progress, connected)
             except RayUnreachable as e:
                 self._on_fault("unreachable")
-                on_progress({"type": "progress", "fault": "ray_unreachable", "message": str(e)[:500]})
+                line: dict[str, Any] = {
+                    "type": "progress", "fault": "ray_unreachable", "message": str(e)[:500], "executor": "ray"
+                }  # fmt: skip
+                if not outage:  # the first failure of an outage: the engine records it (once)
+                    line.update(outage="started", retry_at=None if self.fallback else time.time() + delay)
+                outage = True
+                on_progress(line)
                 if self.fallback is not None:
                     log.warning("ray unreachable, training locally: %s", e, extra={"backend": backend})
                     self._on_fault("fallback_local")
+                    ended = {"type": "progress", "outage": "ended", "executor": "ray", "fallback": "local"}
+                    on_progress(ended)
                     result = await self.fallback.run(backend, spec, on_progress)
                     return {**result, "executor": "local", "fallback_reason": str(e)[:500]}
                 log.warning("ray unreachable, waiting %.1fs: %s", delay, e, extra={"backend": backend})
                 await trio.sleep(delay)  # backoff: there is nothing to wait on but time
                 delay = min(delay * 2, self.cfg.backoff_max_s)
 
-    async def _run_once(self, backend: str, spec: dict[str, Any], on_progress: Progress) -> dict[str, Any]:
+    async def _run_once(
+        self,
+        backend: str,
+        spec: dict[str, Any],
+        on_progress: Progress,
+        connected: Callable[[], None] = lambda: None,
+    ) -> dict[str, Any]:
         started = time.monotonic()
         driver = await self._spawn(backend)
         try:
             try:
                 await driver.wait_ready(self.cfg.connect_timeout_s)
             except WarmStartError as e:
+                connected()  # it answered: whatever failed, the cluster is reachable
                 self._on_fault("actor_start")
                 raise TrainingError(f"ray: cannot start the training actor: {e}", backend=backend) from e
+            connected()
             with trio.move_on_after(self.timeout_s) as scope:
                 result, error, stray = await driver.run({**spec, "backend": backend}, on_progress)
             if scope.cancelled_caught:
