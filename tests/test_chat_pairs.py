@@ -219,4 +219,4 @@ def test_a_job_of_chat_shaped_pairs_trains_and_is_promoted(
     prompt_only = _heldout_loss(tiny_model, adapter, heldout, chat=False)
     print(f"{backend}: eval_loss {job['eval_loss']:.6f}, chat {chat:.6f}, prompt-only {prompt_only:.6f}")
     assert chat == pytest.approx(job["eval_loss"], rel=1e-4)
-    assert prompt_only != pytest.approx(job["eval_loss"], rel=1e-3)
+    assert prompt_only != pytest.approx(job["eval_loss"], rel=5e-4)
