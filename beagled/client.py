@@ -226,8 +226,10 @@ def _submit_fields(
     quality: Mapping[str, float] | None,
     key: str | None,
     heldout: bool | None = None,
+    system: str | None = None,
+    messages: Sequence[Mapping[str, str]] | None = None,
 ) -> dict[str, Any]:
-    return {
+    out: dict[str, Any] = {
         "voice": voice,
         "bad": bad,
         "good": good,
@@ -236,6 +238,11 @@ def _submit_fields(
         "key": key,
         "heldout": heldout,
     }
+    if system is not None:  # sent only when given: a daemon from before chat-shaped pairs refuses them
+        out["system"] = system
+    if messages is not None:
+        out["messages"] = [dict(m) for m in messages]
+    return out
 
 
 class _LineBuffer:
@@ -417,11 +424,21 @@ class Client:
         quality: Mapping[str, float] | None = None,
         key: str | None = None,
         heldout: bool | None = None,
+        system: str | None = None,
+        messages: Sequence[Mapping[str, str]] | None = None,
     ) -> dict[str, Any]:
         return self.request(
             "submit",
             **_submit_fields(
-                bad, good, voice=voice, prompt=prompt, quality=quality, key=key, heldout=heldout
+                bad,
+                good,
+                voice=voice,
+                prompt=prompt,
+                quality=quality,
+                key=key,
+                heldout=heldout,
+                system=system,
+                messages=messages,
             ),
         )
 
@@ -667,11 +684,21 @@ class AsyncClient:
         quality: Mapping[str, float] | None = None,
         key: str | None = None,
         heldout: bool | None = None,
+        system: str | None = None,
+        messages: Sequence[Mapping[str, str]] | None = None,
     ) -> dict[str, Any]:
         return await self.request(
             "submit",
             **_submit_fields(
-                bad, good, voice=voice, prompt=prompt, quality=quality, key=key, heldout=heldout
+                bad,
+                good,
+                voice=voice,
+                prompt=prompt,
+                quality=quality,
+                key=key,
+                heldout=heldout,
+                system=system,
+                messages=messages,
             ),
         )
 

@@ -52,7 +52,7 @@ EXIT_NOT_RUNNING = 3
 EXIT_INTERRUPTED = 130
 
 PROG = "beaglectl"
-SUBMIT_KEYS = frozenset({"bad", "good", "voice", "prompt", "key", "quality"})
+SUBMIT_KEYS = frozenset({"bad", "good", "voice", "prompt", "key", "quality", "system", "messages"})
 #: A job that reaches one of these states has no more progress to show.
 _DONE_STATES = frozenset({"trained", "promoted", "reloaded", "failed", "rejected"})
 
@@ -456,9 +456,11 @@ def parse_submission(text: str) -> dict[str, Any]:
     for name in ("bad", "good"):
         if not isinstance(data.get(name), str):
             raise UsageError(f'stdin JSON needs "{name}" as a string')
-    for name in ("voice", "prompt", "key"):
+    for name in ("voice", "prompt", "key", "system"):
         if name in data and data[name] is not None and not isinstance(data[name], str):
             raise UsageError(f'"{name}" must be a string')
+    if data.get("messages") is not None and not isinstance(data["messages"], list):
+        raise UsageError('"messages" must be a list of {"role": ..., "content": ...}')
     quality = data.get("quality")
     if quality is not None and not isinstance(quality, dict):
         raise UsageError('"quality" must be an object {"before": number, "after": number}')
@@ -495,11 +497,29 @@ def _submission(args: argparse.Namespace) -> dict[str, Any]:
                 "or give --bad-file and --good-file"
             )
         data = parse_submission(sys.stdin.read())
-    for name in ("voice", "prompt", "key"):
+    for name in ("voice", "prompt", "key", "system"):
         value = getattr(args, name)
         if value is not None:
             data[name] = value
+    if args.messages_file is not None:
+        data["messages"] = _messages_file(
+            args.messages_file, stdin_taken=args.bad_file is None or "-" in (args.bad_file, args.good_file)
+        )
     return data
+
+
+def _messages_file(path: str, *, stdin_taken: bool) -> list[Any]:
+    """``--messages-file``: a JSON list of ``{"role", "content"}`` (the daemon checks each message)."""
+    if path == "-" and stdin_taken:
+        raise UsageError("--messages-file - needs --bad-file and --good-file from files (stdin is taken)")
+    text = _read_file(path, "--messages-file")
+    try:
+        messages = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--messages-file: {path} is not valid JSON: {e.msg} (line {e.lineno})") from e
+    if not isinstance(messages, list):
+        raise UsageError(f'--messages-file: {path} must hold a JSON list of {{"role": ..., "content": ...}}')
+    return messages
 
 
 # --- command line -------------------------------------------------------------------------------
@@ -557,6 +577,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--voice", help='voice (default "default", or the JSON\'s)')
     p.add_argument("--prompt", help="the prompt both drafts answer")
     p.add_argument("--key", help="idempotency key")
+    p.add_argument("--system", help="the system prompt of the conversation the drafts answer")
+    p.add_argument(
+        "--messages-file",
+        metavar="PATH",
+        help='the conversation before the drafts: a JSON list of {"role": ..., "content": ...} (- for stdin)',
+    )
     p = add("jobs", "list jobs, newest first")
     p.add_argument("--voice")
     p.add_argument("--state")

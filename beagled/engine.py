@@ -78,6 +78,21 @@ def idempotency_key(
     return scoped_key(secret, uid=uid, voice=voice, bad=bad, good=good, key=key)
 
 
+def training_example(p: ev.PairSubmitted, prompt_template: str) -> dict[str, Any]:
+    """A pair as a spec's training example. A chat-shaped pair carries its ``system`` and ``messages``
+    (rendered by ``beagled.training.render``) and its ``prompt`` only when given; any other pair without
+    a prompt gets ``training.prompt_template``."""
+    out: dict[str, Any] = {"pair_id": p.pair_id, "chosen": p.good, "rejected": p.bad}
+    if p.messages:
+        out["prompt"] = p.prompt or ""
+        out["messages"] = [dict(m) for m in p.messages]
+    else:
+        out["prompt"] = p.prompt if p.prompt is not None else prompt_template.format(bad=p.bad, voice=p.voice)
+    if p.system is not None:
+        out["system"] = p.system
+    return out
+
+
 class Wakeup:
     """Level-triggered wake-up for a loop: ``set`` from anywhere, ``wait`` until set or a deadline."""
 
@@ -350,6 +365,8 @@ class Engine:
             quality=fields.get("quality"),
             heldout=jobs.is_heldout(pair_id, share) if by_share else fields["heldout"],
             uid=uid,
+            system=fields.get("system"),
+            messages=tuple(fields["messages"]) if fields.get("messages") else None,
         )
         self._submits.append(_PendingSubmit(payload, arrived, on_done, heldout_by_share=by_share))
         self._submit_wakeup.set()
@@ -753,8 +770,7 @@ class Engine:
 
         def example(pid: str) -> dict[str, Any]:
             p = pairs[pid]
-            prompt = p.prompt if p.prompt is not None else t.prompt_template.format(bad=p.bad, voice=p.voice)
-            return {"pair_id": pid, "prompt": prompt, "chosen": p.good, "rejected": p.bad}
+            return training_example(p, t.prompt_template)
 
         current = self.voices.adapter_dir(job.voice, v.current_job) if v.current_job else None
         base = await trio.to_thread.run_sync(self._base_model_path)

@@ -38,7 +38,11 @@ def _plain(v: Any) -> Any:
 
 @dataclass(frozen=True)
 class PairSubmitted(Payload):
+    """A pair as submitted. Schema 2 adds ``system`` and ``messages`` (the conversation before the
+    draft, OpenAI chat format); schema-1 events are upcast with both absent (``_upcast_pair_v1``)."""
+
     TYPE: ClassVar[str] = "PairSubmitted"
+    SCHEMA: ClassVar[int] = 2
     pair_id: str
     voice: str
     bad: str
@@ -48,6 +52,8 @@ class PairSubmitted(Payload):
     quality: dict[str, float] | None = None
     heldout: bool = False
     uid: int | None = None  # the submitter's uid (None in logs from before roles)
+    system: str | None = None
+    messages: tuple[dict[str, str], ...] | None = None  # [{"role", "content"}, ...]; None: none given
 
     def stream(self) -> str:
         return f"voice:{self.voice}"
@@ -389,6 +395,9 @@ class WakeFailed(ServerEvent):
     error: str = ""
 
 
+DRAFT_FIELDS = ("bad", "good", "prompt", "system", "messages")  # what erasure blanks and watch elides
+
+
 PAYLOAD_TYPES: dict[str, type[Payload]] = {
     cls.TYPE: cls
     for cls in (
@@ -449,9 +458,18 @@ class Event:
         """The shape clients see in ``watch`` and ``job`` histories (drafts elided unless asked)."""
         data = self.payload.to_data()
         if not with_drafts and isinstance(self.payload, PairSubmitted):
-            for k in ("bad", "good", "prompt"):
+            for k in DRAFT_FIELDS:
                 data.pop(k, None)
         return {"seq": self.seq, "type": self.type, "at": self.at, "data": data}
+
+
+def _upcast_pair_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """PairSubmitted 1 -> 2: no conversation was recorded."""
+    return {**data, "system": None, "messages": None}
+
+
+# (type, schema) -> the function that turns that schema's data into the next one's
+UPCASTERS: dict[tuple[str, int], Any] = {("PairSubmitted", 1): _upcast_pair_v1}
 
 
 def decode(type_: str, schema: int, data: dict[str, Any]) -> Payload:
@@ -462,6 +480,11 @@ def decode(type_: str, schema: int, data: dict[str, Any]) -> Payload:
         raise ValueError(f"unknown event type {type_!r} in the log") from e
     if schema > cls.SCHEMA:
         raise ValueError(f"{type_} schema {schema} is newer than this beagled understands ({cls.SCHEMA})")
+    while schema < cls.SCHEMA:
+        upcast = UPCASTERS.get((type_, schema))
+        if upcast is not None:
+            data = upcast(data)
+        schema += 1
     kwargs: dict[str, Any] = {}
     hints = {f.name: f for f in dataclasses.fields(cls)}
     for k, v in data.items():

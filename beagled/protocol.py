@@ -28,6 +28,8 @@ VERSION = 1
 JOB_STATES = ("queued", "training", "trained", "promoted", "reloaded", "failed", "rejected")
 MAX_KEY_CHARS = 200
 MAX_ID_CHARS = 200
+MAX_MESSAGES = 64  # turns of a chat-shaped pair's conversation (submit's messages)
+ROLES = ("system", "user", "assistant")
 
 
 class LineBuffer:
@@ -154,10 +156,61 @@ def _submit(f: dict[str, Any], limits: Limits) -> dict[str, Any]:
         out["quality"] = _quality(f["quality"])
     if f.get("key") is not None:
         out["key"] = _str("key", f["key"], max_chars=MAX_KEY_CHARS, non_empty=True)
+    out.update(_conversation(f, limits, has_prompt="prompt" in out))
     if f.get("heldout") is not None:  # the loop's own evaluation pairs; default: training.heldout_share
         if not isinstance(f["heldout"], bool):
             raise BadRequest("heldout must be true or false")
         out["heldout"] = f["heldout"]
+    return out
+
+
+def _messages(v: Any, limits: Limits) -> list[dict[str, str]]:
+    if not isinstance(v, list):
+        raise BadRequest(
+            'messages must be a list of {"role": "system"|"user"|"assistant", "content": string}'
+        )
+    if len(v) > MAX_MESSAGES:
+        raise BadRequest(f"messages holds {len(v)} messages; the limit is {MAX_MESSAGES}")
+    out: list[dict[str, str]] = []
+    for i, m in enumerate(v):
+        name = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise BadRequest(f'{name} must be an object {{"role": ..., "content": ...}}')
+        extra = sorted(set(m) - {"role", "content"})
+        if extra:
+            raise BadRequest(
+                f"{name} takes only role and content, not {', '.join(repr(k[:64]) for k in extra[:5])}"
+            )
+        if "role" not in m or "content" not in m:
+            raise BadRequest(f"{name} needs role and content")
+        role = m["role"]
+        if not isinstance(role, str) or role not in ROLES:
+            raise BadRequest(f"{name}.role must be one of {', '.join(ROLES)}")
+        if role == "system" and i != 0:
+            raise BadRequest(f"{name}: a system message may only come first")
+        out.append({"role": role, "content": _draft(f"{name}.content", m["content"], limits)})
+    return out
+
+
+def _conversation(f: dict[str, Any], limits: Limits, *, has_prompt: bool) -> dict[str, Any]:
+    """``system`` and ``messages``: the conversation before the draft (see docs/protocol.md)."""
+    out: dict[str, Any] = {}
+    if f.get("system") is not None:
+        out["system"] = _draft("system", f["system"], limits)
+    messages = _messages(f["messages"], limits) if f.get("messages") is not None else []
+    if not messages:
+        return out
+    if "system" in out and messages[0]["role"] == "system":
+        raise BadRequest("give the system prompt once: as system or as messages[0], not both")
+    last = messages[-1]["role"]
+    if has_prompt and last == "user":
+        raise BadRequest(
+            "prompt is the last user turn after messages, and messages already ends with a user turn; "
+            "leave prompt out (or end messages with an assistant turn)"
+        )
+    if not has_prompt and last != "user":
+        raise BadRequest("messages must end with a user turn (the draft answers it), or give prompt")
+    out["messages"] = messages
     return out
 
 
@@ -233,7 +286,10 @@ def _delete_voice(f: dict[str, Any], _limits: Limits) -> dict[str, Any]:
 Validator = Callable[[dict[str, Any], Limits], dict[str, Any]]
 OPS: dict[str, tuple[frozenset[str], Validator]] = {
     "ping": (frozenset(), _none),
-    "submit": (frozenset({"voice", "bad", "good", "prompt", "quality", "key", "heldout"}), _submit),
+    "submit": (
+        frozenset({"voice", "bad", "good", "prompt", "quality", "key", "heldout", "system", "messages"}),
+        _submit,
+    ),
     "status": (frozenset(), _none),
     "jobs": (frozenset({"voice", "state", "limit"}), _jobs),
     "job": (frozenset({"job_id"}), _job),

@@ -120,17 +120,18 @@ _INSERT_PAIR = "INSERT INTO pairs (pair_id, seq) VALUES (?, ?)"
 _SELECT_EVENTS = "SELECT seq, version, type, schema, at, data FROM events"
 _SELECT_PUBLIC = {  # the drafts cut out by the database: a watch's history never loads a draft
     "sqlite": "SELECT seq, type, at, CASE WHEN type = 'PairSubmitted' "
-    "THEN json_remove(data, '$.bad', '$.good', '$.prompt') ELSE data END "
+    "THEN json_remove(data, '$.bad', '$.good', '$.prompt', '$.system', '$.messages') ELSE data END "
     "FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
     "postgresql": "SELECT seq, type, at, CASE WHEN type = 'PairSubmitted' "
-    "THEN (data::jsonb - 'bad' - 'good' - 'prompt')::text ELSE data END "
+    "THEN (data::jsonb - 'bad' - 'good' - 'prompt' - 'system' - 'messages')::text ELSE data END "
     "FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
 }
 _ERASE_DRAFTS = {
-    "sqlite": "UPDATE events SET data = json_set(data, '$.bad', '', '$.good', '', '$.prompt', NULL) "
-    "WHERE stream = ? AND type = 'PairSubmitted'",
+    "sqlite": "UPDATE events SET data = json_set(data, '$.bad', '', '$.good', '', '$.prompt', NULL, "
+    "'$.system', NULL, '$.messages', NULL) WHERE stream = ? AND type = 'PairSubmitted'",
     "postgresql": 'UPDATE events SET data = (data::jsonb || \'{"bad": "", "good": "", '
-    "\"prompt\": null}'::jsonb)::text WHERE stream = ? AND type = 'PairSubmitted'",
+    '"prompt": null, "system": null, "messages": null}\'::jsonb)::text '
+    "WHERE stream = ? AND type = 'PairSubmitted'",
 }
 
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode  # one encoder, reused
@@ -157,7 +158,10 @@ def scoped_key(secret: bytes, *, uid: int | None, voice: str, bad: str, good: st
 
 def content_of(secret: bytes, p: ev.PairSubmitted) -> str:
     """Keyed fingerprint of a pair's drafts: the same key with another fingerprint is a conflict."""
-    msg = "\x00".join((p.voice, p.bad, p.good, p.prompt or "")).encode("utf-8", "surrogatepass")
+    parts = [p.voice, p.bad, p.good, p.prompt or ""]
+    if p.system is not None or p.messages:  # a prompt-only pair keeps the fingerprint it always had
+        parts.append(_encode([p.system, list(p.messages or ())]))
+    msg = "\x00".join(parts).encode("utf-8", "surrogatepass")
     return hmac.new(secret, b"content\x00" + msg, hashlib.sha256).hexdigest()
 
 
@@ -201,6 +205,10 @@ def _data(p: ev.Payload) -> str:
             + ("true" if p.heldout else "false")
             + ',"uid":'
             + ("null" if p.uid is None else str(int(p.uid)))
+            + ',"system":'
+            + ("null" if p.system is None else _quote(p.system))
+            + ',"messages":'
+            + ("null" if p.messages is None else _encode(list(p.messages)))
             + "}"
         )
         return out
@@ -217,6 +225,8 @@ def _event(row: tuple[int, int, str, int, float, str]) -> ev.Event:
     payload: ev.Payload | None = None
     if type_ == "PairSubmitted" and schema == ev.PairSubmitted.SCHEMA:
         try:  # fast path; anything unexpected goes through the general decoder
+            if fields.get("messages") is not None:
+                fields["messages"] = tuple(fields["messages"])
             payload = ev.PairSubmitted(**fields)
         except TypeError:
             payload = None
@@ -655,7 +665,7 @@ class MemoryStore:
         for i, e in enumerate(self._events):
             p = e.payload
             if isinstance(p, ev.PairSubmitted) and p.voice == voice:
-                blank = dataclasses.replace(p, bad="", good="", prompt=None)
+                blank = dataclasses.replace(p, bad="", good="", prompt=None, system=None, messages=None)
                 self._events[i] = dataclasses.replace(e, payload=blank)
                 self._pairs[p.pair_id] = blank
                 n += 1

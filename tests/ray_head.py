@@ -47,7 +47,7 @@ class RayHead:
         self.num_cpus = num_cpus
         self.env = {**os.environ, **LOOPBACK_ENV}
         for attempt in range(3):  # a free port can be taken between probing and binding: pick others
-            self._start()
+            self._start(port)
             try:
                 self._wait_ready()
                 return
@@ -57,7 +57,7 @@ class RayHead:
                 if not taken or attempt == 2:
                     raise
 
-    def _start(self) -> None:
+    def _start(self, port: int | None) -> None:
         self.temp = Path(tempfile.mkdtemp(prefix="rayt-", dir="/tmp"))  # short: AF_UNIX paths
         gcs, om, nm, agent_grpc, agent_http, metrics, rtenv, dash = _free_ports(8)
         gcs = port or gcs

@@ -876,10 +876,35 @@ def test_ctl_submit_from_files(
     )
 
 
+def test_ctl_submit_a_conversation(
+    fake: FakeDaemon, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    convo = [{"role": "user", "content": "Tell Ana the report is late."}]
+    (tmp_path / "convo.json").write_text(json.dumps(convo), encoding="utf-8")
+    argv = ["--socket", fake.path, "submit", "--system", "You write short emails."]
+    argv += ["--messages-file", str(tmp_path / "convo.json")]
+    code, _, err = run_ctl(argv, capsys, monkeypatch, '{"bad": "a", "good": "b"}')
+    assert (code, err) == (0, "")
+    sent = fake.requests[-1]
+    assert (sent["system"], sent["messages"]) == ("You write short emails.", convo)
+    # the stdin JSON may carry them too; without them the request holds neither (an older daemon refuses them)
+    stdin = json.dumps({"bad": "a", "good": "b", "system": "S", "messages": convo})
+    assert run_ctl(["--socket", fake.path, "submit"], capsys, monkeypatch, stdin)[0] == 0
+    assert (fake.requests[-1]["system"], fake.requests[-1]["messages"]) == ("S", convo)
+    assert (
+        run_ctl(["--socket", fake.path, "submit"], capsys, monkeypatch, '{"bad": "a", "good": "b"}')[0] == 0
+    )
+    assert "system" not in fake.requests[-1] and "messages" not in fake.requests[-1]
+
+
 @pytest.mark.parametrize(
     ("extra", "stdin", "fragment"),
     [
         ([], "{oops", "not valid JSON"),
+        (["--messages-file", "/no/such/convo.json"], '{"bad": "a", "good": "b"}', "no such file"),
+        (["--messages-file", "-"], '{"bad": "a", "good": "b"}', "stdin is taken"),
+        ([], '{"bad": "a", "good": "b", "messages": "hi"}', '"messages" must be a list'),
+        ([], '{"bad": "a", "good": "b", "system": 1}', '"system" must be a string'),
         ([], "", "no input"),
         ([], '{"bad": "a"}', '"good"'),
         (["--bad-file", "x.txt"], "", "go together"),

@@ -142,3 +142,75 @@ def test_pause_cancel_running_and_delete_force_are_booleans_defaulting_to_false(
         with pytest.raises(protocol.RequestError) as e:
             parse(bad)
         assert e.value.code == "bad_request", bad
+
+
+# --- chat-shaped pairs: system and messages ---------------------------------------------------------
+
+
+def _submit(**fields: object) -> protocol.Request:
+    line = json.dumps({"v": 1, "id": 7, "op": "submit", "bad": "x", "good": "y", **fields})
+    return protocol.parse_request(line.encode(), LIM)
+
+
+def test_chat_shaped_submit_is_normalised() -> None:
+    msgs = [
+        {"role": "user", "content": "Write to Ana."},
+        {"role": "assistant", "content": "About what?"},
+        {"role": "user", "content": "The report."},
+    ]
+    r = _submit(system="You are Bea.", messages=msgs)
+    assert r.fields["system"] == "You are Bea." and r.fields["messages"] == msgs
+    assert "prompt" not in r.fields
+    # prompt after messages: the last user turn (messages then end with an assistant turn)
+    r = _submit(messages=msgs[:2], prompt="The report.")
+    assert r.fields["messages"] == msgs[:2] and r.fields["prompt"] == "The report."
+    # a system message first is fine; an empty list is as if none were given
+    assert _submit(messages=[{"role": "system", "content": "s"}, msgs[0]]).fields["messages"][0] == {
+        "role": "system",
+        "content": "s",
+    }
+    assert "messages" not in _submit(messages=[]).fields
+    assert _submit(system="only a system prompt").fields == {
+        "voice": "default", "bad": "x", "good": "y", "system": "only a system prompt"
+    }  # fmt: skip
+
+
+def _m(role: object, content: object = "x", **extra: object) -> dict[str, object]:
+    return {"role": role, "content": content, **extra}
+
+
+U, A, S = _m("user"), _m("assistant", "a"), _m("system", "s")
+
+
+@pytest.mark.parametrize(
+    ("fields", "code", "names"),
+    [
+        ({"messages": "hello"}, "bad_request", "messages must be a list"),
+        ({"messages": U}, "bad_request", "messages must be a list"),
+        ({"messages": ["hello"]}, "bad_request", "messages[0] must be an object"),
+        ({"messages": [_m("tool")]}, "bad_request", "messages[0].role must be one of"),
+        ({"messages": [_m(1)]}, "bad_request", "messages[0].role"),
+        ({"messages": [{"role": "user"}]}, "bad_request", "messages[0] needs role and content"),
+        ({"messages": [_m("user", 5)]}, "bad_request", "messages[0].content must be a string"),
+        ({"messages": [_m("user", None)]}, "bad_request", "messages[0].content must be a string"),
+        ({"messages": [_m("user", "")]}, "bad_request", "messages[0].content must not be empty"),
+        ({"messages": [_m("user", " \n")]}, "bad_request", "messages[0].content must not be blank"),
+        ({"messages": [_m("user", name="a")]}, "bad_request", "messages[0] takes only"),
+        ({"messages": [_m("user", "é" * 600)]}, "too_large", "messages[0].content is 1200 bytes"),
+        ({"messages": [U] * 65}, "bad_request", "messages holds 65 messages"),
+        ({"messages": [U, S, U]}, "bad_request", "messages[1]: a system message may only come first"),
+        ({"messages": [U, A]}, "bad_request", "must end with a user turn"),
+        ({"messages": [U], "prompt": "p"}, "bad_request", "already ends with a user turn"),
+        ({"system": "s", "messages": [S, U]}, "bad_request", "give the system prompt once"),
+        ({"system": 3}, "bad_request", "system must be a string"),
+        ({"system": ""}, "bad_request", "system must not be empty"),
+        ({"system": "s" * 1025}, "too_large", "system is 1025 bytes"),
+    ],
+)
+def test_bad_conversation_shapes_are_refused_naming_the_field(
+    fields: dict[str, object], code: str, names: str
+) -> None:
+    with pytest.raises(protocol.RequestError) as e:
+        _submit(**fields)
+    assert e.value.code == code and e.value.request_id == 7
+    assert names in str(e.value), str(e.value)

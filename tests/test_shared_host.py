@@ -275,15 +275,23 @@ def test_finding6_delete_voice_can_erase_its_drafts(make_daemon: Any) -> None:
     d = make_daemon()
     with d.client() as c:
         c.submit(bad="confidential merger memo", good="the confidential merger memo, rewritten", voice="gone")
+        c.submit(  # a chat-shaped pair: its system prompt and conversation go with the drafts
+            bad="short reply",
+            good="a better reply",
+            voice="gone",
+            system="secret system prompt of the acquirer",
+            messages=[{"role": "user", "content": "summarise the secret board minutes"}],
+        )
         c.submit(bad="keep this draft", good="keep this draft, better", voice="kept")
         r = c.delete_voice("gone", erase_drafts=True)
-        assert r["drafts_erased"] == 1
+        assert r["drafts_erased"] == 2
     d.stop()
     raw = b"".join(p.read_bytes() for p in d.state_dir.glob("events.sqlite3*"))
     assert b"confidential merger memo" not in raw and b"keep this draft" in raw
+    assert b"secret system prompt" not in raw and b"secret board minutes" not in raw
     d.start()  # the redacted log replays
     events = d.events()
-    assert events[-1]["type"] == "DraftsErased" and events[-1]["data"] == {"voice": "gone", "pairs": 1}
+    assert events[-1]["type"] == "DraftsErased" and events[-1]["data"] == {"voice": "gone", "pairs": 2}
     with d.client() as c:
         assert [v["voice"] for v in c.voices()["voices"]] == ["kept"]
 

@@ -68,11 +68,25 @@ def test_duplicate_by_key_and_by_content_survive_restart(daemon: DaemonProc) -> 
         by_content = c.submit(bad="b2", good="g2")
         assert c.submit(bad="b2", good="g2") == {**by_content, "duplicate": True}
         assert c.submit(bad="b2", good="g2", voice="other")["duplicate"] is False
+        chat = [{"role": "user", "content": "Write to Ana."}]
+        talk = c.submit(bad="b3", good="g3", key="loop-3", messages=chat, system="You are Bea.")
+        assert c.submit(bad="b3", good="g3", key="loop-3", messages=chat, system="You are Bea.") == {
+            **talk,
+            "duplicate": True,
+        }
+        for changed in ({"messages": [{"role": "user", "content": "Write to Ben."}]}, {"system": "Holt."}):
+            fields = {"bad": "b3", "good": "g3", "key": "loop-3", "messages": chat, "system": "You are Bea."}
+            got = c.pipeline([("submit", {**fields, **changed})])[0]
+            assert got["error"]["code"] == "conflict" and talk["pair_id"] in got["error"]["message"]
     daemon.kill()
     daemon.start()
     with daemon.client() as c:
         assert c.submit(bad="b1", good="g1", key="loop-1") == {**first, "duplicate": True}
         assert c.submit(bad="b2", good="g2") == {**by_content, "duplicate": True}
+        again = c.submit(bad="b3", good="g3", key="loop-3", messages=chat, system="You are Bea.")
+        assert again == {**talk, "duplicate": True}
+        other = c.pipeline([("submit", {"bad": "b3", "good": "g3", "key": "loop-3", "messages": chat})])[0]
+        assert other["error"]["code"] == "conflict"
 
 
 def test_pipelined_requests_answered_in_order(daemon: DaemonProc) -> None:

@@ -66,6 +66,75 @@ def test_submit_batch_deduplicates_within_and_across_batches(store: Store) -> No
     assert len(list(store.read(0))) == 3
 
 
+CHAT = (
+    {"role": "user", "content": "Write to Ana about the report."},
+    {"role": "assistant", "content": "Formal or casual?"},
+    {"role": "user", "content": "Casual, it is late."},
+)
+
+
+def chat_pair(i: int, key: str, messages: tuple[dict[str, str], ...] = CHAT) -> ev.PairSubmitted:
+    return dataclasses.replace(pair(i, key=key), system="You are Bea.", messages=messages)
+
+
+def test_chat_pairs_round_trip_conflict_on_other_messages_and_erase_with_the_drafts(store: Store) -> None:
+    r = store.submit_batch([chat_pair(1, "c1"), pair(2, key="plain")], 1.0)
+    assert [x.duplicate for x in r] == [False, False]
+    got = store.get_pairs(["p1", "p2"])
+    assert got["p1"] == chat_pair(1, "c1") and got["p1"].messages == CHAT
+    assert got["p2"].messages is None and got["p2"].system is None
+    assert [e.payload for e in store.read(0)] == [chat_pair(1, "c1"), pair(2, key="plain")]
+    assert all(e.schema == ev.PairSubmitted.SCHEMA == 2 for e in store.read(0))
+    public = store.read_public(0, 10)[0]["data"]  # watch never shows the conversation
+    assert "messages" not in public and "system" not in public and "bad" not in public
+    # the same key: the same conversation is a duplicate; another conversation (or none) is a conflict
+    again = store.submit_batch([dataclasses.replace(chat_pair(1, "c1"), pair_id="p7")], 2.0)[0]
+    assert (again.pair_id, again.duplicate, again.conflict) == ("p1", True, False)
+    other = chat_pair(8, "c1", messages=(*CHAT[:2], {"role": "user", "content": "Formal."}))
+    others = store.submit_batch(
+        [
+            dataclasses.replace(other, bad="bad 1", good="good 1"),
+            dataclasses.replace(chat_pair(9, "c1"), system="You are Holt."),
+            dataclasses.replace(pair(1, key="c1")),
+        ],
+        3.0,
+    )
+    assert [(x.pair_id, x.conflict) for x in others] == [("p1", True)] * 3
+    assert len(list(store.read(0))) == 2
+
+    erased = store.erase_drafts("v", 4.0)
+    assert erased[0].payload == ev.DraftsErased(voice="v", pairs=2)
+    blank = store.get_pairs(["p1"])["p1"]
+    assert (blank.bad, blank.good, blank.prompt, blank.system, blank.messages) == ("", "", None, None, None)
+    assert blank.key == chat_pair(1, "c1").key
+
+
+def test_a_schema_1_pair_is_upcast_with_no_conversation(tmp_path: Path) -> None:
+    path = tmp_path / "e.sqlite3"
+    s = SqliteStore(path)
+    s.close()
+    old = '{"pair_id":"p1","voice":"v","bad":"b","good":"g","key":"k1","prompt":"p","quality":null}'
+    db = sqlite3.connect(path)
+    with db:
+        db.execute(
+            "INSERT INTO events (seq, stream, version, type, schema, at, data, term) "
+            "VALUES (1, 'voice:v', 1, 'PairSubmitted', 1, 1.0, ?, NULL)",
+            (old,),
+        )
+        db.execute("INSERT INTO pairs (pair_id, seq) VALUES ('p1', 1)")
+    db.close()
+    s = SqliteStore(path)
+    [e] = list(s.read(0))
+    assert e.schema == 1
+    assert e.payload == ev.PairSubmitted(pair_id="p1", voice="v", bad="b", good="g", key="k1", prompt="p")
+    assert s.get_pairs(["p1"])["p1"].messages is None
+    s.close()
+    v1 = ev.decode("PairSubmitted", 1, {"pair_id": "p", "voice": "v", "bad": "b", "good": "g", "key": "k"})
+    assert isinstance(v1, ev.PairSubmitted) and (v1.system, v1.messages) == (None, None)
+    with pytest.raises(ValueError, match="newer"):
+        ev.decode("PairSubmitted", 3, {})
+
+
 def test_sqlite_survives_reopen_and_is_durable_by_configuration(tmp_path: Path) -> None:
     path = tmp_path / "e.sqlite3"
     s = SqliteStore(path)

@@ -202,7 +202,8 @@ def test_sleep_train_wake_load_and_kill_9_while_asleep(
     assert not sleeping()
     evs = d.events()
     rec = next(  # the first start-up wake
-i for i, e in enumerate(evs) if e["type"] == "WakeStarted" and e["data"]["reason"] == "recovery")
+        i for i, e in enumerate(evs) if e["type"] == "WakeStarted" and e["data"]["reason"] == "recovery"
+    )
     before = [e["type"] for e in evs[:rec] if e["type"] in SERVER_EVENTS]
     assert before[-2:] == ["SleepStarted", "Slept"] or before[-1] == "SleepStarted", before  # killed asleep
     after = [e for e in evs[rec:] if e["type"] in (*SERVER_EVENTS, "TrainingStarted", "ReloadStarted")]

@@ -38,6 +38,7 @@ from mlx_lm.tuner.utils import remove_lora_layers
 from beagled.errors import ConfigError, TrainingError
 from beagled.manifest import base_model_sha256 as manifest_base_sha256
 from beagled.manifest import model_files_key, sha256_file, write_manifest
+from beagled.training import render
 from beagled.training.convert import PeftAdapter, mlx_to_peft, peft_to_mlx
 from beagled.training.preference import preference_accuracy
 
@@ -134,45 +135,31 @@ MAX_GRAD_NORM = 1.0  # as transformers' Trainer (the peft and unsloth backends)
 
 
 class Encoder:
-    """Turns (prompt, completion) into token ids and the number of prompt tokens (masked in the loss)."""
+    """Turns (conversation, draft) into token ids and the number of prompt tokens (masked in the loss),
+    by ``beagled.training.render``: the same rendering as the torch backends."""
 
     def __init__(self, tokenizer: Any, max_seq_len: int) -> None:
         self.tok = getattr(tokenizer, "_tokenizer", tokenizer)  # mlx-lm's wrapper holds the HF tokenizer
         self.max_seq_len = max_seq_len
-        self.chat = bool(getattr(self.tok, "chat_template", None))
+        self.chat = render.has_chat_template(self.tok)
         eos = self.tok.eos_token_id
         self.eos_id: int | None = int(eos) if eos is not None else None
         pad = self.tok.pad_token_id
         self.pad_id = int(pad) if pad is not None else (self.eos_id or 0)
 
-    def _ids(self, text: str, *, special: bool) -> list[int]:
-        return [int(i) for i in self.tok.encode(text, add_special_tokens=special)]
-
     def encode(self, prompt: str, completion: str) -> tuple[list[int], int]:
-        if self.chat:
-            user = [{"role": "user", "content": prompt}]
-            head = self.tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-            full = self.tok.apply_chat_template(
-                [*user, {"role": "assistant", "content": completion}], tokenize=False
-            )
-            if not isinstance(head, str) or not isinstance(full, str) or not full.startswith(head):
-                raise TrainingError(
-                    "the chat template does not render the prompt as a prefix", backend=BACKEND
-                )
-            prompt_ids = self._ids(head, special=False)
-            completion_ids = self._ids(full[len(head) :], special=False)
-        else:
-            prompt_ids = self._ids(prompt, special=True)
-            completion_ids = self._ids(completion, special=False)
-            if self.eos_id is not None:
-                completion_ids.append(self.eos_id)
-        if not completion_ids:
-            raise TrainingError("a completion encodes to no tokens", backend=BACKEND)
-        limit = self.max_seq_len
-        if len(prompt_ids) + len(completion_ids) > limit:
-            completion_ids = completion_ids[: limit - min(len(prompt_ids), limit // 2)]
-            prompt_ids = prompt_ids[len(prompt_ids) - (limit - len(completion_ids)) :]
-        return prompt_ids + completion_ids, len(prompt_ids)
+        """A prompt-only pair (one user turn)."""
+        return self.encode_turns(render.conversation(prompt), completion)
+
+    def encode_turns(self, turns: list[render.Turn], completion: str) -> tuple[list[int], int]:
+        try:
+            return render.encode(self.tok, turns, completion, self.max_seq_len)
+        except TrainingError as e:
+            raise TrainingError(str(e), backend=BACKEND) from e
+
+    def encode_example(self, example: dict[str, Any], side: str) -> tuple[list[int], int]:
+        """A spec example's ``side`` (``chosen``/``rejected``) after its conversation."""
+        return self.encode_turns(render.example_turns(example), example[side])
 
 
 def _batch(examples: list[tuple[list[int], int]], pad_id: int) -> tuple[Any, Any, Any]:
@@ -466,10 +453,10 @@ def _train(spec: dict[str, Any], emit: Emit, session: Session) -> dict[str, Any]
     session.reset(release=False)  # bare and frozen, whoever used it before
     phase("load_s")
     encoder = Encoder(tokenizer, hyper["max_seq_len"])
-    train_set = [encoder.encode(p.get("prompt") or "", p["chosen"]) for p in spec["train"]]
+    train_set = [encoder.encode_example(p, "chosen") for p in spec["train"]]
     # [better drafts, worse drafts] of the held-out pairs that judge the job, and of its own siblings
     judged, siblings = (
-        [[encoder.encode(p.get("prompt") or "", p[k]) for p in spec.get(key) or []] for k in PAIR_SIDES]
+        [[encoder.encode_example(p, k) for p in spec.get(key) or []] for k in PAIR_SIDES]
         for key in ("heldout", "siblings")
     )  # fmt: skip
     heldout = judged[0]

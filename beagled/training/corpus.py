@@ -138,3 +138,24 @@ def voice_pairs(n: int, seed: int = 0, style: str = "plain") -> list[tuple[str, 
             good = _noise(rng)
         out.append((prompt, bad, good))
     return out
+
+
+CHAT_SYSTEM = "You are Bea's writing assistant. Answer with the note only."
+
+
+def chat_pairs(
+    n: int, seed: int = 0, style: str = "plain"
+) -> list[tuple[str, list[dict[str, str]], str, str]]:
+    """``n`` deterministic chat-shaped ``(system, messages, bad, good)``: the ``voice_pairs`` facts asked
+    for over a short conversation (a request, the assistant's question, the user's answer); the draft is
+    the assistant turn that answers it."""
+    out = []
+    for prompt, bad, good in voice_pairs(n, seed=seed, style=style):
+        ask, facts = prompt.split(": ", 1)
+        messages = [
+            {"role": "user", "content": ask + "."},
+            {"role": "assistant", "content": "Sure. What should it say?"},
+            {"role": "user", "content": facts[0].upper() + facts[1:]},
+        ]
+        out.append((CHAT_SYSTEM, messages, bad, good))
+    return out

@@ -4,11 +4,11 @@ A backend only says how to load the base model and how to put LoRA on it (``Torc
 worker passes a ``Session`` that keeps the base model loaded between jobs;
 ``run_training`` does the rest of the worker protocol (docs/internals.md):
 
-- **data**: every pair is encoded once by ``encode_example``: the tokenizer's chat template when it has
-  one (user = prompt, assistant = completion), else ``prompt + completion + eos``; the completion starts
-  where the tokenized prompt and prompt+completion diverge (TRL's rule), labels are ``-100`` on the
-  prompt; a pair longer than ``max_seq_len`` keeps the prompt's end and the completion's start (the mlx
-  backend's rule). SFT gets this pre-tokenized dataset (``input_ids`` + ``labels``), so training and
+- **data**: every pair is encoded once by ``encode_example``, which is ``beagled.training.render``
+  (shared with the mlx backend): the conversation (system, messages, prompt) and the draft as the
+  assistant turn, by the tokenizer's chat template when it has one, else the plain rendering; labels are
+  ``-100`` on the conversation; a pair longer than ``max_seq_len`` keeps the prompt's end and the
+  completion's start. SFT gets this pre-tokenized dataset (``input_ids`` + ``labels``), so training and
   evaluation see exactly the same tokens whatever trainer patches a backend brings.
 - **training**: TRL ``SFTTrainer`` (completion-only loss through the labels) or ``DPOTrainer``
   (chosen = better draft, rejected = worse; ``ref_model=None``, so the reference is the model with its
@@ -47,7 +47,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from beagled.errors import TrainingError
 from beagled.manifest import MANIFEST, PEFT_FILES, base_model_sha256, model_files_key, write_manifest
+from beagled.training import render
 from beagled.training.preference import preference_accuracy
 
 # them, and Unsloth must be imported before any of them)
@@ -159,6 +161,11 @@ class Pair:
     prompt: str
     chosen: str
     rejected: str
+    system: str | None = None
+    messages: tuple[dict[str, str], ...] = ()  # the conversation before the draft (render.conversation)
+
+    def turns(self) -> list[render.Turn]:
+        return render.conversation(self.prompt, self.system, self.messages)
 
 
 def parse_pairs(raw: Any, what: str) -> list[Pair]:
@@ -174,7 +181,23 @@ def parse_pairs(raw: Any, what: str) -> list[Pair]:
         chosen, rejected = item.get("chosen"), item.get("rejected")
         if not isinstance(prompt, str) or not isinstance(chosen, str) or not isinstance(rejected, str):
             raise SpecError(f"{what}[{i}] needs string prompt, chosen and rejected")
-        out.append(Pair(str(item.get("pair_id", i)), prompt, chosen, rejected))
+        system, messages = item.get("system"), item.get("messages") or []
+        if system is not None and not isinstance(system, str):
+            raise SpecError(f"{what}[{i}].system must be a string")
+        try:
+            render.conversation(prompt, system, messages)
+        except TrainingError as e:
+            raise SpecError(f"{what}[{i}]: {e}") from None
+        out.append(
+            Pair(
+                str(item.get("pair_id", i)),
+                prompt,
+                chosen,
+                rejected,
+                system,
+                tuple({"role": m["role"], "content": m["content"]} for m in messages),
+            )
+        )
     return out
 
 
@@ -350,52 +373,31 @@ def library_versions(names: Sequence[str]) -> dict[str, str]:
 # Data
 
 
-def _ids(encoded: Any) -> list[int]:
-    """``apply_chat_template``/``__call__`` return a list or a dict-like with ``input_ids``, by version."""
-    if hasattr(encoded, "keys") and "input_ids" in encoded:
-        encoded = encoded["input_ids"]
-    if hasattr(encoded, "tolist"):
-        encoded = encoded.tolist()
-    if encoded and isinstance(encoded[0], list):  # a batch of one
-        encoded = encoded[0]
-    return [int(t) for t in encoded]
+has_chat_template = render.has_chat_template
 
 
-def has_chat_template(tokenizer: Any) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
+def encode_example(
+    tokenizer: Any,
+    prompt: str,
+    completion: str,
+    max_len: int,
+    *,
+    system: str | None = None,
+    messages: Sequence[dict[str, str]] = (),
+) -> Example:
+    """``(input_ids, labels)`` with labels ``-100`` on the conversation, at most ``max_len`` tokens, as
+    ``beagled.training.render.encode`` renders it (the same tokens as the mlx backend)."""
+    ids, n_prompt = render.encode(
+        tokenizer, render.conversation(prompt, system, messages), completion, max_len
+    )
+    return ids, [IGNORE] * n_prompt + ids[n_prompt:]
 
 
-def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def encode_example(tokenizer: Any, prompt: str, completion: str, max_len: int) -> Example:
-    """``(input_ids, labels)`` with labels ``-100`` on the prompt, at most ``max_len`` tokens.
-
-    Too long: the completion keeps its first ``max_len - min(len(prompt), max_len // 2)`` tokens and the
-    prompt its last ones (the mlx backend's rule).
-    """
-    if has_chat_template(tokenizer):
-        user = [{"role": "user", "content": prompt}]
-        both = [*user, {"role": "assistant", "content": completion}]
-        prompt_ids = _ids(tokenizer.apply_chat_template(user, tokenize=True, add_generation_prompt=True))
-        full_ids = _ids(tokenizer.apply_chat_template(both, tokenize=True))
-    else:
-        eos = tokenizer.eos_token or ""
-        prompt_ids = _ids(tokenizer(prompt))
-        text = prompt + completion
-        full_ids = _ids(tokenizer(text if text.endswith(eos) else text + eos))
-    n_prompt = common_prefix_length(prompt_ids, full_ids)
-    head, tail = full_ids[:n_prompt], full_ids[n_prompt:]
-    if len(head) + len(tail) > max_len:  # as the mlx backend: keep the prompt's end, the completion's start
-        tail = tail[: max_len - min(len(head), max_len // 2)]
-        head = head[len(head) - (max_len - len(tail)) :]
-    return head + tail, [IGNORE] * len(head) + tail
+def encode_pair(tokenizer: Any, pair: Pair, completion: str, max_len: int) -> Example:
+    """``encode_example`` of one of ``pair``'s drafts after its conversation."""
+    return encode_example(
+        tokenizer, pair.prompt, completion, max_len, system=pair.system, messages=pair.messages
+    )
 
 
 def n_loss_tokens(example: Example) -> int:
@@ -406,11 +408,11 @@ def conversational(tokenizer: Any, pair: Pair) -> dict[str, Any]:
     """A DPO row in TRL's format: conversational with a chat template, else plain strings."""
     if has_chat_template(tokenizer):
         return {
-            "prompt": [{"role": "user", "content": pair.prompt}],
+            "prompt": pair.turns(),
             "chosen": [{"role": "assistant", "content": pair.chosen}],
             "rejected": [{"role": "assistant", "content": pair.rejected}],
         }
-    return {"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected}
+    return {"prompt": render.plain_prompt(pair.turns()), "chosen": pair.chosen, "rejected": pair.rejected}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -483,8 +485,8 @@ def evaluate(
     max_len, bs = spec.hyper.max_seq_len, spec.hyper.batch_size
     encoded = {
         name: (
-            [encode_example(tokenizer, p.prompt, p.chosen, max_len) for p in pairs],
-            [encode_example(tokenizer, p.prompt, p.rejected, max_len) for p in pairs],
+            [encode_pair(tokenizer, p, p.chosen, max_len) for p in pairs],
+            [encode_pair(tokenizer, p, p.rejected, max_len) for p in pairs],
         )
         for name, pairs in (("heldout", spec.heldout), ("siblings", spec.siblings))
         if pairs
@@ -634,7 +636,7 @@ def train_sft(
 
     rows = []
     for pair in spec.train:
-        ids, labels = encode_example(tokenizer, pair.prompt, pair.chosen, spec.hyper.max_seq_len)
+        ids, labels = encode_pair(tokenizer, pair, pair.chosen, spec.hyper.max_seq_len)
         if n_loss_tokens((ids, labels)):
             rows.append(sft_row(ids, labels))
     if not rows:
@@ -839,9 +841,7 @@ def run_training(
         save_adapter(model, spec.out_dir)
         loader.before_eval(model)
         losses = evaluate(model, tokenizer, spec, pad_id, loader.load_served)
-        train_examples = [
-            encode_example(tokenizer, p.prompt, p.chosen, spec.hyper.max_seq_len) for p in spec.train
-        ]
+        train_examples = [encode_pair(tokenizer, p, p.chosen, spec.hyper.max_seq_len) for p in spec.train]
         model.set_adapter("default")
         train_loss = mean_nll(model, train_examples, pad_id, spec.hyper.batch_size)
         out({"type": "log", "message": f"trained {spec.hyper.steps} steps in {train_s:.1f}s; {losses}"})
