@@ -219,7 +219,12 @@ def test_sleep_train_wake_load_and_kill_9_while_asleep(
     d.start()
     poll(lambda: not sleeping(), timeout=60, what="woken from the old marker")
     assert not marker.exists()
-    adopted = [e for e in d.events()[seen:] if e["type"] in SERVER_EVENTS]
+
+    def adopted_events() -> list[dict[str, Any]]:
+        return [e for e in d.events()[seen:] if e["type"] in SERVER_EVENTS]
+
+    # the server answers awake a moment before the daemon records it
+    adopted = poll(lambda: (a := adopted_events()) and a[-1]["type"] != "WakeStarted" and a, timeout=30)
     assert [e["type"] for e in adopted] == ["SleepStarted", "WakeStarted", "Woken"], adopted
     assert adopted[0]["data"]["job_id"] == "old-job" and adopted[0]["data"]["urls"] == [vllm.url]
     d.stop()

@@ -75,6 +75,7 @@ class SleepGuard:
         self._by_url = {s.url: s for s in self.servers}
         self._training = False  # inside ``asleep``: the reconcile loop leaves the wake to it
         self._retry_at = 0.0
+        self._waking = trio.Lock()  # held by a retried wake
         self._retry_backoff_s = 2.5
 
     def _server(self, url: str) -> Sleeper | None:
@@ -125,8 +126,9 @@ class SleepGuard:
         now = time.monotonic()
         if not self.sleeping() or self._training or now < self._retry_at:
             return
-        with trio.move_on_after(self.wake_timeout_s):
-            await self.wake("retry")
+        async with self._waking:
+            with trio.move_on_after(self.wake_timeout_s):
+                await self.wake("retry")
         if self.sleeping():
             self._retry_backoff_s = min(300.0, self._retry_backoff_s * 2)
             self._retry_at = time.monotonic() + self._retry_backoff_s
@@ -178,6 +180,8 @@ class SleepGuard:
             return
         self._training = True
         try:
+            async with self._waking:  # a retried wake (reconcile) finishes before servers go to sleep
+                pass
             urls = tuple(s.url for s in self.servers)
             await self.record(jobs.StartSleep(urls, self.level, job_id))  # durable before the request
             started = time.monotonic()
