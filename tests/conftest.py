@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,13 @@ import pytest
 
 from tests.daemon_proc import DaemonProc, fake_backend
 from tests.pg import PgServer
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A shell without job control starts a background command ignoring SIGINT, and every child inherits
+    # that; a test that sends Ctrl-C to a child (``beaglectl watch``) needs it delivered as in a terminal.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture

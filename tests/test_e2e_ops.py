@@ -189,20 +189,24 @@ class Watcher:
         self.proc.send_signal(signal.SIGINT)
         rc = self.proc.wait(10)
         self._thread.join(5)
-        assert self.proc.stderr is not None
-        self.proc.stdout.close()  # type: ignore[union-attr]
-        self.proc.stderr.close()
+        self.close()
         return rc
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 @pytest.fixture
 def watcher() -> Iterator[list[Watcher]]:
     made: list[Watcher] = []
     yield made
-    for w in made:
-        if w.proc.poll() is None:
-            w.proc.kill()
-            w.proc.wait()
+    for w in made:  # whatever the test did: no process and no pipe outlives it
+        w.close()
 
 
 def test_beaglectl_end_to_end(make_daemon: Any, watcher: list[Watcher]) -> None:
