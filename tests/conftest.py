@@ -20,8 +20,15 @@ def pytest_configure(config: pytest.Config) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    report = yield
+    setattr(item, f"report_{report.when}", report)  # the fixtures below look at how the test went
+    return report
+
+
 @pytest.fixture
-def make_daemon(tmp_path: Path) -> Iterator[Callable[..., DaemonProc]]:
+def make_daemon(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., DaemonProc]]:
     made: list[DaemonProc] = []
 
     def make(
@@ -48,7 +55,10 @@ def make_daemon(tmp_path: Path) -> Iterator[Callable[..., DaemonProc]]:
         return d
 
     yield make
+    call = getattr(request.node, "report_call", None)
     for d in made:
+        if call is not None and call.failed:  # a failure on a loaded machine is read from its daemon's log
+            print(f"--- {d.root}: daemon log, last 8000 characters ---\n{d.log_text()[-8000:]}")
         d.close()
 
 
