@@ -40,7 +40,7 @@ from beagled.errors import TrainingError
 
 log = logging.getLogger("beagled.training")
 
-WARM_BACKENDS = frozenset({"mlx", "peft"})  # built-in backends whose worker has a ``serve`` mode
+WARM_BACKENDS = frozenset({"mlx", "peft", "unsloth"})  # built-in backends whose worker has a ``serve`` mode
 WARM_RETRY_AFTER_S = 300.0  # after a warm worker failed to start, run cold this long before trying again
 
 Progress = Callable[[dict[str, Any]], None]
