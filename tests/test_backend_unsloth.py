@@ -1,11 +1,14 @@
 """The ``unsloth`` backend for real: the training worker as a subprocess on the tiny model.
 
-Opt-in: Unsloth brings its own torch (several GB), so it lives in its own environment. Run with
+Unsloth pins its own transformers, trl and peft, so it lives in its own environment, ``.venv-unsloth``
+(``scripts/unsloth-venv`` builds it). ``scripts/test`` runs this file there after the main run, as
 
     BEAGLED_TEST_UNSLOTH=1 .venv-unsloth/bin/python -m pytest tests/test_backend_unsloth.py
 
-The worker runs under the interpreter that runs pytest. Without a CUDA device Unsloth falls back to
-the CPU; the tests then set ``BEAGLED_UNSLOTH_ALLOW_CPU=1`` so the backend trains there for real.
+and with ``BEAGLED_TEST_UNSLOTH=1`` a missing Unsloth is a failure, not a skip; without it (the main
+run) the file skips. The worker runs under the interpreter that runs pytest. Without a CUDA device
+Unsloth falls back to the CPU; the tests then set ``BEAGLED_UNSLOTH_ALLOW_CPU=1`` so the backend trains
+there for real.
 """
 
 from __future__ import annotations
@@ -20,9 +23,12 @@ from typing import Any
 import pytest
 
 if os.environ.get("BEAGLED_TEST_UNSLOTH") != "1":
-    pytest.skip("set BEAGLED_TEST_UNSLOTH=1 (in the .venv-unsloth environment)", allow_module_level=True)
+    pytest.skip(
+        "runs in .venv-unsloth with BEAGLED_TEST_UNSLOTH=1 (scripts/test's second run)",
+        allow_module_level=True,
+    )
 
-pytest.importorskip("unsloth", exc_type=ImportError)
+import unsloth  # noqa: F401  (asked for: a missing or broken Unsloth fails here)
 
 from beagled import manifest
 from tests.worker_run import Run, run_worker, serve_jobs, spec_for, voice_data, worker_env
