@@ -136,6 +136,7 @@ def warm_cold(args: argparse.Namespace, base: Path, tmp: Path) -> None:
     train, heldout, other = rows(pairs[:16], "t"), rows(pairs[16:24], "h"), rows(pairs[24:], "o")
     cold_s, warm_s, direct_s, train_s = [], [], [], {"cold": [], "warm": []}
     diffs: list[float] = []
+    direct_error = ""
     b = args.backend
     warm = Warm(tmp, b)
     try:
@@ -163,9 +164,13 @@ def warm_cold(args: argparse.Namespace, base: Path, tmp: Path) -> None:
             data.write_text(json.dumps({"base": str(base), "out": str(tmp / f"direct{r}"), "train": train,
                                         "hyper": {**HYPER, "steps": args.steps}}))  # fmt: skip
             t0 = time.perf_counter()
-            subprocess.run([sys.executable, str(REPO / "bench" / "_direct_trl.py"), str(data)],
-                           capture_output=True, text=True, env=env(), check=True)  # fmt: skip
-            direct_s.append(time.perf_counter() - t0)
+            direct = subprocess.run([sys.executable, str(REPO / "bench" / "_direct_trl.py"), str(data)],
+                                    capture_output=True, text=True, env=env(), check=False)  # fmt: skip
+            if direct.returncode == 0:
+                direct_s.append(time.perf_counter() - t0)
+            else:  # say why, and still print the rest of the table
+                direct_error = (direct.stderr.strip().splitlines() or ["no stderr"])[-1][:200]
+                print(f"direct TRL script failed: {direct_error}", file=sys.stderr)
     finally:
         warm.close()
     med = statistics.median
@@ -177,7 +182,8 @@ def warm_cold(args: argparse.Namespace, base: Path, tmp: Path) -> None:
     print("| --- | --- | --- |")
     print(f"| cold (`worker train`, fresh process) | {med(cold_s):.2f} | {med(train_s['cold']):.2f} |")
     print(f"| warm (`worker serve {b}`, 2nd+ job) | {med(warm_s):.2f} | {med(train_s['warm']):.2f} |")
-    print(f"| direct TRL script (no eval) | {med(direct_s):.2f} | - |")
+    direct_cell = f"{med(direct_s):.2f}" if direct_s else f"failed: {direct_error}"
+    print(f"| direct TRL script (no eval) | {direct_cell} | - |")
 
 
 def main() -> None:
