@@ -164,7 +164,8 @@ def warm_cold(args: argparse.Namespace, base: Path, tmp: Path) -> None:
             data.write_text(json.dumps({"base": str(base), "out": str(tmp / f"direct{r}"), "train": train,
                                         "hyper": {**HYPER, "steps": args.steps}}))  # fmt: skip
             t0 = time.perf_counter()
-            direct = subprocess.run([sys.executable, str(REPO / "bench" / "_direct_trl.py"), str(data)],
+            direct_argv = [sys.executable, str(REPO / "bench" / "_direct_trl.py"), str(data)]
+            direct = subprocess.run(direct_argv + (["--unsloth"] if b == "unsloth" else []),
                                     capture_output=True, text=True, env=env(), check=False)  # fmt: skip
             if direct.returncode == 0:
                 direct_s.append(time.perf_counter() - t0)
@@ -183,7 +184,8 @@ def warm_cold(args: argparse.Namespace, base: Path, tmp: Path) -> None:
     print(f"| cold (`worker train`, fresh process) | {med(cold_s):.2f} | {med(train_s['cold']):.2f} |")
     print(f"| warm (`worker serve {b}`, 2nd+ job) | {med(warm_s):.2f} | {med(train_s['warm']):.2f} |")
     direct_cell = f"{med(direct_s):.2f}" if direct_s else f"failed: {direct_error}"
-    print(f"| direct TRL script (no eval) | {direct_cell} | - |")
+    direct_name = "direct TRL script, Unsloth imported first" if b == "unsloth" else "direct TRL script"
+    print(f"| {direct_name} (no eval) | {direct_cell} | - |")
 
 
 def main() -> None:
