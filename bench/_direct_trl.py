@@ -1,9 +1,11 @@
 """A direct TRL LoRA SFT run, as a user would write it: the baseline of ``torch_jobs.py warm-cold``.
 
-    python bench/_direct_trl.py DATA.json    (DATA: {"base", "out", "train": [pairs], "hyper": {...}})
+    python bench/_direct_trl.py DATA.json [--unsloth]   (DATA: {"base", "out", "train": [pairs], "hyper"})
 
 Same model, pairs (chat-rendered prompt/completion, loss on the completion only), LoRA and
-hyper-parameters as the peft backend; no held-out evaluation, no manifest.
+hyper-parameters as the peft backend; no held-out evaluation, no manifest. ``--unsloth`` imports
+Unsloth first, as an Unsloth user's script does (in ``.venv-unsloth`` plain TRL fails on a CPU: its
+fused LM-head loss calls a triton kernel, triton being there for Unsloth, with no driver to run it).
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def main(path: str) -> None:
+def main(path: str, with_unsloth: bool = False) -> None:
+    if with_unsloth:
+        import unsloth  # noqa: F401  (before trl, peft and transformers: it patches them)
     import datasets
     import torch
     import transformers
@@ -53,4 +57,4 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], "--unsloth" in sys.argv[2:])

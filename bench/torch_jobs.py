@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/torch_jobs.py objectives [--steps 40] [--jobs 3] [--objectives sft,dpo,sft+dpo]
     .venv/bin/python bench/torch_jobs.py warm-cold [--steps 40] [--repeat 3]
+    .venv-unsloth/bin/python bench/torch_jobs.py warm-cold --backend unsloth   # Unsloth (CPU fallback here)
 
 ``objectives``: for each of ``sft``, ``dpo`` and ``sft+dpo`` (``dpo_weight`` 1), three jobs of the
 synthetic voice (16 new pairs each, ``init_adapter`` and ``served_adapter`` = the previous job's adapter,
@@ -42,8 +43,8 @@ HYPER = {  # the daemon's defaults (beagled.config.HyperConfig)
 }  # fmt: skip
 
 
-def env() -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+def env() -> dict[str, str]:  # (Unsloth's CPU fallback allowed, for --backend unsloth on a CPU machine)
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "BEAGLED_UNSLOTH_ALLOW_CPU": "1"}
 
 
 def rows(pairs: list[tuple[str, str, str]], prefix: str) -> list[dict[str, str]]:
@@ -63,11 +64,11 @@ def spec(base: Path, out: Path, job: str, train: list[dict[str, str]], heldout: 
 
 
 class Warm:
-    """One ``worker serve peft`` process; ``job(spec)`` sends a spec and waits for its result line."""
+    """One ``worker serve BACKEND`` process; ``job(spec)`` sends a spec and waits for its result line."""
 
-    def __init__(self, cwd: Path) -> None:
+    def __init__(self, cwd: Path, backend: str = "peft") -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "beagled.training.worker", "serve", "peft"],
+            [sys.executable, "-m", "beagled.training.worker", "serve", backend],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             text=True, env=env(), cwd=cwd,
         )  # fmt: skip
@@ -134,11 +135,14 @@ def warm_cold(args: argparse.Namespace, base: Path, tmp: Path) -> None:
     pairs = voice_pairs(16 + 8 + 16, seed=12, style="plain")
     train, heldout, other = rows(pairs[:16], "t"), rows(pairs[16:24], "h"), rows(pairs[24:], "o")
     cold_s, warm_s, direct_s, train_s = [], [], [], {"cold": [], "warm": []}
-    warm = Warm(tmp)
+    diffs: list[float] = []
+    direct_error = ""
+    b = args.backend
+    warm = Warm(tmp, b)
     try:
-        warm.job(spec(base, tmp / "warmup", "w0", other, heldout, hyper={"steps": 2}))  # imports, load
+        warm.job(spec(base, tmp / "warmup", "w0", other, heldout, hyper={"steps": 2}, backend=b))  # load
         for r in range(args.repeat):
-            s = spec(base, tmp / f"cold{r}", "j", train, heldout, hyper={"steps": args.steps})
+            s = spec(base, tmp / f"cold{r}", "j", train, heldout, hyper={"steps": args.steps}, backend=b)
             path = tmp / f"cold{r}.json"
             path.write_text(json.dumps(s))
             t0 = time.perf_counter()
@@ -147,32 +151,41 @@ def warm_cold(args: argparse.Namespace, base: Path, tmp: Path) -> None:
             cold_s.append(time.perf_counter() - t0)
             cold = json.loads(proc.stdout.splitlines()[-1])
             train_s["cold"].append(cold["train_s"])
-            w = spec(base, tmp / f"warm{r}", "j", train, heldout, hyper={"steps": args.steps})
+            w = spec(base, tmp / f"warm{r}", "j", train, heldout, hyper={"steps": args.steps}, backend=b)
             result, wall = warm.job(w)
             warm_s.append(wall)
             train_s["warm"].append(result["train_s"])
-            a = load_file(str(Path(s["out_dir"]) / "adapter_model.safetensors"))
-            b = load_file(str(Path(w["out_dir"]) / "adapter_model.safetensors"))
-            diff = max(float(abs(a[k] - b[k]).max()) for k in a)
+            cold_w = load_file(str(Path(s["out_dir"]) / "adapter_model.safetensors"))
+            warm_w = load_file(str(Path(w["out_dir"]) / "adapter_model.safetensors"))
+            diff = max(float(abs(cold_w[k] - warm_w[k]).max()) for k in cold_w)
+            diffs.append(diff)
             assert diff < 1e-6, f"warm adapter differs from cold by {diff}"
             data = tmp / f"direct{r}.json"
             data.write_text(json.dumps({"base": str(base), "out": str(tmp / f"direct{r}"), "train": train,
                                         "hyper": {**HYPER, "steps": args.steps}}))  # fmt: skip
             t0 = time.perf_counter()
-            subprocess.run([sys.executable, str(REPO / "bench" / "_direct_trl.py"), str(data)],
-                           capture_output=True, text=True, env=env(), check=True)  # fmt: skip
-            direct_s.append(time.perf_counter() - t0)
+            direct_argv = [sys.executable, str(REPO / "bench" / "_direct_trl.py"), str(data)]
+            direct = subprocess.run(direct_argv + (["--unsloth"] if b == "unsloth" else []),
+                                    capture_output=True, text=True, env=env(), check=False)  # fmt: skip
+            if direct.returncode == 0:
+                direct_s.append(time.perf_counter() - t0)
+            else:  # say why, and still print the rest of the table
+                direct_error = (direct.stderr.strip().splitlines() or ["no stderr"])[-1][:200]
+                print(f"direct TRL script failed: {direct_error}", file=sys.stderr)
     finally:
         warm.close()
     med = statistics.median
     print(
-        f"# one job: 16 pairs, {args.steps} steps, peft, CPU, median of {args.repeat}; warm == cold adapters"
+        f"# one job: 16 pairs, {args.steps} steps, {b}, CPU, median of {args.repeat}; warm == cold adapters"
+        f" (max abs difference {max(diffs):.3g})"
     )
     print("| run | wall s (request → adapter on disk) | of which training s |")
     print("| --- | --- | --- |")
     print(f"| cold (`worker train`, fresh process) | {med(cold_s):.2f} | {med(train_s['cold']):.2f} |")
-    print(f"| warm (`worker serve peft`, 2nd+ job) | {med(warm_s):.2f} | {med(train_s['warm']):.2f} |")
-    print(f"| direct TRL script (no eval) | {med(direct_s):.2f} | - |")
+    print(f"| warm (`worker serve {b}`, 2nd+ job) | {med(warm_s):.2f} | {med(train_s['warm']):.2f} |")
+    direct_cell = f"{med(direct_s):.2f}" if direct_s else f"failed: {direct_error}"
+    direct_name = "direct TRL script, Unsloth imported first" if b == "unsloth" else "direct TRL script"
+    print(f"| {direct_name} (no eval) | {direct_cell} | - |")
 
 
 def main() -> None:
@@ -182,6 +195,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--objectives", default="sft,dpo,sft+dpo")
+    ap.add_argument("--backend", default="peft", choices=["peft", "unsloth"], help="warm-cold only")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="beagled-bench-torch-") as d:
         tmp = Path(d)

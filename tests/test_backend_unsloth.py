@@ -1,11 +1,14 @@
 """The ``unsloth`` backend for real: the training worker as a subprocess on the tiny model.
 
-Opt-in: Unsloth brings its own torch (several GB), so it lives in its own environment. Run with
+Unsloth pins its own transformers, trl and peft, so it lives in its own environment, ``.venv-unsloth``
+(``scripts/unsloth-venv`` builds it). ``scripts/test`` runs this file there after the main run, as
 
     BEAGLED_TEST_UNSLOTH=1 .venv-unsloth/bin/python -m pytest tests/test_backend_unsloth.py
 
-The worker runs under the interpreter that runs pytest. Without a CUDA device Unsloth falls back to
-the CPU; the tests then set ``BEAGLED_UNSLOTH_ALLOW_CPU=1`` so the backend trains there for real.
+and with ``BEAGLED_TEST_UNSLOTH=1`` a missing Unsloth is a failure, not a skip; without it (the main
+run) the file skips. The worker runs under the interpreter that runs pytest. Without a CUDA device
+Unsloth falls back to the CPU; the tests then set ``BEAGLED_UNSLOTH_ALLOW_CPU=1`` so the backend trains
+there for real.
 """
 
 from __future__ import annotations
@@ -20,12 +23,15 @@ from typing import Any
 import pytest
 
 if os.environ.get("BEAGLED_TEST_UNSLOTH") != "1":
-    pytest.skip("set BEAGLED_TEST_UNSLOTH=1 (in the .venv-unsloth environment)", allow_module_level=True)
+    pytest.skip(
+        "runs in .venv-unsloth with BEAGLED_TEST_UNSLOTH=1 (scripts/test's second run)",
+        allow_module_level=True,
+    )
 
-pytest.importorskip("unsloth", exc_type=ImportError)
+import unsloth  # noqa: F401  (asked for: a missing or broken Unsloth fails here)
 
 from beagled import manifest
-from tests.worker_run import Run, run_worker, spec_for, voice_data, worker_env
+from tests.worker_run import Run, run_worker, serve_jobs, spec_for, voice_data, worker_env
 
 pytestmark = [pytest.mark.unsloth, pytest.mark.slow]
 
@@ -172,3 +178,80 @@ def test_dpo_raises_the_heldout_margin(base_model: Path, data: dict[str, Any], t
         "manifest.json",
     ]
     manifest.verify(run.out_dir)
+
+
+def test_a_warm_worker_keeps_the_base_and_trains_what_a_cold_run_trains(
+    base_model: Path, data: dict[str, Any], sft_run: Run, tmp_path: Path
+) -> None:
+    from safetensors.numpy import load_file
+
+    assert sft_run.rc == 0, sft_run.stderr[-4000:]
+    other = make_spec(
+        base_model, tmp_path / "a", data, "j-uwarm-a", objective="dpo", hyper={"steps": 3, "seed": 7}
+    )
+    same = make_spec(base_model, tmp_path / "b", data, "j-uwarm-b", siblings=data["heldout"][:3])
+    first, second = serve_jobs(tmp_path, BACKEND, [other, same], env=unsloth_env())
+    assert first.rc == 0 and second.rc == 0, second.lines[-3:]
+    assert first.result["worker_pid"] == second.result["worker_pid"]  # one process, the base loaded once
+    assert second.result["load_s"] < first.result["load_s"] / 5, (first.result, second.result)
+    warm = load_file(str(second.out_dir / "adapter_model.safetensors"))
+    cold = load_file(str(sft_run.out_dir / "adapter_model.safetensors"))
+    assert warm.keys() == cold.keys() == PEFT_KEYS
+    for key, value in cold.items():  # after another job (DPO, another seed), the same adapter
+        assert float(abs(warm[key] - value).max()) < 1e-6, key
+    for key in ("eval_loss", "train_loss", "base_eval_loss"):
+        assert second.result[key] == pytest.approx(sft_run.result[key], abs=1e-6), key
+    manifest.verify(second.out_dir)
+
+
+def test_the_daemons_warm_unsloth_worker_is_recycled_and_replaced(
+    base_model: Path, data: dict[str, Any], tmp_path: Path
+) -> None:
+    """``SubprocessTrainer(warm=True)``: kept between jobs, a fresh one after ``warm_max_jobs`` jobs and
+    after a failed job (its whole process group gone), and the job after a failure trains normally."""
+    import trio
+
+    from beagled.errors import TrainingError
+    from beagled.training.runner import SubprocessTrainer
+    from tests.test_warm_trainer import poll_dead
+
+    small = {"steps": 4, "max_seq_len": 128}
+
+    def job(name: str, **hyper: Any) -> dict[str, Any]:
+        return make_spec(base_model, tmp_path / name, data, f"j-{name}", hyper={**small, **hyper})
+
+    def ignore(_msg: dict[str, Any]) -> None:
+        pass
+
+    async def main() -> tuple[list[dict[str, Any]], int]:
+        t = SubprocessTrainer(
+            [BACKEND],
+            spec_dir=tmp_path / "specs",
+            env={"BEAGLED_UNSLOTH_ALLOW_CPU": "1"},
+            warm=True,
+            warm_max_jobs=2,
+            timeout_s=600.0,
+            probe_timeout_s=300.0,
+        )
+        try:
+            results = [await t.run(BACKEND, job(name), ignore) for name in ("w1", "w2")]
+            replacement = t.warm_pid(BACKEND)  # started when the first one retired after 2 jobs
+            assert replacement is not None
+            with pytest.raises(TrainingError, match="no_such_proj"):
+                await t.run(BACKEND, job("bad", target_modules=["no_such_proj"]), ignore)
+            results.append(await t.run(BACKEND, job("w3"), ignore))
+            return results, replacement
+        finally:
+            await t.aclose()
+
+    (r1, r2, r3), failed_pid = trio.run(main)
+    assert r1["worker_pid"] == r2["worker_pid"]  # the base model kept between jobs
+    assert r2["load_s"] < r1["load_s"] / 5, (r1, r2)
+    assert failed_pid != r1["worker_pid"]  # retired after warm_max_jobs = 2
+    assert r3["worker_pid"] not in (r1["worker_pid"], failed_pid)  # the failed job's worker replaced
+    assert poll_dead(failed_pid)
+    assert not (tmp_path / "bad" / "j-bad.partial-1" / "manifest.json").exists()
+    for name in ("w1", "w2", "w3"):
+        manifest.verify(tmp_path / name / f"j-{name}.partial-1")
+    for warm_or_fresh in (r2, r3):  # the same spec (another out_dir): the same adapter's losses
+        assert warm_or_fresh["eval_loss"] == pytest.approx(r1["eval_loss"], abs=1e-6)

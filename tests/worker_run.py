@@ -112,7 +112,14 @@ def spec_for(
     }
 
 
-def serve_jobs(tmp: Path, backend: str, specs: list[dict[str, Any]], *, timeout: float = 600) -> list[Run]:
+def serve_jobs(
+    tmp: Path,
+    backend: str,
+    specs: list[dict[str, Any]],
+    *,
+    timeout: float = 600,
+    env: dict[str, str] | None = None,
+) -> list[Run]:
     """Run ``specs`` one after another through one warm worker (``worker serve BACKEND``)."""
     stdin = "".join(json.dumps(spec) + "\n" for spec in specs)
     proc = subprocess.run(
@@ -122,7 +129,7 @@ def serve_jobs(tmp: Path, backend: str, specs: list[dict[str, Any]], *, timeout:
         text=True,
         timeout=timeout,
         cwd=tmp,
-        env=worker_env(),
+        env=env or worker_env(),
         check=False,
     )
     lines = [json.loads(line) for line in proc.stdout.splitlines()]

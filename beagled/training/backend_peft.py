@@ -88,6 +88,9 @@ class PeftLoader:
     def before_eval(self, model: Any) -> None:
         pass
 
+    def load_key(self, spec: Spec) -> tuple[Any, ...]:
+        return ()  # ``load`` reads nothing from the spec but the base model
+
 
 def new_session() -> Session:
     """A warm worker's session (``worker serve peft``): the base model stays loaded between jobs."""

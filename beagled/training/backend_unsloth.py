@@ -10,6 +10,12 @@ before ``PeftLoader.prepare`` has imported it. Continuing from ``init_adapter`` 
 adapter's own configuration through ``get_peft_model`` and loads its weights, so Unsloth's patched
 layers are kept.
 
+A warm worker (``worker serve unsloth``) passes one ``Session`` to every job, as the peft backend does:
+the base stays loaded between jobs (reloaded when ``max_seq_len`` or the checkpointing choice, which
+``from_pretrained`` takes, change), the job's LoRA layers are taken out after it, and Unsloth's
+logits switch (set for evaluation) is put back before the next job trains, so a warm job trains the
+adapter a cold process trains.
+
 Without a CUDA device Unsloth falls back to stock transformers + PEFT + TRL on the CPU, which is what
 the ``peft`` backend does already; ``probe`` therefore reports the backend unavailable there unless
 ``BEAGLED_UNSLOTH_ALLOW_CPU=1`` (the tests use it to run this backend for real on a CPU machine).
@@ -24,6 +30,7 @@ from typing import Any
 
 from beagled.training.torch_common import (
     Emit,
+    Session,
     Spec,
     SpecError,
     TorchLoader,
@@ -35,6 +42,8 @@ from beagled.training.torch_common import (
 NAME = "unsloth"
 VERSIONS = ("unsloth", "unsloth_zoo", "torch", "transformers", "peft", "trl", "xformers", "bitsandbytes")
 ALLOW_CPU_ENV = "BEAGLED_UNSLOTH_ALLOW_CPU"
+RETURN_LOGITS_ENV = "UNSLOTH_RETURN_LOGITS"
+_RETURN_LOGITS_AT_START = os.environ.get(RETURN_LOGITS_ENV)  # as a cold process starts its job
 
 
 def _import_unsloth() -> Any:
@@ -93,9 +102,13 @@ class UnslothLoader:
         # Unsloth's offloaded checkpointing pays on a GPU; on the CPU it is plain recomputation.
         return spec.hyper.extra.get("gradient_checkpointing", "unsloth" if use_cuda else False)
 
+    def load_key(self, spec: Spec) -> tuple[Any, ...]:
+        return (spec.hyper.max_seq_len, repr(spec.hyper.extra.get("gradient_checkpointing")))
+
     def lora(self, model: Any, spec: Spec, lora_kwargs: dict[str, Any]) -> tuple[Any, Any]:
         from unsloth import FastLanguageModel
 
+        _restore_return_logits()  # a warm worker's previous job set it for its evaluation
         kwargs = dict(lora_kwargs)
         if spec.init_adapter is not None:
             kwargs.update(_adapter_lora_kwargs(spec.init_adapter))
@@ -117,8 +130,15 @@ class UnslothLoader:
 
     def before_eval(self, model: Any) -> None:
         # Unsloth's fused loss leaves logits empty unless asked for them; eval needs them.
-        os.environ["UNSLOTH_RETURN_LOGITS"] = "1"
+        os.environ[RETURN_LOGITS_ENV] = "1"
         model.eval()
+
+
+def _restore_return_logits() -> None:
+    if _RETURN_LOGITS_AT_START is None:
+        os.environ.pop(RETURN_LOGITS_ENV, None)
+    else:
+        os.environ[RETURN_LOGITS_ENV] = _RETURN_LOGITS_AT_START
 
 
 def _adapter_lora_kwargs(adapter: Path) -> dict[str, Any]:
@@ -150,6 +170,13 @@ def _load_adapter_weights(model: Any, adapter: Path) -> None:
         )
 
 
-def train(spec: dict[str, Any], emit: Emit) -> dict[str, Any]:
+def new_session() -> Session:
+    """A warm worker's session (``worker serve unsloth``): the base model stays loaded between jobs."""
+    with stdout_to_stderr():  # ``serve`` probed first, so Unsloth is imported; this keeps it so
+        _import_unsloth()
+    return Session()
+
+
+def train(spec: dict[str, Any], emit: Emit, session: Session | None = None) -> dict[str, Any]:
     loader: TorchLoader = UnslothLoader()
-    return run_training(spec, emit, loader)
+    return run_training(spec, emit, loader, session)

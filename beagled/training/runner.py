@@ -41,7 +41,7 @@ from beagled.errors import TrainingError
 
 log = logging.getLogger("beagled.training")
 
-WARM_BACKENDS = frozenset({"mlx", "peft"})  # built-in backends whose worker has a ``serve`` mode
+WARM_BACKENDS = frozenset({"mlx", "peft", "unsloth"})  # built-in backends whose worker has a ``serve`` mode
 WARM_RETRY_AFTER_S = 300.0  # after a warm worker failed to start, run cold this long before trying again
 PROBE_RETRIES = 3  # a probe that timed out is asked again this many times, each timeout twice the last
 PROBE_TIMEOUT_MAX_FACTOR = 8  # ... up to this multiple of ``probe_timeout_s``

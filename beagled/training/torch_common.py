@@ -744,11 +744,16 @@ class TorchLoader(Protocol):
         """Put the trained model in a state whose forward returns logits."""
         ...
 
+    def load_key(self, spec: Spec) -> tuple[Any, ...]:
+        """What else of ``spec`` ``load`` depends on: a warm session reloads the base when it changes."""
+        ...
+
 
 class Session:
     """A warm worker's base model and tokenizer, kept (on the device) between jobs.
 
-    Reloaded only when the base model's path, its files or the device choice change. After a job the
+    Reloaded only when the base model's path, its files, the device choice or what else the loader's
+    ``load`` reads from the spec (``load_key``) change. After a job the
     LoRA layers are taken out again (``PeftModel.unload``, which puts the original linear layers back
     unmerged), so the next job starts from the bare base; the seed is set after loading, so a job
     initialises and trains the same adapter here as in a cold process. A failed job ends the worker
@@ -761,7 +766,10 @@ class Session:
         self.tokenizer: Any = None
 
     def get(self, spec: Spec, loader: TorchLoader, use_cuda: bool, bf16: bool) -> tuple[Any, Any]:
-        key = (str(spec.base_model.resolve()), model_files_key(spec.base_model), use_cuda, bf16)
+        key = (
+            str(spec.base_model.resolve()), model_files_key(spec.base_model), use_cuda, bf16,
+            *loader.load_key(spec),
+        )  # fmt: skip
         if self.model is None or self.key != key:
             self.reset()
             self.model, self.tokenizer = loader.load(spec, use_cuda, bf16)
