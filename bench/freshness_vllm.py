@@ -118,6 +118,7 @@ def main() -> None:
             "reload.vllm": {"url": url, "naming": "versioned"},
         })  # fmt: skip
         rows = []
+        parts: list[tuple[float, float, float, float]] = []
         try:
             daemon.start().ready(timeout=120)
             pairs = voice_pairs(8 * args.jobs, seed=9, style="plain")
@@ -129,7 +130,7 @@ def main() -> None:
                         c.submit(bad=bad, good=good, prompt=prompt, voice="fresh")
                     prompt, bad, good = pairs[8 * n + 7]
                     before = c.voices()["voices"][0].get("served_name") if n else None
-                    sent = time.perf_counter()
+                    sent, sent_wall = time.perf_counter(), time.time()
                     c.submit(bad=bad, good=good, prompt=prompt, voice="fresh")
                     while True:
                         (v,) = c.voices()["voices"]
@@ -147,6 +148,13 @@ def main() -> None:
                     at = {h["event"]: h["at"] for h in job["history"]}
                     train = at["TrainingSucceeded"] - at["TrainingStarted"]
                     rows.append((n + 1, name, fresh, train))
+                    nan = float("nan")  # where the overhead goes (the events' wall-clock times)
+                    parts.append((
+                        at.get("TrainingStarted", nan) - sent_wall,
+                        at.get("ReloadStarted", nan) - at["TrainingSucceeded"],
+                        at.get("Reloaded", nan) - at.get("ReloadStarted", nan),
+                        sent_wall + fresh - at.get("Reloaded", nan),
+                    ))  # fmt: skip
                     msg = f"job {n + 1}: {name} answered {fresh:.2f} s after the send; training {train:.2f} s"
                     print(msg, flush=True)
         finally:
@@ -158,6 +166,10 @@ def main() -> None:
     for n, name, fresh, train in rows:
         ok = "PASS" if fresh <= train + 1 else "FAIL"
         print(f"| {n} | {name} | {fresh:.2f} | {train:.2f} | {fresh - train:.2f} | {ok} |")
+    print("\n| job | send → training started s | trained → reload started s | reload s | → answer s |")
+    print("| --- | --- | --- | --- | --- |")
+    for (n, *_), (pre, gate, reload, after) in zip(rows, parts, strict=True):
+        print(f"| {n} | {pre:.2f} | {gate:.2f} | {reload:.2f} | {after:.2f} |")
     over = sorted(fresh - train for _, _, fresh, train in rows)
     if over:
         median = statistics.median(over)
