@@ -451,11 +451,6 @@ class SqlStore:
             if row is not None:
                 yield int(row[0]), int(row[1]), bytes(row[2])
 
-    def find_key(self, key: str) -> tuple[str, int] | None:
-        with self._read_db() as db:
-            r = db.execute("SELECT pair_id, seq FROM idempotency WHERE key = ?", (key,)).fetchone()
-        return (r[0], r[1]) if r else None
-
     def read(self, from_seq: int = 0, *, batch: int = 5000) -> Iterator[ev.Event]:
         """Events with ``seq > from_seq``, in order, read in batches (a long replay holds no lock)."""
         last = from_seq
@@ -642,10 +637,6 @@ class MemoryStore:
 
     def submitters(self) -> list[tuple[int, str]]:
         return sorted(self._submitters)
-
-    def find_key(self, key: str) -> tuple[str, int] | None:
-        found = self._keys.get(key)
-        return (found[0], found[1]) if found else None
 
     def read(self, from_seq: int = 0) -> Iterator[ev.Event]:
         return iter([e for e in self._events if e.seq > from_seq])
