@@ -20,7 +20,7 @@ from pathlib import Path
 
 import trio
 
-from beagled import logs, secrets
+from beagled import jobs, logs, secrets
 from beagled.bounds import check_not_writable_by_others, raise_nofile_limit
 from beagled.config import Config
 from beagled.engine import Engine
@@ -149,7 +149,8 @@ class Daemon:
             self.trainer = build_ray_trainer(cfg, self.trainer, self._executor_fault)
         # the composition root: the concrete adapters meet here, the engine knows only their ports
         reloader = build_reloader(cfg)
-        self.metrics = Metrics(lambda: self.engine.state)
+        state = jobs.State(heldout_max=cfg.training.heldout_max)  # the engine writes it, metrics read it
+        self.metrics = Metrics(lambda: state)
         if cfg.reload.method == "vllm":
             from beagled.reload.replicas import VllmReplicas
 
@@ -161,6 +162,7 @@ class Daemon:
             VoiceStore(cfg.voices_dir, keep_versions=cfg.voices.keep_versions),
             self.trainer,
             reloader,
+            state=state,
             metrics=self.metrics,
             # reload.vllm.sleep_during_training; wakes what the log holds asleep (State.sleeping) either way
             sleep_guard=lambda record, sleeping: guard_for(cfg, reloader, record, sleeping),

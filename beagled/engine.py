@@ -118,6 +118,7 @@ class Engine:
         trainer: Trainer,
         reloader: Reloader,
         *,
+        state: jobs.State | None = None,
         metrics: MetricsSink | None = None,
         sleep_guard: SleepGuardFactory | None = None,
         base_model: Callable[[], Path] | None = None,
@@ -130,7 +131,8 @@ class Engine:
         self.voices = voices
         self.trainer = trainer
         self.reloader = reloader
-        self.state = jobs.State(heldout_max=cfg.training.heldout_max)
+        # the projection: given when an observer (the metrics) must hold it before the engine exists
+        self.state = state if state is not None else jobs.State(heldout_max=cfg.training.heldout_max)
         self.metrics: MetricsSink = metrics if metrics is not None else NullMetrics()  # None: tests
         self._base_model = base_model
         self.started_at = time.monotonic()
