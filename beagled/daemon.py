@@ -20,14 +20,15 @@ from pathlib import Path
 
 import trio
 
-from beagled import logs, secrets
+from beagled import jobs, logs, secrets
 from beagled.bounds import check_not_writable_by_others, raise_nofile_limit
 from beagled.config import Config
 from beagled.engine import Engine
 from beagled.errors import ConfigError, TrainingError
-from beagled.metrics import serve_metrics
+from beagled.metrics import Metrics, serve_metrics
 from beagled.notify import Notifier
 from beagled.reload import NoneReloader, Reloader
+from beagled.reload.sleep import guard_for
 from beagled.server import Server
 from beagled.store import SqliteStore, SqlStore
 from beagled.training.executor_ray import RayTrainer, build_ray_trainer
@@ -146,12 +147,25 @@ class Daemon:
         )
         if t.executor == "ray":
             self.trainer = build_ray_trainer(cfg, self.trainer, self._executor_fault)
+        # the composition root: the concrete adapters meet here, the engine knows only their ports
+        reloader = build_reloader(cfg)
+        state = jobs.State(heldout_max=cfg.training.heldout_max)  # the engine writes it, metrics read it
+        self.metrics = Metrics(lambda: state)
+        if cfg.reload.method == "vllm":
+            from beagled.reload.replicas import VllmReplicas
+
+            if isinstance(reloader, VllmReplicas):  # per-replica series (beagled_vllm_replica_*)
+                self.metrics.registry.register(reloader)
         self.engine = Engine(
             cfg,
             self.store,
             VoiceStore(cfg.voices_dir, keep_versions=cfg.voices.keep_versions),
             self.trainer,
-            build_reloader(cfg),
+            reloader,
+            state=state,
+            metrics=self.metrics,
+            # reload.vllm.sleep_during_training; wakes what the log holds asleep (State.sleeping) either way
+            sleep_guard=lambda record, sleeping: guard_for(cfg, reloader, record, sleeping),
             base_model=lambda: (
                 Path(t.ray.base_model)
                 if t.executor == "ray" and t.ray.base_model
@@ -161,7 +175,7 @@ class Daemon:
             listener=self.listener,
             node=self.node,
         )
-        self.engine.metrics.prime(list(t.backends), cfg.reload.method, t.executor)
+        self.metrics.prime(list(t.backends), cfg.reload.method, t.executor)
         self.server = Server(self.engine)
         self.metrics_address: tuple[str, int] | None = None
 
@@ -196,7 +210,7 @@ class Daemon:
                             max_connections=self.cfg.metrics.max_connections,
                             timeout_s=self.cfg.metrics.timeout_s,
                         ),
-                        self.engine.metrics,
+                        self.metrics,
                         host.strip("[]"),
                         int(port),
                     )
@@ -228,7 +242,7 @@ class Daemon:
             log.info("stopped")
 
     def _executor_fault(self, kind: str) -> None:
-        self.engine.metrics.executor_faults.labels(self.cfg.training.executor, kind).inc()
+        self.metrics.executor_faults.labels(self.cfg.training.executor, kind).inc()
 
     def _summary(self) -> str:
         c = self.engine.state.counts()

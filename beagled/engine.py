@@ -2,9 +2,10 @@
 
 The engine owns the projection (``jobs.State``) and is its one writer: every change goes through
 ``decide`` → the store → ``evolve``, under one lock, so the state is always the fold of the log. It
-knows its collaborators only as ports — the store, the voices store, the trainer, the reloader — wired
-by ``daemon``. Effects are bracketed by intent and outcome events; after a crash, ``recover`` replays
-the log and the loops find each unfinished intent and run it again (every effect is idempotent).
+knows its collaborators only as ports (``beagled.ports``: the store, the adapter store, the trainer,
+the reloader, the sleep guard, the metrics sink), wired by ``daemon``. Effects are bracketed by intent
+and outcome events; after a crash, ``recover`` replays the log and the loops find each unfinished
+intent and run it again (every effect is idempotent).
 
 Loops (each a task in the daemon's nursery):
 - ``_committer``: drains concurrent submits into one transaction, acks each after COMMIT;
@@ -30,7 +31,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 import trio.lowlevel
@@ -51,15 +52,19 @@ from beagled.errors import (
 )
 from beagled.faults import fault
 from beagled.jobs import JobState
-from beagled.metrics import Metrics
-from beagled.reload import Reloader, ServeTarget
-from beagled.reload.sleep import guard_for
-from beagled.store import Store, scoped_key
-from beagled.training.runner import Trainer
-from beagled.voices import VoiceStore
-
-if TYPE_CHECKING:
-    from beagled.leader import Leadership, Listener
+from beagled.keys import scoped_key
+from beagled.ports import (
+    AdapterStore,
+    Leadership,
+    Listener,
+    MetricsSink,
+    NullMetrics,
+    Reloader,
+    ServeTarget,
+    SleepGuardFactory,
+    Store,
+    Trainer,
+)
 
 log = logging.getLogger("beagled.engine")
 
@@ -124,11 +129,13 @@ class Engine:
         self,
         cfg: Config,
         store: Store,
-        voices: VoiceStore,
+        voices: AdapterStore,
         trainer: Trainer,
         reloader: Reloader,
         *,
-        metrics: Metrics | None = None,
+        state: jobs.State | None = None,
+        metrics: MetricsSink | None = None,
+        sleep_guard: SleepGuardFactory | None = None,
         base_model: Callable[[], Path] | None = None,
         leadership: Leadership | None = None,
         listener: Listener | None = None,
@@ -139,8 +146,9 @@ class Engine:
         self.voices = voices
         self.trainer = trainer
         self.reloader = reloader
-        self.state = jobs.State(heldout_max=cfg.training.heldout_max)
-        self.metrics = metrics or Metrics(lambda: self.state)
+        # the projection: given when an observer (the metrics) must hold it before the engine exists
+        self.state = state if state is not None else jobs.State(heldout_max=cfg.training.heldout_max)
+        self.metrics: MetricsSink = metrics if metrics is not None else NullMetrics()  # None: tests
         self._base_model = base_model
         self.started_at = time.monotonic()
         self._lock = trio.Lock()  # the one writer: decide → append → evolve
@@ -159,9 +167,7 @@ class Engine:
             None  # HOST:PORT the metrics endpoint is bound to (port 0: the OS's)
         )
         # reload.vllm.sleep_during_training; wakes what the log holds asleep (State.sleeping) either way
-        self.sleep_guard = guard_for(cfg, reloader, self.execute, lambda: self.state.sleeping)
-        if callable(getattr(reloader, "collect", None)):  # per-replica metrics (vLLM replicas)
-            self.metrics.registry.register(reloader)  # type: ignore[arg-type]
+        self.sleep_guard = sleep_guard(self.execute, lambda: self.state.sleeping) if sleep_guard else None
         self.leadership = leadership  # None: the only daemon on its log, always the leader
         self.listener = listener
         self.node = node
@@ -280,7 +286,7 @@ class Engine:
 
     async def _elected(self, term: int) -> None:
         """This node now leads ``term``: fence its appends with it, catch up, then run as after a crash."""
-        self.store.term = term  # type: ignore[attr-defined]
+        self.store.term = term
         async with self._lock:
             await self._catch_up()
         await trio.to_thread.run_sync(self.voices.clean_staging)
@@ -518,8 +524,8 @@ class Engine:
 
     def _with_replicas(self, voice: dict[str, Any]) -> dict[str, Any]:
         """Per-replica serving (url, served_name, verified_at), where the reloader knows replicas."""
-        replicas = getattr(self.reloader, "replicas", None)
-        return {**voice, "replicas": replicas(voice["voice"])} if callable(replicas) else voice
+        replicas = self.reloader.replicas(voice["voice"])
+        return {**voice, "replicas": replicas} if replicas is not None else voice
 
     # -- commands ----------------------------------------------------------------------------------
     async def train_now(self, voice: str) -> dict[str, Any]:
@@ -871,7 +877,7 @@ class Engine:
                 timeout = isinstance(e, TrainingError) and e.timeout
                 elapsed = time.monotonic() - started
                 self.metrics.training_duration.labels(
-                    backend, "timeout" if timeout else "failure", getattr(self.trainer, "executor", "local")
+                    backend, "timeout" if timeout else "failure", self.trainer.executor
                 ).observe(elapsed)
                 msg = str(e) if not isinstance(e, AdapterError) else f"wrote an invalid adapter: {e}"
                 errors.append(f"{backend}: {msg}")
@@ -887,7 +893,7 @@ class Engine:
             finally:
                 self.progress.pop(job.job_id, None)
             elapsed = time.monotonic() - started
-            executor = str(result.get("executor") or getattr(self.trainer, "executor", "local"))
+            executor = str(result.get("executor") or self.trainer.executor)
             self.metrics.training_duration.labels(backend, "success", executor).observe(elapsed)
             await self.execute(
                 jobs.FinishTraining(
@@ -1112,7 +1118,7 @@ class Engine:
         fault("mid_reload")
         started = time.monotonic()
         try:
-            with trio.fail_after(_reload_timeout(self.cfg)):
+            with trio.fail_after(self.reloader.reload_timeout_s):
                 served = await self.reloader.reload(target)
         except (ReloadError, trio.TooSlowError) as e:
             elapsed = time.monotonic() - started
@@ -1191,7 +1197,7 @@ class Engine:
                     v.name, j.version or 0, j.job_id, self.voices.adapter_dir(v.name, j.job_id)
                 )
                 try:
-                    with trio.fail_after(_reload_timeout(self.cfg)):
+                    with trio.fail_after(self.reloader.reload_timeout_s):
                         ok = await self.reloader.verify(target)
                 except (ReloadError, trio.TooSlowError) as e:
                     log.warning("cannot verify the served adapter: %s", e, extra={"voice": v.name})
@@ -1218,13 +1224,10 @@ class Engine:
     async def _check_served_base(self) -> None:
         """At start-up: is the server's base model the training base? A mismatch is logged loudly
         (each load checks again and fails with the same message)."""
-        check = getattr(self.reloader, "check_base", None)
-        if check is None:
-            return
         self._base_checked = True
         try:
-            with trio.fail_after(_reload_timeout(self.cfg)):
-                found = await check(self.cfg.training.base_model or None)
+            with trio.fail_after(self.reloader.reload_timeout_s):
+                found = await self.reloader.check_base(self.cfg.training.base_model or None)
             if isinstance(found, str) and found:
                 self.served_base_found = found  # written into adapters' base_model_name_or_path
         except ReloadError as e:
@@ -1302,11 +1305,8 @@ class Engine:
 
     def _load_snapshot(self) -> jobs.State | None:
         """The newest stored snapshot that loads exactly, or None (then the whole log is replayed)."""
-        snapshots = getattr(self.store, "snapshots", None)
-        if snapshots is None:
-            return None
         try:
-            for seq, schema, blob in snapshots():
+            for seq, schema, blob in self.store.snapshots():
                 if schema != snapshot.SCHEMA:
                     log.warning("skipping a snapshot of another schema", extra={"seq": seq, "schema": schema})
                     continue
@@ -1333,7 +1333,6 @@ class Engine:
             self._snap_running
             or self.state.seq - self._snap_seq < every
             or time.monotonic() < self._snap_not_before
-            or not hasattr(self.store, "write_snapshot")
         ):
             return
         self._snap_running = True
@@ -1364,15 +1363,6 @@ class Engine:
 @contextlib.asynccontextmanager
 async def _nothing() -> AsyncIterator[None]:
     yield
-
-
-def _reload_timeout(cfg: Config) -> float:
-    r = cfg.reload
-    if r.method == "ssh":
-        return r.ssh.timeout_s + r.ssh.health_timeout_s + 30
-    if r.method == "command":
-        return r.command.timeout_s + 30
-    return r.vllm.timeout_s * 4 + 30
 
 
 def _num(x: Any) -> float | None:

@@ -1,10 +1,37 @@
-"""The one error hierarchy of beagled, split by who is at fault.
+"""The one error hierarchy of beagled, filed by who is at fault.
 
-``ClientError`` subclasses are the caller's fault and map one-to-one onto the protocol's error codes
-(CONTRACT.md). ``ConfigError`` is the operator's. ``TrainingError`` and ``ReloadError`` are failures of
-an external part (a backend subprocess, an inference server) that the engine records as events and
-retries; they never reach a client as-is. Third-party exceptions are translated at the adapter that
-meets them, with ``raise ... from e``.
+Every error beagled raises on purpose is a ``BeagledError``; its ``code`` is the protocol error code a
+client sees when one reaches the server (CONTRACT.md; ``ERROR_CODES`` below is the whole set)::
+
+    BeagledError                      code       who is at fault
+    ├── ClientError                   bad_request  the caller: a request that cannot be served as sent
+    │   ├── InvalidJSON               invalid_json
+    │   ├── BadRequest                bad_request
+    │   │                             (protocol.RequestError wraps any of these with its request id)
+    │   ├── UnknownOp                 unknown_op
+    │   ├── UnsupportedVersion        unsupported_version
+    │   ├── TooLarge                  too_large
+    │   ├── Forbidden                 forbidden
+    │   ├── NotFound                  not_found
+    │   ├── Conflict                  conflict
+    │   └── Unavailable               unavailable  (not the caller's doing: try again, or ask the leader)
+    ├── IllegalTransition             conflict   the command, against the state it met: the pure core
+    │                                            refused it (a state machine rule), changing nothing
+    ├── ConfigError                   internal   the operator: a setting that cannot work (names its key)
+    │   └── reload.ReloadConfigError             (also a non-retryable ReloadError)
+    ├── StoreError                    unavailable  the host: the event log cannot be read or written
+    │   ├── ConcurrencyError                     lost an optimistic-concurrency race
+    │   └── Fenced                               a deposed leader tried to append
+    ├── TrainingError                 internal   an external part: a training backend failed
+    ├── AdapterError                  internal   an external part: an adapter directory is damaged
+    ├── ReloadError                   internal   an external part: the inference server (``retryable``)
+    └── faults.InjectedFault          internal   nobody: a fault a crash test injected (BEAGLED_FAULTS)
+
+``ClientError`` subclasses map one-to-one onto the protocol's error codes. ``TrainingError``,
+``AdapterError`` and ``ReloadError`` are failures the engine records as events and retries; they never
+reach a client as-is. Third-party exceptions are translated at the adapter that meets them, with
+``raise ... from e``. Errors that never leave their module (``snapshot.SnapshotError``, the training
+workers' ``SpecError``, ``ctl.UsageError``) are not part of this tree.
 """
 
 from __future__ import annotations
@@ -72,13 +99,16 @@ class ConfigError(BeagledError):
         self.key = key
 
 
-# --- an external part failed: recorded as events, retried ---------------------------------------
+# --- the command does not fit the state it met (a state-machine rule): refused, nothing changed ----
 
 
 class IllegalTransition(BeagledError):
     """The pure core refused a command: applying it would break the job state machine."""
 
     code = "conflict"
+
+
+# --- the host: the event log could not be read or written -------------------------------------
 
 
 class StoreError(BeagledError):
@@ -93,6 +123,9 @@ class ConcurrencyError(StoreError):
 
 class Fenced(StoreError):
     """An append by a leader whose term is older than the log's newest: it was deposed."""
+
+
+# --- an external part failed: recorded as events, retried -------------------------------------
 
 
 class TrainingError(BeagledError):

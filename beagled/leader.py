@@ -21,23 +21,17 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import trio
 
 from beagled.dialects import NOTIFY_CHANNEL, PostgresDialect
+from beagled.ports import LeaderInfo
 
 log = logging.getLogger("beagled.leader")
 
 LOCK_KEY = 0x62656168  # the advisory lock the leader holds
 NODE_PREFIX = "beagled:"
-
-
-@dataclass(frozen=True)
-class LeaderInfo:
-    node: str
-    term: int
 
 
 def _conninfo(dialect: PostgresDialect) -> dict[str, Any]:

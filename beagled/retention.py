@@ -19,34 +19,30 @@ import logging
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import trio
 
 from beagled.errors import ReloadError
-from beagled.voices import VoiceStore
+from beagled.ports import AdapterStore, Reloader
 
 log = logging.getLogger("beagled.retention")
 
 
-async def release(reloader: Any, dirs: list[Path]) -> set[Path]:
+async def release(reloader: Reloader, dirs: list[Path]) -> set[Path]:
     """The dirs that no server lists any more (after unloading them); all of them for reloaders
     that do not serve from the daemon's directories."""
     if not dirs:
         return set()
-    fn = getattr(reloader, "release", None)
-    if fn is None:
-        return set(dirs)
     try:
         with trio.fail_after(120):
-            released: set[Path] = await fn(dirs)
+            released = await reloader.release(dirs)
     except (ReloadError, trio.TooSlowError) as e:
         log.warning("keeping %d adapter director%s: %s", len(dirs), "y" if len(dirs) == 1 else "ies", e)
         return set()
     return released
 
 
-async def prune(voices: VoiceStore, reloader: Any, voice: str, keep: list[str]) -> list[str]:
+async def prune(voices: AdapterStore, reloader: Reloader, voice: str, keep: list[str]) -> list[str]:
     """Retention: remove the voice's adapters beyond ``keep`` that no server lists; returns them."""
     candidates = await trio.to_thread.run_sync(voices.prunable, voice, keep)
     if not candidates:
@@ -58,14 +54,16 @@ async def prune(voices: VoiceStore, reloader: Any, voice: str, keep: list[str]) 
     return await trio.to_thread.run_sync(voices.prune, voice, keep + held)
 
 
-async def remove_voice(voices: VoiceStore, reloader: Any, voice: str, exists: Callable[[str], bool]) -> bool:
+async def remove_voice(
+    voices: AdapterStore, reloader: Reloader, voice: str, exists: Callable[[str], bool]
+) -> bool:
     """``delete_voice --remove-adapters``: mark, then sweep. True when everything is gone now."""
     await trio.to_thread.run_sync(voices.mark_removal, voice)
     await sweep(voices, reloader, exists)
     return not voices.voice_dir(voice).exists()
 
 
-async def sweep(voices: VoiceStore, reloader: Any, exists: Callable[[str], bool]) -> None:
+async def sweep(voices: AdapterStore, reloader: Reloader, exists: Callable[[str], bool]) -> None:
     """Finish every marked removal as far as the servers allow. ``exists(voice)``: is the voice in
     the log again (a new voice of the same name keeps its new adapters and directory)."""
     for voice, jobs in (await trio.to_thread.run_sync(voices.pending_removals)).items():

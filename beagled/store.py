@@ -31,17 +31,14 @@ replay) when one cannot be read. The newest ``KEEP_SNAPSHOTS`` are kept.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import hmac
 import json
 import secrets
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
@@ -49,6 +46,11 @@ from sqlalchemy.exc import SQLAlchemyError
 from beagled import events as ev
 from beagled.dialects import DbConn, Dialect, SqliteDialect
 from beagled.errors import ConcurrencyError, Fenced, StoreError
+from beagled.keys import content_of, scoped_key
+from beagled.ports import Store, SubmitResult
+
+# the port and its values live in beagled.ports (stdlib only); re-exported for older imports
+__all__ = ["MemoryStore", "SqlStore", "SqliteStore", "Store", "SubmitResult", "content_of", "scoped_key"]
 
 SCHEMA_VERSION = 2  # 2: events.term, the lease table
 KEEP_SNAPSHOTS = 2
@@ -137,51 +139,6 @@ _ERASE_DRAFTS = {
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode  # one encoder, reused
 _quote: Any = json.encoder.encode_basestring  # the C string quoter
 _decode = json.JSONDecoder().decode
-
-
-@dataclass(frozen=True)
-class SubmitResult:
-    pair_id: str
-    seq: int
-    duplicate: bool
-    event: ev.Event | None  # the new event, None for a duplicate
-    conflict: bool = False  # the key is taken by other drafts (``pair_id``/``seq``: the stored pair)
-
-
-def scoped_key(secret: bytes, *, uid: int | None, voice: str, bad: str, good: str, key: str | None) -> str:
-    """The idempotency key as stored and logged: scoped to (uid, voice), a keyed hash (HMAC-SHA256 with
-    the log's own secret), so neither a raw key nor an offline-guessable draft hash is ever shown."""
-    parts = (str(uid), voice, "k", key) if key is not None else (str(uid), voice, "h", bad, good)
-    msg = "\x00".join(parts).encode("utf-8", "surrogatepass")
-    return ("k:" if key is not None else "h:") + hmac.new(secret, msg, hashlib.sha256).hexdigest()
-
-
-def content_of(secret: bytes, p: ev.PairSubmitted) -> str:
-    """Keyed fingerprint of a pair's drafts: the same key with another fingerprint is a conflict."""
-    parts = [p.voice, p.bad, p.good, p.prompt or ""]
-    if p.system is not None or p.messages:  # a prompt-only pair keeps the fingerprint it always had
-        parts.append(_encode([p.system, list(p.messages or ())]))
-    msg = "\x00".join(parts).encode("utf-8", "surrogatepass")
-    return hmac.new(secret, b"content\x00" + msg, hashlib.sha256).hexdigest()
-
-
-class Store(Protocol):
-    """The port the engine uses. Write methods are called by one writer at a time."""
-
-    def append(self, payloads: Sequence[ev.Payload], at: float) -> list[ev.Event]: ...
-    def submit_batch(self, items: Sequence[ev.PairSubmitted], at: float) -> list[SubmitResult]: ...
-    def read(self, from_seq: int = 0) -> Iterator[ev.Event]: ...
-    def read_stream(self, stream: str) -> list[ev.Event]: ...
-    def read_public(self, from_seq: int, limit: int) -> list[dict[str, Any]]: ...
-    def get_pairs(self, pair_ids: Sequence[str]) -> dict[str, ev.PairSubmitted]: ...
-    def key_secret(self) -> bytes: ...
-    def erase_drafts(self, voice: str, at: float) -> list[ev.Event]: ...
-    def submitters(self) -> list[tuple[int, str]]: ...
-    def last_seq(self) -> int: ...
-    def write_snapshot(self, seq: int, schema: int, blob: bytes) -> None: ...
-    def snapshots(self) -> Iterator[tuple[int, int, bytes]]: ...
-    def integrity_check(self) -> str: ...
-    def close(self) -> None: ...
 
 
 def _data(p: ev.Payload) -> str:
@@ -501,11 +458,6 @@ class SqlStore:
             if row is not None:
                 yield int(row[0]), int(row[1]), bytes(row[2])
 
-    def find_key(self, key: str) -> tuple[str, int] | None:
-        with self._read_db() as db:
-            r = db.execute("SELECT pair_id, seq FROM idempotency WHERE key = ?", (key,)).fetchone()
-        return (r[0], r[1]) if r else None
-
     def read(self, from_seq: int = 0, *, batch: int = 5000) -> Iterator[ev.Event]:
         """Events with ``seq > from_seq``, in order, read in batches (a long replay holds no lock)."""
         last = from_seq
@@ -624,6 +576,8 @@ def _migrate(c: sa.Connection) -> None:
 class MemoryStore:
     """The same contract as ``SqlStore``, in memory: a fake for tests of the engine's logic."""
 
+    term: int | None = None  # accepted for the port's sake: one process, nothing to fence
+
     def __init__(self) -> None:
         self._events: list[ev.Event] = []
         self._keys: Found = {}
@@ -690,10 +644,6 @@ class MemoryStore:
 
     def submitters(self) -> list[tuple[int, str]]:
         return sorted(self._submitters)
-
-    def find_key(self, key: str) -> tuple[str, int] | None:
-        found = self._keys.get(key)
-        return (found[0], found[1]) if found else None
 
     def read(self, from_seq: int = 0) -> Iterator[ev.Event]:
         return iter([e for e in self._events if e.seq > from_seq])

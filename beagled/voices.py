@@ -187,10 +187,3 @@ class VoiceStore:
             staging = vdir / "adapters" / ".staging"
             if staging.is_dir():
                 shutil.rmtree(staging, ignore_errors=True)
-
-    def require_complete(self, voice: str, job_id: str) -> Path:
-        d = self.adapter_dir(voice, job_id)
-        if not d.is_dir():
-            raise AdapterError(f"adapter {d} is missing")
-        manifest.verify(d)
-        return d

@@ -1,6 +1,7 @@
 """The reloader port: how the engine makes an inference server serve a promoted adapter.
 
-The engine knows only :class:`Reloader` (a ``typing.Protocol``) and :class:`ServeTarget`; the daemon
+The engine knows only :class:`Reloader` (a ``typing.Protocol``) and :class:`ServeTarget`, both
+declared in ``beagled.ports`` and re-exported here; the daemon
 wires one concrete adapter from ``[reload]``: :class:`NoneReloader` here, ``vllm.VllmReloader``
 (runtime LoRA over HTTP), ``ssh.SshReloader`` (upload over SFTP + restart command on another host)
 or ``command.CommandReloader`` (a local command). Each ``reload`` is idempotent: the engine calls it
@@ -11,39 +12,11 @@ later can help.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Protocol, runtime_checkable
-
 from beagled.errors import ConfigError, ReloadError
+from beagled.ports import Reloader, ServeTarget
 from beagled.reload.naming import versioned_name
 
 __all__ = ["NoneReloader", "ReloadConfigError", "Reloader", "ServeTarget"]
-
-
-@dataclass(frozen=True)
-class ServeTarget:
-    """One adapter to serve: ``adapter_dir`` is the job's own directory (not the ``current`` link)."""
-
-    voice: str
-    version: int
-    job_id: str
-    adapter_dir: Path
-
-
-@runtime_checkable
-class Reloader(Protocol):
-    method: str
-
-    async def reload(self, target: ServeTarget) -> str:
-        """Make the server serve ``target``; return the model name clients must ask for."""
-        ...
-
-    async def verify(self, target: ServeTarget) -> bool:
-        """Is ``target`` served now? ``False`` when it cannot be told (server unreachable)."""
-        ...
-
-    async def aclose(self) -> None: ...
 
 
 class ReloadConfigError(ReloadError, ConfigError):
@@ -56,10 +29,11 @@ class ReloadConfigError(ReloadError, ConfigError):
         self.retryable = False
 
 
-class NoneReloader:
+class NoneReloader(Reloader):
     """``method = "none"``: nothing to reload; the served name is ``<voice>-v<NNNN>``."""
 
     method = "none"
+    reload_timeout_s = 150.0  # nothing to wait for; the budget the vLLM defaults give
 
     async def reload(self, target: ServeTarget) -> str:
         return versioned_name("", target.voice, target.version)

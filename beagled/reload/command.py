@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 import trio
 
 from beagled.errors import ConfigError, ReloadError
-from beagled.reload import ServeTarget
+from beagled.reload import Reloader, ServeTarget
 from beagled.reload.naming import check_template, render_template
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ async def run_in_group(
     return result
 
 
-class CommandReloader:
+class CommandReloader(Reloader):
     """Run ``argv`` (and optionally ``verify_argv``) locally; the served name comes from a template."""
 
     method = "command"
@@ -120,6 +120,7 @@ class CommandReloader:
         self.argv = list(argv)
         self.verify_argv = list(verify_argv)
         self.timeout_s = timeout_s
+        self.reload_timeout_s = timeout_s + 30  # the engine's budget: the command, then some
         self.verify_timeout_s = verify_timeout_s
         self.served_name_template = check_template(
             "reload.command.served_name_template", served_name_template

@@ -27,7 +27,7 @@ import trio
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from beagled.errors import ConfigError, ReloadError
-from beagled.reload import ServeTarget
+from beagled.reload import Reloader, ServeTarget
 from beagled.reload.vllm import VllmReloader
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class ReplicaView:
         }
 
 
-class VllmReplicas:
+class VllmReplicas(Reloader):
     method = "vllm"
 
     def __init__(self, servers: Sequence[VllmReloader]) -> None:
@@ -61,6 +61,8 @@ class VllmReplicas:
         if len(set(urls)) != len(urls):
             raise ConfigError("reload.vllm.urls", f"a server is listed twice: {urls}")
         self.servers = list(servers)
+        # the engine's budget for one reload/verify/check_base: several requests to each server
+        self.reload_timeout_s = max(s.timeout_s for s in servers) * 4 + 30
         self._views: dict[str, dict[str, ReplicaView]] = {}
 
     # --- what status shows ------------------------------------------------------------------------

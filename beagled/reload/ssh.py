@@ -42,7 +42,7 @@ import trio
 from beagled import manifest as manifest_mod
 from beagled.bounds import check_private_file
 from beagled.errors import AdapterError, ConfigError, ReloadError
-from beagled.reload import ReloadConfigError, ServeTarget
+from beagled.reload import ReloadConfigError, Reloader, ServeTarget
 from beagled.reload.command import substitute
 from beagled.reload.naming import check_template, render_template
 
@@ -169,7 +169,7 @@ def _tail(text: str | bytes | None) -> str:
     return ("…" + text[-TAIL_CHARS:]) if len(text) > TAIL_CHARS else text
 
 
-class SshReloader:
+class SshReloader(Reloader):
     method = "ssh"
 
     def __init__(
@@ -217,6 +217,7 @@ class SshReloader:
         self.health_url = health_url
         self.timeout_s = timeout_s
         self.health_timeout_s = health_timeout_s
+        self.reload_timeout_s = timeout_s + health_timeout_s + 30  # upload + restart, then health
         self.connect_timeout_s = min(connect_timeout_s, timeout_s)
         self.served_name_template = check_template("reload.ssh.served_name_template", served_name_template)
         self._bridge = AsyncioThread(f"beagled-ssh-{host}")

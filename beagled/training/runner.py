@@ -29,15 +29,27 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import trio
 
 from beagled import bounds
 from beagled.config import BUILTIN_BACKENDS
 from beagled.errors import TrainingError
+from beagled.ports import BackendStatus, Progress, Trainer
+
+# the port and its values live in beagled.ports (stdlib only); re-exported for older imports
+__all__ = [
+    "BackendStatus",
+    "Progress",
+    "SubprocessTrainer",
+    "Trainer",
+    "WarmStartError",
+    "WarmWorker",
+    "reap_orphans",
+    "worker_env",
+]
 
 log = logging.getLogger("beagled.training")
 
@@ -47,29 +59,7 @@ PROBE_RETRIES = 3  # a probe that timed out is asked again this many times, each
 PROBE_TIMEOUT_MAX_FACTOR = 8  # ... up to this multiple of ``probe_timeout_s``
 PROBE_RETRY_BACKOFF_S = 5.0  # wait before the first re-probe of a timed-out backend (doubles each time)
 
-Progress = Callable[[dict[str, Any]], None]
 MAX_LINE_BYTES = 1 << 20  # a worker's stdout line longer than this is garbage, not protocol
-
-
-@dataclass(frozen=True)
-class BackendStatus:
-    name: str
-    available: bool
-    reason: str
-
-    def public(self) -> dict[str, Any]:
-        return {"name": self.name, "available": self.available, "reason": self.reason}
-
-
-class Trainer(Protocol):
-    """The port the engine trains through."""
-
-    async def probe_all(self) -> list[BackendStatus]: ...
-    def reprobe_at(self) -> float: ...
-    async def reprobe_due(self) -> None: ...
-    def statuses(self) -> list[BackendStatus]: ...
-    def available(self) -> list[str]: ...
-    async def run(self, backend: str, spec: dict[str, Any], on_progress: Progress) -> dict[str, Any]: ...
 
 
 def _limit_memory(mb: int) -> Callable[[], None]:
@@ -294,6 +284,8 @@ class WarmWorker:
 
 class SubprocessTrainer:
     """Runs built-in backends (``python -m beagled.training.worker``) and custom backend commands."""
+
+    executor = "local"  # runs on this host
 
     def __init__(
         self,
