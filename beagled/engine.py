@@ -179,6 +179,7 @@ class Engine:
         self._watch_limiter = trio.CapacityLimiter(1)
         self._new_voices: set[str] = set()  # voices of queued, not yet committed submits (max_voices)
         self._key_secret: bytes | None = None
+        self._rollback_lock = trio.Lock()  # one runner of a rollback's effect at a time
         self.running = running.RunningWork()  # the training run now, for cancels (pause, delete_voice)
 
     # -- recovery ----------------------------------------------------------------------------------
@@ -1096,17 +1097,20 @@ class Engine:
         await retention.prune(self.voices, self.reloader, voice, keep)
 
     async def _finish_rollback(self, voice: str) -> None:
-        async with self._lock:
-            v = self.state.voice(voice)
-            target = v.reload_intent
-        if target is None:
-            return
-        try:
-            path = await trio.to_thread.run_sync(self.voices.promote, voice, target)
-        except (AdapterError, OSError) as e:
-            raise Conflict(f"cannot roll back to {target}: {e}") from e
-        with contextlib.suppress(IllegalTransition):  # the serve loop may have finished it first
-            await self.execute(jobs.FinishRollback(voice, str(path)))
+        # the request handler and the serve loop may both get here: one runs the effect, the other then
+        # finds it finished (they swapped ``current`` at once before, and one failed on the other's link)
+        async with self._rollback_lock:
+            async with self._lock:
+                v = self.state.voice(voice)
+                target = v.reload_intent
+            if target is None:
+                return
+            try:
+                path = await trio.to_thread.run_sync(self.voices.promote, voice, target)
+            except (AdapterError, OSError) as e:
+                raise Conflict(f"cannot roll back to {target}: {e}") from e
+            with contextlib.suppress(IllegalTransition):  # the voice changed meanwhile (deleted)
+                await self.execute(jobs.FinishRollback(voice, str(path)))
 
     async def _reload(self, job: jobs.Job, reason: str) -> None:
         r = self.cfg.reload

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any
@@ -67,9 +68,9 @@ class VoiceStore:
 
     def _swap(self, voice: str, target: Path) -> None:
         vdir = self.voice_dir(voice)
-        tmp = vdir / f".current.{os.getpid()}.tmp"
-        if tmp.is_symlink() or tmp.exists():
-            tmp.unlink()
+        # a name of its own per swap: two swaps at once (a rollback's request and the serve loop) never
+        # collide on the temporary link; the rename is atomic, the last one wins
+        tmp = vdir / f".current.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         tmp.symlink_to(target.relative_to(vdir))
         fault("mid_promotion")
         tmp.replace(vdir / "current")

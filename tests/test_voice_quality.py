@@ -89,7 +89,10 @@ def assert_rejected_and_unchanged(d: DaemonProc, job: dict[str, Any], before: di
 def test_a_consistent_voice_lowers_heldout_loss_and_a_poisoned_batch_is_rejected(
     make_daemon: Any, tiny_model: Path
 ) -> None:
-    d = quality_daemon(make_daemon, tiny_model, ONLY_TRAIN)
+    # no replay: the replayed pairs are sampled by a hash of the (random) job id, and clean pairs replayed
+    # into the noise job made it genuinely better on the clean set in one run of four; without replay every
+    # input of every job is fixed here (pairs, split, order, seed), so the run is the same every time
+    d = quality_daemon(make_daemon, tiny_model, ONLY_TRAIN, replay_pairs=0)
     rng = random.Random(3)
     plain = voice_pairs(48, seed=3, style="plain")
     losses = []

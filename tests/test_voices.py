@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,33 @@ def test_current_is_a_relative_symlink_swapped_by_rename(tmp_path: Path) -> None
     assert not list((tmp_path / "voices" / "v").glob(".current.*"))
     store.promote("v", "j2")  # idempotent
     assert store.current_job("v") == "j2"
+
+
+def test_two_swaps_at_once_never_collide(tmp_path: Path) -> None:
+    """A rollback's request and the serve loop may swap ``current`` at the same moment (seen on a loaded
+    CI machine: one failed with EEXIST on the other's temporary link)."""
+    store = VoiceStore(tmp_path / "voices")
+    finished(store, "v", "j1")
+    finished(store, "v", "j2")
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def swap(job: str) -> None:
+        start.wait()
+        try:
+            for _ in range(300):
+                store.promote("v", job)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=swap, args=(j,)) for j in ("j1", "j2")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert store.current_job("v") in ("j1", "j2")
+    assert not [p.name for p in store.voice_dir("v").iterdir() if p.name.endswith(".tmp")]
 
 
 def test_prune_keeps_the_current_and_the_kept(tmp_path: Path) -> None:
