@@ -20,6 +20,7 @@ import contextlib
 import errno
 import logging
 import os
+import select
 import socket as stdsocket
 import stat
 import struct
@@ -42,6 +43,7 @@ log = logging.getLogger("beagled.server")
 LINGER_S = 2.0  # after too_large: how long the rest of an oversized request is read and discarded
 REJECT_LINGER_S = 0.5  # the same for a refused connection (forbidden, too many connections)
 MAX_REJECTING = 32  # refused connections lingering at once; beyond, they are closed without an answer
+HANGUP_POLL_S = 1.0  # how often a watch whose client stopped sending checks that it is still there
 WATCH_LINES_MAX = 256  # lines a watch may have queued for its client before it waits for it to read
 WRITE_OPS = frozenset({"submit", "train", "rollback", "pause", "resume", "delete_voice"})
 
@@ -463,6 +465,17 @@ class Server:
                 log.exception("request %s failed", req.op)
                 answer(entry, protocol.encode_error(req.id, e))
 
+        async def hangup() -> None:
+            # Its sending side closed, a client may still read its watch (a shutdown(SHUT_WR)); one that
+            # closed for good is otherwise only noticed at the next line written to it, and until then its
+            # watch counts against daemon.max_watches (a quiet daemon refused new watches so).
+            while out.entries:
+                await trio.sleep(HANGUP_POLL_S)  # nothing to wait on: the kernel says it only when asked
+                if _hung_up(stream.socket):
+                    log.info("client closed the connection")
+                    nursery.cancel_scope.cancel()
+                    return
+
         buf = protocol.LineBuffer(self.cfg.max_message_bytes)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(writer)
@@ -489,6 +502,8 @@ class Server:
             # the client finished sending: answer what is in flight, then close (watch runs on)
             closing = True
             out.wake()
+            if streaming:
+                nursery.start_soon(hangup)
         if buf.overflow is not None:
             await self._linger(stream)
 
@@ -588,3 +603,10 @@ def _append(out: _Output) -> _Entry:
     entry = _Entry()
     out.entries.append(entry)
     return entry
+
+
+def _hung_up(sock: trio.socket.SocketType) -> bool:
+    """The peer closed its end for good (POLLHUP), not only its sending side (a plain EOF)."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return any(events & (select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))

@@ -287,3 +287,25 @@ def test_watch_streams_events_live_and_from_seq(daemon: DaemonProc) -> None:
 def test_client_errors_carry_the_daemon_message(daemon: DaemonProc) -> None:
     with daemon.client() as c, pytest.raises(BadRequest, match="same draft"):
         c.submit(bad="same", good="same")
+
+
+def _watch_once(d: DaemonProc) -> bool:
+    """A watch client that reads its first line and closes for good: True if the watch was accepted."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(d.socket))
+        s.sendall(b'{"v": 1, "id": 1, "op": "watch", "from_seq": 0}\n')
+        first = json.loads(s.recv(65536).split(b"\n")[0])
+    return "event" in first
+
+
+def test_closed_watch_clients_are_noticed_on_a_quiet_daemon(make_daemon: Any) -> None:
+    # a closed watch was noticed only at the next line written to it: on a quiet daemon (one event, then
+    # nothing) closed watches kept counting against max_watches, and every new watch was refused
+    d = make_daemon({"daemon": {"max_watches": 3, "max_watches_per_uid": 3}})
+    with d.client() as c:
+        c.submit(bad="a", good="b")
+    for _ in range(9):  # three times the cap, one after another, each closed after its first line
+        poll(lambda: _watch_once(d), 15, what="a watch accepted")
+    poll(lambda: "client closed the connection" in d.log_text(), 10, what="the closes logged")
+    assert "Traceback" not in d.log_text()
