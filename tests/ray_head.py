@@ -129,18 +129,26 @@ class RayHead:
         self.log.flush()
         return (self.temp / "head.log").read_text(errors="replace")[-2000:]
 
-    def close(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=3)  # `ray start --block` may not finish on SIGTERM: then SIGKILL all
-        # raylet, GCS and workers share the head's session (start_new_session): end whatever is left
+    def kill(self) -> None:
+        """A lost node: every process of the head's session killed at once (no graceful stop)."""
+        self._kill_session()
+        self.close()
+
+    def _kill_session(self) -> None:
+        # raylet, GCS and workers share the head's session (start_new_session)
         sid = self.proc.pid
         for d in os.listdir("/proc"):
             if d.isdigit():
                 with contextlib.suppress(OSError):
                     if os.getsid(int(d)) == sid:
                         os.kill(int(d), signal.SIGKILL)
+
+    def close(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=3)  # `ray start --block` may not finish on SIGTERM: then SIGKILL all
+        self._kill_session()  # whatever is left
         with contextlib.suppress(ProcessLookupError, ChildProcessError):
             self.proc.wait(timeout=5)
         self.log.close()
