@@ -54,7 +54,7 @@ EXIT_INTERRUPTED = 130
 PROG = "beaglectl"
 SUBMIT_KEYS = frozenset({"bad", "good", "voice", "prompt", "key", "quality", "system", "messages"})
 #: A job that reaches one of these states has no more progress to show.
-_DONE_STATES = frozenset({"trained", "promoted", "reloaded", "failed", "rejected"})
+_DONE_STATES = frozenset({"trained", "promoted", "reloaded", "failed", "rejected", "cancelled"})
 
 
 class UsageError(Exception):

@@ -247,7 +247,7 @@ class Daemon:
     def _summary(self) -> str:
         c = self.engine.state.counts()
         busy = ", ".join(
-            f"{k} {v}" for k, v in c.items() if v and k not in ("reloaded", "failed", "rejected")
+            f"{k} {v}" for k, v in c.items() if v and k not in ("reloaded", "failed", "rejected", "cancelled")
         )
         pending = sum(len(v.pending) for v in self.engine.state.voices.values())
         return f"{len(self.engine.state.voices)} voices, {pending} pending pairs" + (

@@ -25,7 +25,7 @@ from beagled.errors import (
 )
 
 VERSION = 1
-JOB_STATES = ("queued", "training", "trained", "promoted", "reloaded", "failed", "rejected")
+JOB_STATES = ("queued", "training", "trained", "promoted", "reloaded", "failed", "rejected", "cancelled")
 MAX_KEY_CHARS = 200
 MAX_ID_CHARS = 200
 MAX_MESSAGES = 64  # turns of a chat-shaped pair's conversation (submit's messages)

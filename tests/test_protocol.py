@@ -214,3 +214,13 @@ def test_bad_conversation_shapes_are_refused_naming_the_field(
         _submit(**fields)
     assert e.value.code == code and e.value.request_id == 7
     assert names in str(e.value), str(e.value)
+
+
+def test_every_job_state_can_be_asked_for() -> None:
+    # the protocol's list of states is the pure core's (a new state once made `jobs --state` refuse it)
+    from beagled.jobs import JobState
+
+    assert set(protocol.JOB_STATES) == {s.value for s in JobState}
+    for state in protocol.JOB_STATES:
+        line = json.dumps({"v": 1, "id": 1, "op": "jobs", "state": state}).encode()
+        assert protocol.parse_request(line, LIM).fields["state"] == state
