@@ -25,6 +25,7 @@ from typing import Any, TextIO
 
 from beagled import __version__, errors
 from beagled.client import Client, DaemonNotRunning, default_socket_path
+from beagled.protocol import SETTLED_STATES
 
 __all__ = [
     "EXIT_DAEMON_ERROR",
@@ -54,7 +55,7 @@ EXIT_INTERRUPTED = 130
 PROG = "beaglectl"
 SUBMIT_KEYS = frozenset({"bad", "good", "voice", "prompt", "key", "quality", "system", "messages"})
 #: A job that reaches one of these states has no more progress to show.
-_DONE_STATES = frozenset({"trained", "promoted", "reloaded", "failed", "rejected", "cancelled"})
+_DONE_STATES = SETTLED_STATES
 
 
 class UsageError(Exception):

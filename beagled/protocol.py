@@ -7,6 +7,7 @@ the protocol's error code; ``encode_error`` turns any exception into a CONTRACT 
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 from collections.abc import Callable
@@ -23,9 +24,12 @@ from beagled.errors import (
     UnknownOp,
     UnsupportedVersion,
 )
+from beagled.jobs import JobState
 
 VERSION = 1
-JOB_STATES = ("queued", "training", "trained", "promoted", "reloaded", "failed", "rejected", "cancelled")
+JOB_STATES = tuple(s.value for s in JobState)  # what ``jobs --state`` accepts: the pure core's states
+#: A job in one of these states has no more training progress to show (``beaglectl watch``).
+SETTLED_STATES = frozenset(JOB_STATES) - {JobState.QUEUED.value, JobState.TRAINING.value}
 MAX_KEY_CHARS = 200
 MAX_ID_CHARS = 200
 MAX_MESSAGES = 64  # turns of a chat-shaped pair's conversation (submit's messages)
@@ -284,22 +288,82 @@ def _delete_voice(f: dict[str, Any], _limits: Limits) -> dict[str, Any]:
 
 
 Validator = Callable[[dict[str, Any], Limits], dict[str, Any]]
-OPS: dict[str, tuple[frozenset[str], Validator]] = {
-    "ping": (frozenset(), _none),
-    "submit": (
-        frozenset({"voice", "bad", "good", "prompt", "quality", "key", "heldout", "system", "messages"}),
-        _submit,
-    ),
-    "status": (frozenset(), _none),
-    "jobs": (frozenset({"voice", "state", "limit"}), _jobs),
-    "job": (frozenset({"job_id"}), _job),
-    "voices": (frozenset(), _none),
-    "train": (frozenset({"voice"}), _train),
-    "rollback": (frozenset({"voice", "to"}), _rollback),
-    "pause": (frozenset({"voice", "cancel_running"}), _pause_cancel),
-    "resume": (frozenset({"voice"}), _pause),
-    "delete_voice": (frozenset({"voice", "remove_adapters", "erase_drafts", "force"}), _delete_voice),
-    "watch": (frozenset({"from_seq"}), _watch),
+
+
+class Kind(enum.Enum):
+    """How the server runs an op. A change (``EFFECT``, ``COMMIT``) joins its connection's chain of
+    writes: a later request on that connection waits for it to be answered first."""
+
+    QUICK = "quick"  # a read answered at once from memory: ``call(engine, fields) -> result``
+    QUERY = "query"  # a read that awaits: ``await call(engine, fields) -> result``
+    EFFECT = "effect"  # a change that awaits its outcome: ``await call(engine, fields) -> result``
+    COMMIT = "commit"  # submit's fast path: ``call(engine, fields, done, uid)``, ``done`` after COMMIT
+    STREAM = "stream"  # watch: ``call(engine, fields)`` is an async iterator of stream messages
+
+    @property
+    def writes(self) -> bool:
+        return self in (Kind.EFFECT, Kind.COMMIT)
+
+
+@dataclass(frozen=True)
+class Op:
+    """One operation of the protocol, declared once: its fields, their validation, how it runs and
+    the ``Engine`` method it calls (``call``, with the validated fields; see ``Kind`` for its shape)."""
+
+    name: str
+    fields: frozenset[str]
+    validate: Validator
+    kind: Kind
+    call: Callable[..., Any]
+
+
+def _op(name: str, fields: str, validate: Validator, kind: Kind, call: Callable[..., Any]) -> Op:
+    return Op(name, frozenset(fields.split()), validate, kind, call)
+
+
+# The table of operations (CONTRACT.md "Operations"); ``Engine``'s methods are called by the server.
+OPS: dict[str, Op] = {
+    op.name: op
+    for op in (
+        _op("ping", "", _none, Kind.QUICK, lambda e, f: e.ping()),
+        _op(
+            "submit",
+            "voice bad good prompt quality key heldout system messages",
+            _submit,
+            Kind.COMMIT,
+            lambda e, f, done, uid: e.submit_nowait(f, done, uid=uid),
+        ),
+        _op("status", "", _none, Kind.QUICK, lambda e, f: e.status()),
+        _op(
+            "jobs",
+            "voice state limit",
+            _jobs,
+            Kind.QUICK,
+            lambda e, f: e.list_jobs(f.get("voice"), f.get("state"), f["limit"]),
+        ),
+        _op("job", "job_id", _job, Kind.QUERY, lambda e, f: e.job(f["job_id"])),
+        _op("voices", "", _none, Kind.QUICK, lambda e, f: e.list_voices()),
+        _op("train", "voice", _train, Kind.EFFECT, lambda e, f: e.train_now(f["voice"])),
+        _op("rollback", "voice to", _rollback, Kind.EFFECT, lambda e, f: e.rollback(f["voice"], f.get("to"))),
+        _op(
+            "pause",
+            "voice cancel_running",
+            _pause_cancel,
+            Kind.EFFECT,
+            lambda e, f: e.set_paused(True, f.get("voice"), f.get("cancel_running", False)),
+        ),
+        _op("resume", "voice", _pause, Kind.EFFECT, lambda e, f: e.set_paused(False, f.get("voice"))),
+        _op(
+            "delete_voice",
+            "voice remove_adapters erase_drafts force",
+            _delete_voice,
+            Kind.EFFECT,
+            lambda e, f: e.delete_voice(
+                f["voice"], f["remove_adapters"], f.get("erase_drafts", False), f.get("force", False)
+            ),
+        ),
+        _op("watch", "from_seq", _watch, Kind.STREAM, lambda e, f: e.watch(f.get("from_seq"))),
+    )
 }
 ENVELOPE = frozenset({"v", "id", "op"})
 
@@ -363,12 +427,12 @@ def parse_request(line: bytes, limits: Limits) -> Request:
             raise BadRequest("op is required and must be a string")
         if op not in OPS:
             raise UnknownOp(f"unknown op {op[:64]!r} (known: {', '.join(OPS)})")
-        allowed, validate = OPS[op]
+        spec = OPS[op]
         fields = {k: v for k, v in obj.items() if k not in ENVELOPE}
-        unknown = sorted(set(fields) - allowed)
+        unknown = sorted(set(fields) - spec.fields)
         if unknown:
             raise BadRequest(f"{op} does not take {', '.join(repr(u[:64]) for u in unknown[:5])}")
-        return Request(id=rid, op=op, fields=validate(fields, limits))
+        return Request(id=rid, op=op, fields=spec.validate(fields, limits))
     except ClientError as e:
         raise RequestError(e, rid) from None
 

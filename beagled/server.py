@@ -26,7 +26,6 @@ import stat
 import struct
 import sys
 from collections import deque
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ from beagled.access import Policy
 from beagled.bounds import Throttle
 from beagled.engine import Engine
 from beagled.errors import BeagledError, Conflict, Forbidden, Unavailable
+from beagled.protocol import Kind
 
 log = logging.getLogger("beagled.server")
 
@@ -45,7 +45,6 @@ REJECT_LINGER_S = 0.5  # the same for a refused connection (forbidden, too many 
 MAX_REJECTING = 32  # refused connections lingering at once; beyond, they are closed without an answer
 HANGUP_POLL_S = 1.0  # how often a watch whose client stopped sending checks that it is still there
 WATCH_LINES_MAX = 256  # lines a watch may have queued for its client before it waits for it to read
-WRITE_OPS = frozenset({"submit", "train", "rollback", "pause", "resume", "delete_voice"})
 
 
 def peer_uid(sock: Any) -> int | None:
@@ -240,22 +239,6 @@ class Server:
         self.queued_submits: dict[int, int] = {}  # submits of a submitter not yet committed (quota)
         self._refusals = Throttle(burst=5, per_s=10.0)
         self.listener: trio.SocketListener | None = None
-        self._sync_ops: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
-            "ping": lambda f: engine.ping(),
-            "status": lambda f: engine.status(),
-            "jobs": lambda f: engine.list_jobs(f.get("voice"), f.get("state"), f["limit"]),
-            "voices": lambda f: engine.list_voices(),
-        }
-        self._ops: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
-            "job": lambda f: engine.job(f["job_id"]),
-            "train": lambda f: engine.train_now(f["voice"]),
-            "rollback": lambda f: engine.rollback(f["voice"], f.get("to")),
-            "pause": lambda f: engine.set_paused(True, f.get("voice"), f.get("cancel_running", False)),
-            "resume": lambda f: engine.set_paused(False, f.get("voice")),
-            "delete_voice": lambda f: engine.delete_voice(
-                f["voice"], f["remove_adapters"], f.get("erase_drafts", False), f.get("force", False)
-            ),
-        }
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         self.policy.seed(await trio.to_thread.run_sync(self.engine.store.submitters))
@@ -381,7 +364,7 @@ class Server:
             try:
                 await run_op_inner(req, entry)
             finally:
-                if req.op == "watch":
+                if protocol.OPS[req.op].kind is Kind.STREAM:
                     self.watches[uid] -= 1
                     if not self.watches[uid]:
                         del self.watches[uid]
@@ -389,13 +372,14 @@ class Server:
         async def run_op_inner(req: protocol.Request, entry: _Entry) -> None:
             try:
                 await _Output.after_writes_before(entry)
-                if req.op == "watch":
+                op = protocol.OPS[req.op]
+                if op.kind is Kind.STREAM:
                     await self._watch(req, entry, out, uid)
                     return
-                if req.op in self._sync_ops:
-                    result = self._filtered(uid, req, self._sync_ops[req.op](req.fields))
+                if op.kind is Kind.QUICK:
+                    result = self._filtered(uid, req, op.call(self.engine, req.fields))
                 else:
-                    result = await self._ops[req.op](req.fields)
+                    result = await op.call(self.engine, req.fields)
                     if req.op == "job":
                         policy.check_read(uid, result["job"]["voice"])
                 data = protocol.encode_ok(req.id, result)
@@ -422,10 +406,11 @@ class Server:
                 return
             try:
                 policy.check_op(uid, req.op)
+                op = protocol.OPS[req.op]
                 entry.after = out.last_write
-                if req.op in WRITE_OPS:
+                if op.kind.writes:
                     out.add_write(entry)
-                if req.op == "submit":  # the hot path: a callback after COMMIT, no task per request
+                if op.kind is Kind.COMMIT:  # the hot path: a callback after COMMIT, no task per request
                     rid = req.id
                     voice = req.fields["voice"]
                     policy.check_submit(uid, voice)
@@ -448,13 +433,13 @@ class Server:
                             data = protocol.encode_error(None, e)
                         answer(entry, data)
 
-                    self.engine.submit_nowait(req.fields, done, uid=uid)
+                    op.call(self.engine, req.fields, done, uid)
                     queued[uid] = queued.get(uid, 0) + 1
-                elif req.op in self._sync_ops and not out.unsettled():
-                    result = self._filtered(uid, req, self._sync_ops[req.op](req.fields))
+                elif op.kind is Kind.QUICK and not out.unsettled():
+                    result = self._filtered(uid, req, op.call(self.engine, req.fields))
                     answer(entry, protocol.encode_ok(req.id, result))
                 else:
-                    if req.op == "watch":
+                    if op.kind is Kind.STREAM:
                         self._open_watch(uid, streaming)
                         entry.stream = True
                         streaming = True
@@ -569,7 +554,7 @@ class Server:
         return policy.public_event(uid, body, voice)
 
     async def _watch(self, req: protocol.Request, entry: _Entry, out: _Output, uid: int) -> None:
-        gen = self.engine.watch(req.fields.get("from_seq"))
+        gen = protocol.OPS[req.op].call(self.engine, req.fields)
         try:
             async for msg in gen:
                 key = "event" if "event" in msg else "progress"
@@ -581,7 +566,7 @@ class Server:
                 while len(entry.lines) >= WATCH_LINES_MAX:  # bounded: wait for the client to read
                     await out.wait_flushed()
         finally:
-            await gen.aclose()  # type: ignore[attr-defined]
+            await gen.aclose()
         entry.lines.append(
             protocol.encode_error(req.id, Unavailable("watch stream ended: the client fell behind"))
         )
