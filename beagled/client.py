@@ -18,10 +18,10 @@ import math
 import os
 import socket
 import tomllib
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Coroutine, Generator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Generic, Self, TypeVar
 
 import trio
 
@@ -33,6 +33,7 @@ __all__ = [
     "AsyncClient",
     "AsyncWatch",
     "Client",
+    "ClientProtocol",
     "ConnectionLost",
     "DaemonNotRunning",
     "ProtocolError",
@@ -41,6 +42,7 @@ __all__ = [
     "error_from_response",
     "exception_for",
     "raise_for_response",
+    "stream_message",
 ]
 
 PROTOCOL_VERSION = 1
@@ -171,7 +173,7 @@ def default_socket_path(config: str | Path | None = None) -> Path:
     return next((c for c in candidates if c.exists()), candidates[0])
 
 
-# --- wire helpers -------------------------------------------------------------------------------
+# --- the sans-IO client protocol ----------------------------------------------------------------
 
 
 def _encode(message: Mapping[str, Any]) -> bytes:
@@ -188,19 +190,65 @@ def _decode(line: bytes) -> dict[str, Any]:
     return message
 
 
-def _request_message(request_id: int, op: str, fields: Mapping[str, Any]) -> dict[str, Any]:
-    message: dict[str, Any] = {"v": PROTOCOL_VERSION, "id": request_id, "op": op}
-    for name, value in fields.items():
-        if value is not None:
-            message[name] = value
-    return message
-
-
 def _check_id(response: Mapping[str, Any], expected: int) -> None:
     got = response.get("id")
     # ``id: null`` is how the daemon answers a line it could not parse (invalid_json, too_large).
     if got is not None and got != expected:
         raise ProtocolError(f"response id {got!r} does not match request id {expected!r}")
+
+
+def stream_message(message: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A ``watch`` line: the stream message, None for anything else (skipped); an error raises."""
+    exc = error_from_response(message)
+    if exc is not None:
+        raise exc
+    return dict(message) if "event" in message or "progress" in message else None
+
+
+class ClientProtocol:
+    """Protocol v1 for a client, without I/O (as h11 is for HTTP): calls become request bytes, received
+    bytes become messages, a response becomes its result or the exception its error code names.
+
+    ``Client`` drives it over a blocking socket, ``AsyncClient`` over a trio stream; neither knows the
+    wire format.
+    """
+
+    def __init__(self) -> None:
+        self._next_id = 1
+        self._buf = bytearray()
+
+    def take_id(self) -> int:
+        request_id = self._next_id
+        self._next_id += 1
+        return request_id
+
+    def request(self, op: str, fields: Mapping[str, Any], request_id: int | None = None) -> tuple[int, bytes]:
+        """The id and the line of one request; fields set to None are left out."""
+        rid = self.take_id() if request_id is None else request_id
+        message: dict[str, Any] = {"v": PROTOCOL_VERSION, "id": rid, "op": op}
+        message.update((name, value) for name, value in fields.items() if value is not None)
+        return rid, _encode(message)
+
+    def receive(self, data: bytes) -> None:
+        """Bytes read from the daemon."""
+        self._buf += data
+        if len(self._buf) > MAX_LINE_BYTES and b"\n" not in self._buf:
+            raise ProtocolError(f"daemon sent a line longer than {MAX_LINE_BYTES} bytes")
+
+    def next_message(self) -> dict[str, Any] | None:
+        """The next complete message received, or None until more bytes come (blank lines skipped)."""
+        while (i := self._buf.find(b"\n")) >= 0:
+            line = bytes(self._buf[:i])
+            del self._buf[: i + 1]
+            if line.strip():
+                return _decode(line)
+        return None
+
+    @staticmethod
+    def result(response: Mapping[str, Any], request_id: int) -> dict[str, Any]:
+        """The result of the response to ``request_id``, or the exception it stands for."""
+        _check_id(response, request_id)
+        return raise_for_response(response)
 
 
 def _not_running(path: str, e: OSError) -> errors.BeagledError:
@@ -213,59 +261,87 @@ def _not_running(path: str, e: OSError) -> errors.BeagledError:
     return errors.Unavailable(f"cannot connect to {path}: {e.strerror or e}")
 
 
-def _is_stream_message(message: Mapping[str, Any]) -> bool:
-    return "event" in message or "progress" in message
+def _lost(path: str, e: BaseException) -> ConnectionLost:
+    return ConnectionLost(f"connection to beagled at {path} lost: {getattr(e, 'strerror', None) or e}")
 
 
-def _submit_fields(
-    bad: str,
-    good: str,
-    *,
-    voice: str,
-    prompt: str | None,
-    quality: Mapping[str, float] | None,
-    key: str | None,
-    heldout: bool | None = None,
-    system: str | None = None,
-    messages: Sequence[Mapping[str, str]] | None = None,
-) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "voice": voice,
-        "bad": bad,
-        "good": good,
-        "prompt": prompt,
-        "quality": dict(quality) if quality is not None else None,
-        "key": key,
-        "heldout": heldout,
-    }
-    if system is not None:  # sent only when given: a daemon from before chat-shaped pairs refuses them
-        out["system"] = system
-    if messages is not None:
-        out["messages"] = [dict(m) for m in messages]
-    return out
+def _closed_early(path: str) -> ConnectionLost:
+    return ConnectionLost(f"beagled at {path} closed the connection before answering")
 
 
-class _LineBuffer:
-    """Splits received bytes into lines."""
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-
-    def feed(self, data: bytes) -> None:
-        self._buf += data
-        if len(self._buf) > MAX_LINE_BYTES and b"\n" not in self._buf:
-            raise ProtocolError(f"daemon sent a line longer than {MAX_LINE_BYTES} bytes")
-
-    def pop(self) -> bytes | None:
-        i = self._buf.find(b"\n")
-        if i < 0:
-            return None
-        line = bytes(self._buf[:i])
-        del self._buf[: i + 1]
-        return line
+R = TypeVar("R")
 
 
-# --- blocking client ----------------------------------------------------------------------------
+class _Ops(Generic[R]):
+    """The ops as methods, written once for both clients: each sends one request through ``_call``
+    (the blocking client returns the result, the trio client an awaitable of it)."""
+
+    def _call(self, op: str, fields: dict[str, Any]) -> R:
+        raise NotImplementedError
+
+    def ping(self) -> R:
+        return self._call("ping", {})
+
+    def submit(
+        self,
+        bad: str,
+        good: str,
+        *,
+        voice: str = "default",
+        prompt: str | None = None,
+        quality: Mapping[str, float] | None = None,
+        key: str | None = None,
+        heldout: bool | None = None,
+        system: str | None = None,
+        messages: Sequence[Mapping[str, str]] | None = None,
+    ) -> R:
+        """Submit a pair; ``system`` and ``messages`` are sent only when given (a daemon from before
+        chat-shaped pairs refuses them)."""
+        fields: dict[str, Any] = {"voice": voice, "bad": bad, "good": good, "prompt": prompt, "key": key}
+        fields["quality"] = dict(quality) if quality is not None else None
+        fields["heldout"] = heldout
+        fields["system"] = system
+        fields["messages"] = [dict(m) for m in messages] if messages is not None else None
+        return self._call("submit", fields)
+
+    def status(self) -> R:
+        return self._call("status", {})
+
+    def jobs(self, voice: str | None = None, state: str | None = None, limit: int | None = None) -> R:
+        return self._call("jobs", {"voice": voice, "state": state, "limit": limit})
+
+    def job(self, job_id: str) -> R:
+        return self._call("job", {"job_id": job_id})
+
+    def voices(self) -> R:
+        return self._call("voices", {})
+
+    def train(self, voice: str) -> R:
+        return self._call("train", {"voice": voice})
+
+    def rollback(self, voice: str, to: str | None = None) -> R:
+        return self._call("rollback", {"voice": voice, "to": to})
+
+    def pause(self, voice: str | None = None, *, cancel_running: bool = False) -> R:
+        """Stop cutting new jobs: for the whole daemon, or for one voice; with ``cancel_running`` also
+        cancel the jobs not yet trained (the running training is stopped, their pairs are pending again)."""
+        return self._call("pause", {"voice": voice, "cancel_running": True if cancel_running else None})
+
+    def resume(self, voice: str | None = None) -> R:
+        return self._call("resume", {"voice": voice})
+
+    def delete_voice(
+        self, voice: str, *, remove_adapters: bool = False, erase_drafts: bool = False, force: bool = False
+    ) -> R:
+        """Remove a voice from the listing (its events stay); its adapters too if asked, and with
+        ``erase_drafts`` its drafts are overwritten in the log (a ``DraftsErased`` event records it).
+        ``force``: cancel the voice's unfinished jobs (stopping a running training) instead of refusing."""
+        fields = {"voice": voice, "remove_adapters": remove_adapters, "erase_drafts": erase_drafts}
+        fields["force"] = True if force else None
+        return self._call("delete_voice", fields)
+
+
+# --- blocking transport -------------------------------------------------------------------------
 
 
 class _SyncConnection:
@@ -283,37 +359,33 @@ class _SyncConnection:
             sock.close()
             raise _not_running(path, e) from e
         self.sock: socket.socket | None = sock
-        self._lines = _LineBuffer()
+        self.proto = ClientProtocol()
 
     def close(self) -> None:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
 
-    def send(self, data: bytes) -> None:
+    def _io(self) -> socket.socket:
         if self.sock is None:
             raise ConnectionLost(f"connection to {self.path} is closed")
+        return self.sock
+
+    def send(self, data: bytes) -> None:
         try:
-            self.sock.sendall(data)
+            self._io().sendall(data)
         except TimeoutError as e:
             self.close()
             raise RequestTimeout(f"timed out sending to beagled at {self.path}") from e
         except OSError as e:
             self.close()
-            raise ConnectionLost(f"connection to beagled at {self.path} lost: {e.strerror or e}") from e
+            raise _lost(self.path, e) from e
 
     def read_message(self) -> dict[str, Any] | None:
         """The next message, or None when the daemon closed the connection cleanly between lines."""
-        while True:
-            line = self._lines.pop()
-            if line is not None:
-                if not line.strip():
-                    continue
-                return _decode(line)
-            if self.sock is None:
-                raise ConnectionLost(f"connection to {self.path} is closed")
+        while (message := self.proto.next_message()) is None:
             try:
-                data = self.sock.recv(_CHUNK)
+                data = self._io().recv(_CHUNK)
             except TimeoutError as e:
                 self.close()
                 raise RequestTimeout(
@@ -321,20 +393,21 @@ class _SyncConnection:
                 ) from e
             except OSError as e:
                 self.close()
-                raise ConnectionLost(f"connection to beagled at {self.path} lost: {e.strerror or e}") from e
+                raise _lost(self.path, e) from e
             if not data:
                 self.close()
                 return None
-            self._lines.feed(data)
+            self.proto.receive(data)
+        return message
 
     def read_response(self) -> dict[str, Any]:
         message = self.read_message()
         if message is None:
-            raise ConnectionLost(f"beagled at {self.path} closed the connection before answering")
+            raise _closed_early(self.path)
         return message
 
 
-class Client:
+class Client(_Ops[dict[str, Any]]):
     """Blocking client; one connection, reused for every request.
 
     ``timeout`` bounds connecting and each wait for an answer (None: wait forever). After a timeout
@@ -344,10 +417,8 @@ class Client:
     def __init__(self, socket_path: str | Path | None = None, *, timeout: float | None = 30.0) -> None:
         self.socket_path = str(socket_path if socket_path is not None else default_socket_path())
         self.timeout = timeout
-        self._next_id = 1
+        self._proto = ClientProtocol()  # request ids, shared by the request connection and watches
         self._conn: _SyncConnection | None = _SyncConnection(self.socket_path, timeout)
-
-    # context manager / lifetime
 
     def __enter__(self) -> Self:
         return self
@@ -370,21 +441,15 @@ class Client:
             self._conn = _SyncConnection(self.socket_path, self.timeout)
         return self._conn
 
-    def _take_id(self) -> int:
-        request_id = self._next_id
-        self._next_id += 1
-        return request_id
-
-    # generic requests
+    def _call(self, op: str, fields: dict[str, Any]) -> dict[str, Any]:
+        return self.request(op, **fields)
 
     def request(self, op: str, **fields: Any) -> dict[str, Any]:
         """Send one request and return its ``result``; fields set to None are left out."""
         conn = self._connection()
-        request_id = self._take_id()
-        conn.send(_encode(_request_message(request_id, op, fields)))
-        response = conn.read_response()
-        _check_id(response, request_id)
-        return raise_for_response(response)
+        request_id, data = self._proto.request(op, fields)
+        conn.send(data)
+        return self._proto.result(conn.read_response(), request_id)
 
     def pipeline(self, requests: Sequence[tuple[str, Mapping[str, Any]]]) -> list[dict[str, Any]]:
         """Send every request, then read every response, in order.
@@ -396,93 +461,14 @@ class Client:
         if not requests:
             return []
         conn = self._connection()
-        ids = [self._take_id() for _ in requests]
-        payload = b"".join(
-            _encode(_request_message(request_id, op, fields))
-            for request_id, (op, fields) in zip(ids, requests, strict=True)
-        )
-        conn.send(payload)
+        lines = [self._proto.request(op, fields) for op, fields in requests]
+        conn.send(b"".join(data for _, data in lines))
         responses = []
-        for request_id in ids:
+        for request_id, _ in lines:
             response = conn.read_response()
             _check_id(response, request_id)
             responses.append(response)
         return responses
-
-    # ops
-
-    def ping(self) -> dict[str, Any]:
-        return self.request("ping")
-
-    def submit(
-        self,
-        bad: str,
-        good: str,
-        *,
-        voice: str = "default",
-        prompt: str | None = None,
-        quality: Mapping[str, float] | None = None,
-        key: str | None = None,
-        heldout: bool | None = None,
-        system: str | None = None,
-        messages: Sequence[Mapping[str, str]] | None = None,
-    ) -> dict[str, Any]:
-        return self.request(
-            "submit",
-            **_submit_fields(
-                bad,
-                good,
-                voice=voice,
-                prompt=prompt,
-                quality=quality,
-                key=key,
-                heldout=heldout,
-                system=system,
-                messages=messages,
-            ),
-        )
-
-    def status(self) -> dict[str, Any]:
-        return self.request("status")
-
-    def jobs(
-        self, voice: str | None = None, state: str | None = None, limit: int | None = None
-    ) -> dict[str, Any]:
-        return self.request("jobs", voice=voice, state=state, limit=limit)
-
-    def job(self, job_id: str) -> dict[str, Any]:
-        return self.request("job", job_id=job_id)
-
-    def voices(self) -> dict[str, Any]:
-        return self.request("voices")
-
-    def train(self, voice: str) -> dict[str, Any]:
-        return self.request("train", voice=voice)
-
-    def rollback(self, voice: str, to: str | None = None) -> dict[str, Any]:
-        return self.request("rollback", voice=voice, to=to)
-
-    def pause(self, voice: str | None = None, *, cancel_running: bool = False) -> dict[str, Any]:
-        """Stop cutting new jobs: for the whole daemon, or for one voice; with ``cancel_running`` also
-        cancel the jobs not yet trained (the running training is stopped, their pairs are pending again)."""
-        return self.request("pause", voice=voice, cancel_running=True if cancel_running else None)
-
-    def resume(self, voice: str | None = None) -> dict[str, Any]:
-        return self.request("resume", voice=voice)
-
-    def delete_voice(
-        self, voice: str, *, remove_adapters: bool = False, erase_drafts: bool = False, force: bool = False
-    ) -> dict[str, Any]:
-        """Remove a voice from the listing (its events stay); its adapters too if asked, and with
-        ``erase_drafts`` its drafts are overwritten in the log (a ``DraftsErased`` event records it).
-        ``force``: cancel the voice's unfinished jobs (stopping a running training) instead of refusing."""
-        return self.request(
-            "delete_voice",
-            voice=voice,
-            remove_adapters=remove_adapters,
-            erase_drafts=erase_drafts,
-            force=True if force else None,
-        )
 
     def watch(self, from_seq: int | None = None) -> Generator[dict[str, Any], None, None]:
         """Yield each streamed message (``{"event": {...}}`` or ``{"progress": {...}}`` envelopes).
@@ -493,32 +479,25 @@ class Client:
         """
         conn = _SyncConnection(self.socket_path, self.timeout)
         try:
-            request_id = self._take_id()
-            conn.send(_encode(_request_message(request_id, "watch", {"from_seq": from_seq})))
+            conn.send(self._proto.request("watch", {"from_seq": from_seq})[1])
             if conn.sock is not None:
                 conn.sock.settimeout(None)
             conn.timeout = None
-            while True:
-                message = conn.read_message()
-                if message is None:
-                    return
-                exc = error_from_response(message)
-                if exc is not None:
-                    raise exc
-                if _is_stream_message(message):
-                    yield message
+            while (message := conn.read_message()) is not None:
+                if (streamed := stream_message(message)) is not None:
+                    yield streamed
         finally:
             conn.close()
 
 
-# --- trio client --------------------------------------------------------------------------------
+# --- trio transport -----------------------------------------------------------------------------
 
 
 class _AsyncConnection:
     def __init__(self, path: str, stream: trio.SocketStream) -> None:
         self.path = path
         self.stream: trio.SocketStream | None = stream
-        self._lines = _LineBuffer()
+        self.proto = ClientProtocol()
 
     @classmethod
     async def open(cls, path: str, connect_limit_s: float | None) -> _AsyncConnection:
@@ -542,38 +521,29 @@ class _AsyncConnection:
             self.stream.socket.close()
             self.stream = None
 
-    async def send(self, data: bytes) -> None:
+    def _io(self) -> trio.SocketStream:
         if self.stream is None:
             raise ConnectionLost(f"connection to {self.path} is closed")
+        return self.stream
+
+    async def send(self, data: bytes) -> None:
         try:
-            await self.stream.send_all(data)
+            await self._io().send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
             self._drop()
-            raise ConnectionLost(f"connection to beagled at {self.path} lost: {e}") from e
+            raise _lost(self.path, e) from e
 
     async def read_message(self) -> dict[str, Any] | None:
-        while True:
-            line = self._lines.pop()
-            if line is not None:
-                if not line.strip():
-                    continue
-                return _decode(line)
-            if self.stream is None:
-                raise ConnectionLost(f"connection to {self.path} is closed")
+        while (message := self.proto.next_message()) is None:
             try:
-                data = await self.stream.receive_some(_CHUNK)
+                data = await self._io().receive_some(_CHUNK)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
                 self._drop()
-                raise ConnectionLost(f"connection to beagled at {self.path} lost: {e}") from e
+                raise _lost(self.path, e) from e
             if not data:
                 self._drop()
                 return None
-            self._lines.feed(data)
-
-    async def read_response(self) -> dict[str, Any]:
-        message = await self.read_message()
-        if message is None:
-            raise ConnectionLost(f"beagled at {self.path} closed the connection before answering")
+            self.proto.receive(data)
         return message
 
 
@@ -581,7 +551,7 @@ def _deadline(timeout: float | None) -> float:
     return math.inf if timeout is None else timeout
 
 
-class AsyncClient:
+class AsyncClient(_Ops[Coroutine[Any, Any, dict[str, Any]]]):
     """trio client: ``async with await AsyncClient.connect(path) as client: await client.ping()``.
 
     Requests from concurrent tasks are serialised on the one connection (a request and its response
@@ -593,7 +563,7 @@ class AsyncClient:
         self.socket_path = socket_path
         self.timeout = timeout
         self._conn: _AsyncConnection | None = conn
-        self._next_id = 1
+        self._proto = ClientProtocol()
         self._lock = trio.Lock()
 
     @classmethod
@@ -623,11 +593,6 @@ class AsyncClient:
             conn, self._conn = self._conn, None
             await conn.aclose()
 
-    def _take_id(self) -> int:
-        request_id = self._next_id
-        self._next_id += 1
-        return request_id
-
     async def _connection(self) -> _AsyncConnection:
         if self._conn is None or self._conn.stream is None:
             self._conn = await _AsyncConnection.open(self.socket_path, self.timeout)
@@ -642,7 +607,9 @@ class AsyncClient:
                     await conn.send(b"".join(data for _, data in messages))
                     responses = []
                     for request_id, _ in messages:
-                        response = await conn.read_response()
+                        response = await conn.read_message()
+                        if response is None:
+                            raise _closed_early(self.socket_path)
                         _check_id(response, request_id)
                         responses.append(response)
                 ok = True
@@ -656,84 +623,19 @@ class AsyncClient:
                     conn._drop()
             return responses
 
+    def _call(self, op: str, fields: dict[str, Any]) -> Coroutine[Any, Any, dict[str, Any]]:
+        return self.request(op, **fields)
+
     async def request(self, op: str, **fields: Any) -> dict[str, Any]:
-        request_id = self._take_id()
-        (response,) = await self._exchange([(request_id, _encode(_request_message(request_id, op, fields)))])
+        request_id, data = self._proto.request(op, fields)
+        (response,) = await self._exchange([(request_id, data)])
         return raise_for_response(response)
 
     async def pipeline(self, requests: Sequence[tuple[str, Mapping[str, Any]]]) -> list[dict[str, Any]]:
         """Like :meth:`Client.pipeline`: raw responses, in order."""
         if not requests:
             return []
-        messages = []
-        for op, fields in requests:
-            request_id = self._take_id()
-            messages.append((request_id, _encode(_request_message(request_id, op, fields))))
-        return await self._exchange(messages)
-
-    async def ping(self) -> dict[str, Any]:
-        return await self.request("ping")
-
-    async def submit(
-        self,
-        bad: str,
-        good: str,
-        *,
-        voice: str = "default",
-        prompt: str | None = None,
-        quality: Mapping[str, float] | None = None,
-        key: str | None = None,
-        heldout: bool | None = None,
-        system: str | None = None,
-        messages: Sequence[Mapping[str, str]] | None = None,
-    ) -> dict[str, Any]:
-        return await self.request(
-            "submit",
-            **_submit_fields(
-                bad,
-                good,
-                voice=voice,
-                prompt=prompt,
-                quality=quality,
-                key=key,
-                heldout=heldout,
-                system=system,
-                messages=messages,
-            ),
-        )
-
-    async def status(self) -> dict[str, Any]:
-        return await self.request("status")
-
-    async def jobs(
-        self, voice: str | None = None, state: str | None = None, limit: int | None = None
-    ) -> dict[str, Any]:
-        return await self.request("jobs", voice=voice, state=state, limit=limit)
-
-    async def job(self, job_id: str) -> dict[str, Any]:
-        return await self.request("job", job_id=job_id)
-
-    async def voices(self) -> dict[str, Any]:
-        return await self.request("voices")
-
-    async def train(self, voice: str) -> dict[str, Any]:
-        return await self.request("train", voice=voice)
-
-    async def rollback(self, voice: str, to: str | None = None) -> dict[str, Any]:
-        return await self.request("rollback", voice=voice, to=to)
-
-    async def pause(self, voice: str | None = None, *, cancel_running: bool = False) -> dict[str, Any]:
-        return await self.request("pause", voice=voice, cancel_running=True if cancel_running else None)
-
-    async def resume(self, voice: str | None = None) -> dict[str, Any]:
-        return await self.request("resume", voice=voice)
-
-    async def delete_voice(
-        self, voice: str, *, remove_adapters: bool = False, force: bool = False
-    ) -> dict[str, Any]:
-        return await self.request(
-            "delete_voice", voice=voice, remove_adapters=remove_adapters, force=True if force else None
-        )
+        return await self._exchange([self._proto.request(op, fields) for op, fields in requests])
 
     def watch(self, from_seq: int | None = None) -> AsyncWatch:
         """An async iterator over streamed messages, on a connection of its own.
@@ -741,17 +643,18 @@ class AsyncClient:
         ``async with client.watch() as stream: async for message in stream: ...`` (the ``async with``
         closes the connection; iterating without it is fine too, then call ``await stream.aclose()``).
         """
-        return AsyncWatch(self.socket_path, self.timeout, self._take_id(), from_seq)
+        return AsyncWatch(
+            self.socket_path, self.timeout, self._proto.request("watch", {"from_seq": from_seq})[1]
+        )
 
 
 class AsyncWatch:
     """The stream of one ``watch`` request; see :meth:`AsyncClient.watch`."""
 
-    def __init__(self, path: str, timeout: float | None, request_id: int, from_seq: int | None) -> None:
+    def __init__(self, path: str, timeout: float | None, request: bytes) -> None:
         self._path = path
         self._timeout = timeout
-        self._request_id = request_id
-        self._from_seq = from_seq
+        self._request = request
         self._conn: _AsyncConnection | None = None
         self._done = False
 
@@ -779,8 +682,7 @@ class AsyncWatch:
                 raise ConnectionLost("watch stream is closed")
             conn = await _AsyncConnection.open(self._path, self._timeout)
             self._conn = conn
-            request = _request_message(self._request_id, "watch", {"from_seq": self._from_seq})
-            await conn.send(_encode(request))
+            await conn.send(self._request)
         return self._conn
 
     def __aiter__(self) -> Self:
@@ -795,9 +697,10 @@ class AsyncWatch:
             if message is None:
                 await self.aclose()
                 raise StopAsyncIteration
-            exc = error_from_response(message)
-            if exc is not None:
+            try:
+                streamed = stream_message(message)
+            except errors.BeagledError:
                 await self.aclose()
-                raise exc
-            if _is_stream_message(message):
-                return message
+                raise
+            if streamed is not None:
+                return streamed

@@ -18,7 +18,8 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 from typing import Any, TextIO
@@ -197,20 +198,14 @@ def format_job(job: Mapping[str, Any], *, tz: tzinfo | None = None) -> str:
     return "\n".join(lines)
 
 
+#: A voice's columns, in the order of ``format_voices`` (``format_status`` shows the first five).
+_VOICE_KEYS = ("voice", "version", "served_name", "pending_pairs", "current_job", "adapter_path")
+
+
 def format_voices(voices: Sequence[Mapping[str, Any]]) -> str:
     if not voices:
         return "no voices"
-    rows = [
-        (
-            v.get("voice"),
-            v.get("version"),
-            v.get("served_name"),
-            v.get("pending_pairs"),
-            v.get("current_job"),
-            v.get("adapter_path"),
-        )
-        for v in voices
-    ]
+    rows = [[v.get(key) for key in _VOICE_KEYS] for v in voices]
     return _table(("VOICE", "VERSION", "SERVED NAME", "PENDING", "CURRENT JOB", "ADAPTER"), rows)
 
 
@@ -242,15 +237,7 @@ def format_status(status: Mapping[str, Any]) -> str:
         rows: list[tuple[object, ...]] = []
         for name, raw in voices.items():
             info: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
-            rows.append(
-                (
-                    name,
-                    info.get("version"),
-                    info.get("served_name"),
-                    info.get("pending_pairs"),
-                    info.get("current_job"),
-                )
-            )
+            rows.append((name, *(info.get(key) for key in _VOICE_KEYS[1:5])))
         lines.append("voices")
         lines.append(_table(("VOICE", "VERSION", "SERVED NAME", "PENDING", "CURRENT JOB"), rows, indent="  "))
     else:
@@ -623,62 +610,91 @@ def _print_json(value: object) -> None:
     sys.stdout.write(json.dumps(value, ensure_ascii=False, indent=2) + "\n")
 
 
+def _paused_text(result: Mapping[str, Any], args: argparse.Namespace) -> str:
+    who = f"voice {_clean(args.voice)}" if args.voice else "all voices"
+    return (
+        f"{who} paused: no new jobs are cut" if result.get("paused") else f"{who} running: new jobs are cut"
+    )
+
+
+@dataclass(frozen=True)
+class _Command:
+    """A ``beaglectl`` command: the op it sends (``protocol.OPS``), its fields from the arguments
+    (None: left out), and the text shown for its result (``--json`` prints the result itself)."""
+
+    op: str
+    fields: Callable[[argparse.Namespace], dict[str, Any]]
+    text: Callable[[Mapping[str, Any], argparse.Namespace], str]
+
+
+def _none(_args: argparse.Namespace) -> dict[str, Any]:
+    return {}
+
+
+COMMANDS: dict[str, _Command] = {
+    "ping": _Command("ping", _none, lambda r, a: format_ping(r)),
+    "status": _Command("status", _none, lambda r, a: format_status(r)),
+    "submit": _Command(
+        "submit",
+        lambda a: dict(a.submission),
+        lambda r, a: (
+            f"{'duplicate of pair' if r.get('duplicate') else 'accepted pair'} {_clean(r.get('pair_id'))} "
+            f"(seq {_clean(r.get('seq'))})"
+        ),
+    ),
+    "jobs": _Command(
+        "jobs",
+        lambda a: {"voice": a.voice, "state": a.state, "limit": a.limit},
+        lambda r, a: format_jobs(r.get("jobs") or []),
+    ),
+    "job": _Command(
+        "job",
+        lambda a: {"job_id": a.job_id},
+        lambda r, a: format_job(r["job"] if isinstance(r.get("job"), Mapping) else {}),
+    ),
+    "voices": _Command("voices", _none, lambda r, a: format_voices(r.get("voices") or [])),
+    "train": _Command(
+        "train",
+        lambda a: {"voice": a.voice},
+        lambda r, a: f"job {_clean(r.get('job_id'))} queued for voice {_clean(a.voice)}",
+    ),
+    "rollback": _Command(
+        "rollback",
+        lambda a: {"voice": a.voice, "to": a.to},
+        lambda r, a: f"voice {_clean(a.voice)} now serves job {_clean(r.get('job_id'))}",
+    ),
+    "pause": _Command(
+        "pause",
+        lambda a: {"voice": a.voice, "cancel_running": True if a.cancel_running else None},
+        _paused_text,
+    ),
+    "resume": _Command("resume", lambda a: {"voice": a.voice}, _paused_text),
+    "delete": _Command(
+        "delete_voice",
+        lambda a: {
+            "voice": a.voice,
+            "remove_adapters": a.remove_adapters,
+            "erase_drafts": a.erase_drafts,
+            "force": True if a.force else None,
+        },
+        lambda r, a: (
+            f"voice {_clean(a.voice)}{' and its adapters' if r.get('adapters_removed') else ''} deleted "
+            "(its events stay in the log)"
+        ),
+    ),
+}
+
+
 def _run(client: Client, args: argparse.Namespace) -> int:
     command: str = args.command
     if command == "watch":
         return _watch(client, args, sys.stdout, tty=fancy_terminal(sys.stdout))
-    result: dict[str, Any]
-    text: str
-    if command == "ping":
-        result = client.ping()
-        text = format_ping(result)
-    elif command == "status":
-        result = client.status()
-        text = format_status(result)
-    elif command == "submit":
-        result = client.request("submit", **args.submission)
-        verb = "duplicate of pair" if result.get("duplicate") else "accepted pair"
-        text = f"{verb} {_clean(result.get('pair_id'))} (seq {_clean(result.get('seq'))})"
-    elif command == "jobs":
-        result = client.jobs(voice=args.voice, state=args.state, limit=args.limit)
-        text = format_jobs(result.get("jobs") or [])
-    elif command == "job":
-        result = client.job(args.job_id)
-        job = result.get("job")
-        text = format_job(job if isinstance(job, Mapping) else {})
-    elif command == "voices":
-        result = client.voices()
-        text = format_voices(result.get("voices") or [])
-    elif command == "train":
-        result = client.train(args.voice)
-        text = f"job {_clean(result.get('job_id'))} queued for voice {_clean(args.voice)}"
-    elif command == "rollback":
-        result = client.rollback(args.voice, to=args.to)
-        text = f"voice {_clean(args.voice)} now serves job {_clean(result.get('job_id'))}"
-    elif command in ("pause", "resume"):
-        result = (
-            client.pause(args.voice, cancel_running=args.cancel_running)
-            if command == "pause"
-            else client.resume(args.voice)
-        )
-        who = f"voice {_clean(args.voice)}" if args.voice else "all voices"
-        text = (
-            f"{who} paused: no new jobs are cut"
-            if result.get("paused")
-            else f"{who} running: new jobs are cut"
-        )
-    elif command == "delete":
-        result = client.delete_voice(
-            args.voice, remove_adapters=args.remove_adapters, erase_drafts=args.erase_drafts, force=args.force
-        )
-        removed = " and its adapters" if result.get("adapters_removed") else ""
-        text = f"voice {_clean(args.voice)}{removed} deleted (its events stay in the log)"
-    else:  # pragma: no cover - argparse only lets known commands through
-        raise UsageError(f"unknown command {command}")
+    spec = COMMANDS[command]  # argparse only lets known commands through
+    result = client.request(spec.op, **spec.fields(args))
     if args.json:
         _print_json(result)
     else:
-        sys.stdout.write(text + "\n")
+        sys.stdout.write(spec.text(result, args) + "\n")
     return EXIT_OK
 
 

@@ -14,6 +14,7 @@ import shutil
 import socket
 import tempfile
 import threading
+import tomllib
 from collections.abc import Callable, Iterator
 from datetime import UTC
 from pathlib import Path
@@ -22,13 +23,16 @@ from typing import Any
 import pytest
 import trio
 
-from beagled import ctl, errors
+from beagled import config, ctl, errors, paths, protocol
 from beagled.client import (
     AsyncClient,
     Client,
+    ClientProtocol,
     ConnectionLost,
     DaemonNotRunning,
+    ProtocolError,
     RequestTimeout,
+    _Ops,
     default_socket_path,
     raise_for_response,
 )
@@ -710,6 +714,81 @@ def test_default_socket_path_bad_config(clean_env: Path) -> None:
     bad.write_text("[daemon]\nsocket = 3\n")
     with pytest.raises(errors.ConfigError, match=r"daemon\.socket"):
         default_socket_path(bad)
+
+
+@pytest.mark.parametrize(
+    ("env", "toml", "expected"),
+    [
+        ({}, "", "~/.local/state/beagled/beagled.sock"),
+        ({"XDG_STATE_HOME": "/xdg/state"}, "", "/xdg/state/beagled/beagled.sock"),
+        ({"STATE_DIRECTORY": "/var/lib/beagled:/other"}, "", "/var/lib/beagled/beagled.sock"),
+        ({"XDG_STATE_HOME": "/xdg/state"}, '[daemon]\nstate_dir = "/cfg/state"\n', "/cfg/state/beagled.sock"),
+        ({"STATE_DIRECTORY": "/var/lib/b"}, '[daemon]\nsocket = "/cfg/b.sock"\n', "/cfg/b.sock"),
+    ],
+    ids=["neither", "xdg-state-home", "state-directory", "config-state-dir", "config-socket"],
+)
+def test_client_and_daemon_resolve_the_same_socket(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch, env: dict[str, str], toml: str, expected: str
+) -> None:
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    if toml:
+        (clean_env / "config.toml").write_text(toml)
+    daemon_side = config.load().socket_path  # what the daemon binds
+    want = Path(expected).expanduser()
+    assert daemon_side == want
+    assert default_socket_path() == want  # what the client connects to
+    section = tomllib.loads(toml).get("daemon", {}) if toml else {}
+    assert paths.socket_path(section.get("socket", ""), section.get("state_dir", "")) == want
+
+
+# --- the sans-IO client protocol and the table of operations --------------------------------------
+
+
+def test_client_protocol_turns_calls_into_lines_and_lines_into_results() -> None:
+    proto = ClientProtocol()
+    rid, line = proto.request("jobs", {"voice": "default", "state": None, "limit": 5})
+    assert json.loads(line) == {"v": 1, "id": rid, "op": "jobs", "voice": "default", "limit": 5}
+    assert line.endswith(b"\n")
+    assert proto.request("ping", {})[0] == rid + 1
+    proto.receive(b'{"v":1,"id":1,"ok":true,"res')
+    assert proto.next_message() is None  # not a whole line yet
+    proto.receive(
+        b'ult":{"jobs":[]}}\n\n{"v":1,"id":2,"ok":false,"error":{"code":"not_found","message":"no"}}\n'
+    )
+    assert proto.result(proto.next_message() or {}, 1) == {"jobs": []}
+    with pytest.raises(errors.NotFound, match="no"):
+        proto.result(proto.next_message() or {}, 2)
+    assert proto.next_message() is None
+    with pytest.raises(ProtocolError, match="does not match"):
+        proto.result({"v": 1, "id": 9, "ok": True, "result": {}}, 3)
+    proto.receive(b"not json\n")
+    with pytest.raises(ProtocolError, match="not JSON"):
+        proto.next_message()
+
+
+def test_every_client_method_and_ctl_command_names_an_op_of_the_table() -> None:
+    sent: list[tuple[str, dict[str, Any]]] = []
+
+    class Recorder(_Ops[None]):
+        def _call(self, op: str, fields: dict[str, Any]) -> None:
+            sent.append((op, fields))
+
+    r = Recorder()
+    for name in ("ping", "status", "voices"):
+        getattr(r, name)()
+    r.submit("b", "g")
+    r.jobs()
+    r.job("j")
+    r.train("v")
+    r.rollback("v")
+    r.pause()
+    r.resume()
+    r.delete_voice("v")
+    assert {op for op, _ in sent} == set(protocol.OPS) - {"watch"}
+    for op, fields in sent:
+        assert set(fields) <= protocol.OPS[op].fields, op
+    assert {c.op for c in ctl.COMMANDS.values()} == set(protocol.OPS) - {"watch"}
 
 
 # --- beaglectl ----------------------------------------------------------------------------------
