@@ -551,7 +551,22 @@ def _deadline(timeout: float | None) -> float:
     return math.inf if timeout is None else timeout
 
 
-class AsyncClient(_Ops[Coroutine[Any, Any, dict[str, Any]]]):
+class _AsyncClosing:
+    """``async with`` ends in ``aclose``."""
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class AsyncClient(_Ops[Coroutine[Any, Any, dict[str, Any]]], _AsyncClosing):
     """trio client: ``async with await AsyncClient.connect(path) as client: await client.ping()``.
 
     Requests from concurrent tasks are serialised on the one connection (a request and its response
@@ -579,14 +594,6 @@ class AsyncClient(_Ops[Coroutine[Any, Any, dict[str, Any]]]):
 
     async def __aenter__(self) -> Self:
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         if self._conn is not None:
@@ -648,7 +655,7 @@ class AsyncClient(_Ops[Coroutine[Any, Any, dict[str, Any]]]):
         )
 
 
-class AsyncWatch:
+class AsyncWatch(_AsyncClosing):
     """The stream of one ``watch`` request; see :meth:`AsyncClient.watch`."""
 
     def __init__(self, path: str, timeout: float | None, request: bytes) -> None:
@@ -661,14 +668,6 @@ class AsyncWatch:
     async def __aenter__(self) -> Self:
         await self._start()
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         self._done = True

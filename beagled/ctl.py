@@ -724,6 +724,17 @@ def fancy_terminal(out: TextIO) -> bool:
     return out.isatty() and os.environ.get("TERM", "") not in ("", "dumb")
 
 
+def _failure(e: Exception) -> tuple[str, int]:
+    """What ``beaglectl`` says on stderr for a failure, and its exit status."""
+    if isinstance(e, UsageError):
+        return str(e), EXIT_USAGE
+    if isinstance(e, errors.ConfigError):
+        return f"config: {e}", EXIT_USAGE
+    if isinstance(e, DaemonNotRunning):
+        return str(e), EXIT_NOT_RUNNING
+    return f"{e} ({getattr(e, 'code', 'internal')})", EXIT_DAEMON_ERROR
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``beaglectl``; returns the exit status."""
     try:
@@ -747,18 +758,10 @@ def main(argv: list[str] | None = None) -> int:
         socket_path = Path(args.socket) if args.socket else default_socket_path(args.config)
         with Client(socket_path, timeout=args.timeout) as client:
             return _run(client, args)
-    except UsageError as e:
-        sys.stderr.write(f"{PROG}: {e}\n")
-        return EXIT_USAGE
-    except errors.ConfigError as e:
-        sys.stderr.write(f"{PROG}: config: {e}\n")
-        return EXIT_USAGE
-    except DaemonNotRunning as e:
-        sys.stderr.write(f"{PROG}: {e}\n")
-        return EXIT_NOT_RUNNING
-    except errors.BeagledError as e:
-        sys.stderr.write(f"{PROG}: {e} ({e.code})\n")
-        return EXIT_DAEMON_ERROR
+    except (UsageError, errors.ConfigError, errors.BeagledError) as e:
+        text, status = _failure(e)
+        sys.stderr.write(f"{PROG}: {text}\n")
+        return status
     except KeyboardInterrupt:
         sys.stderr.write("\n")
         return EXIT_INTERRUPTED
