@@ -216,6 +216,7 @@ class ClientProtocol:
     def __init__(self) -> None:
         self._next_id = 1
         self._buf = bytearray()
+        self.eof = False
 
     def take_id(self) -> int:
         request_id = self._next_id
@@ -230,7 +231,10 @@ class ClientProtocol:
         return rid, _encode(message)
 
     def receive(self, data: bytes) -> None:
-        """Bytes read from the daemon."""
+        """Bytes read from the daemon; ``b""``: it closed the connection (``eof``)."""
+        if not data:
+            self.eof = True
+            return
         self._buf += data
         if len(self._buf) > MAX_LINE_BYTES and b"\n" not in self._buf:
             raise ProtocolError(f"daemon sent a line longer than {MAX_LINE_BYTES} bytes")
@@ -381,23 +385,22 @@ class _SyncConnection:
             self.close()
             raise _lost(self.path, e) from e
 
+    def _recv(self) -> bytes:
+        try:
+            return self._io().recv(_CHUNK)
+        except TimeoutError as e:
+            self.close()
+            raise RequestTimeout(f"no answer from beagled at {self.path} within {self.timeout:g} s") from e
+        except OSError as e:
+            self.close()
+            raise _lost(self.path, e) from e
+
     def read_message(self) -> dict[str, Any] | None:
         """The next message, or None when the daemon closed the connection cleanly between lines."""
-        while (message := self.proto.next_message()) is None:
-            try:
-                data = self._io().recv(_CHUNK)
-            except TimeoutError as e:
-                self.close()
-                raise RequestTimeout(
-                    f"no answer from beagled at {self.path} within {self.timeout:g} s"
-                ) from e
-            except OSError as e:
-                self.close()
-                raise _lost(self.path, e) from e
-            if not data:
-                self.close()
-                return None
-            self.proto.receive(data)
+        while (message := self.proto.next_message()) is None and not self.proto.eof:
+            self.proto.receive(self._recv())
+        if message is None:
+            self.close()
         return message
 
     def read_response(self) -> dict[str, Any]:
@@ -533,17 +536,19 @@ class _AsyncConnection:
             self._drop()
             raise _lost(self.path, e) from e
 
+    async def _recv(self) -> bytes:
+        try:
+            return await self._io().receive_some(_CHUNK)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            self._drop()
+            raise _lost(self.path, e) from e
+
     async def read_message(self) -> dict[str, Any] | None:
-        while (message := self.proto.next_message()) is None:
-            try:
-                data = await self._io().receive_some(_CHUNK)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
-                self._drop()
-                raise _lost(self.path, e) from e
-            if not data:
-                self._drop()
-                return None
-            self.proto.receive(data)
+        """As the blocking transport's."""
+        while (message := self.proto.next_message()) is None and not self.proto.eof:
+            self.proto.receive(await self._recv())
+        if message is None:
+            self._drop()
         return message
 
 

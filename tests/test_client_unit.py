@@ -762,6 +762,9 @@ def test_client_protocol_turns_calls_into_lines_and_lines_into_results() -> None
     assert proto.next_message() is None
     with pytest.raises(ProtocolError, match="does not match"):
         proto.result({"v": 1, "id": 9, "ok": True, "result": {}}, 3)
+    assert not proto.eof
+    proto.receive(b"")  # the daemon closed the connection
+    assert proto.eof
     proto.receive(b"not json\n")
     with pytest.raises(ProtocolError, match="not JSON"):
         proto.next_message()
