@@ -13,12 +13,13 @@ connection until the client closes it; the request connection stays usable meanw
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import socket
 import tomllib
-from collections.abc import Coroutine, Generator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Generator, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
@@ -375,25 +376,27 @@ class _SyncConnection:
             raise ConnectionLost(f"connection to {self.path} is closed")
         return self.sock
 
-    def send(self, data: bytes) -> None:
+    @contextlib.contextmanager
+    def _translated(self, timed_out: Callable[[], str]) -> Iterator[None]:
+        """Socket errors as the client's (as httpx translates at its transport); the connection is
+        dropped, since a late reply would answer the next request."""
         try:
-            self._io().sendall(data)
+            yield
         except TimeoutError as e:
             self.close()
-            raise RequestTimeout(f"timed out sending to beagled at {self.path}") from e
+            raise RequestTimeout(timed_out()) from e
         except OSError as e:
             self.close()
             raise _lost(self.path, e) from e
 
+    def send(self, data: bytes) -> None:
+        with self._translated(lambda: f"timed out sending to beagled at {self.path}"):
+            self._io().sendall(data)
+
     def _recv(self) -> bytes:
-        try:
+        with self._translated(lambda: f"no answer from beagled at {self.path} within {self.timeout:g} s"):
             return self._io().recv(_CHUNK)
-        except TimeoutError as e:
-            self.close()
-            raise RequestTimeout(f"no answer from beagled at {self.path} within {self.timeout:g} s") from e
-        except OSError as e:
-            self.close()
-            raise _lost(self.path, e) from e
+        raise AssertionError("unreachable")  # pragma: no cover - for the type checker
 
     def read_message(self) -> dict[str, Any] | None:
         """The next message, or None when the daemon closed the connection cleanly between lines."""
