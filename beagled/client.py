@@ -47,9 +47,10 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION = 1
-#: Default ``[daemon] state_dir`` (the daemon's config uses the same default).
+#: The last fallback of ``[daemon] state_dir``, after ``$STATE_DIRECTORY`` and ``$XDG_STATE_HOME``
+#: (``beagled.paths.default_state_dir``, which the daemon and this client both use).
 DEFAULT_STATE_DIR = "~/.local/state/beagled"
-SOCKET_NAME = "beagled.sock"
+SOCKET_NAME = paths.SOCKET_NAME
 #: A line longer than this from the daemon is a protocol error (the daemon's own limit is 1 MiB in).
 MAX_LINE_BYTES = 64 * 1024 * 1024
 _CHUNK = 65536
