@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import hypothesis.strategies as st
 import pytest
@@ -224,3 +225,42 @@ def test_every_job_state_can_be_asked_for() -> None:
     for state in protocol.JOB_STATES:
         line = json.dumps({"v": 1, "id": 1, "op": "jobs", "state": state}).encode()
         assert protocol.parse_request(line, LIM).fields["state"] == state
+
+
+class _EngineCalls:
+    """A fake engine: records which method an op's ``call`` reaches, with what arguments."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kw: self.calls.append((name, args, kw))
+
+
+def test_the_table_of_operations_says_how_each_op_runs_and_what_it_calls() -> None:
+    kinds = {name: op.kind for name, op in protocol.OPS.items()}
+    assert {n for n, k in kinds.items() if k.writes} == {
+        "submit",
+        "train",
+        "rollback",
+        "pause",
+        "resume",
+        "delete_voice",
+    }
+    assert {n for n, k in kinds.items() if k is protocol.Kind.QUICK} == {"ping", "status", "jobs", "voices"}
+    assert kinds["watch"] is protocol.Kind.STREAM and kinds["submit"] is protocol.Kind.COMMIT
+    limits = protocol.Limits()
+    engine = _EngineCalls()
+    req = protocol.parse_request(b'{"v":1,"id":1,"op":"jobs","state":"cancelled"}', limits)
+    protocol.OPS[req.op].call(engine, req.fields)
+    req = protocol.parse_request(b'{"v":1,"id":2,"op":"pause","voice":"a","cancel_running":true}', limits)
+    protocol.OPS[req.op].call(engine, req.fields)
+    req = protocol.parse_request(b'{"v":1,"id":3,"op":"submit","bad":"x","good":"y"}', limits)
+    done = object()
+    protocol.OPS[req.op].call(engine, req.fields, done, 1000)
+    assert engine.calls == [
+        ("list_jobs", (None, "cancelled", 100), {}),
+        ("set_paused", (True, "a", True), {}),
+        ("submit_nowait", ({"voice": "default", "bad": "x", "good": "y"}, done), {"uid": 1000}),
+    ]
+    assert {"trained", "promoted", "reloaded", "failed", "rejected", "cancelled"} == protocol.SETTLED_STATES
