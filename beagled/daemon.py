@@ -27,6 +27,7 @@ from beagled.engine import Engine
 from beagled.errors import ConfigError, TrainingError
 from beagled.metrics import Metrics, serve_metrics
 from beagled.notify import Notifier
+from beagled.ports import SystemClock
 from beagled.reload import NoneReloader, Reloader
 from beagled.reload.sleep import guard_for
 from beagled.server import Server
@@ -174,6 +175,7 @@ class Daemon:
             leadership=self.leadership,
             listener=self.listener,
             node=self.node,
+            clock=SystemClock(),  # the real clock; fast tests drive the engine with trio's MockClock
         )
         self.metrics.prime(list(t.backends), cfg.reload.method, t.executor)
         self.server = Server(self.engine)

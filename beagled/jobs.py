@@ -50,6 +50,16 @@ class JobState(enum.StrEnum):
 
 TERMINAL = frozenset({JobState.FAILED, JobState.REJECTED, JobState.RELOADED, JobState.CANCELLED})
 
+
+class Intent(enum.StrEnum):
+    """A job's intent event whose outcome is not yet recorded (``Job.pending_intent``): its value is
+    the event's type, so it compares equal to the type's name."""
+
+    TRAINING = ev.TrainingStarted.TYPE
+    PROMOTION = ev.PromotionStarted.TYPE
+    RELOAD = ev.ReloadStarted.TYPE
+
+
 # The one transition table: (state before, event type) -> state after. Absent = illegal.
 TRANSITIONS: dict[tuple[JobState | None, str], JobState] = {
     (None, "JobCreated"): JobState.QUEUED,
@@ -93,6 +103,27 @@ def transition(state: JobState | None, event_type: str) -> JobState:
         raise IllegalTransition(f"{event_type} is not allowed in state {state or 'none'}") from None
 
 
+class VoiceState(enum.StrEnum):
+    """Where a voice's ``current`` stands: settled, or being rolled back (``Voice.rollback_to``)."""
+
+    SETTLED = "settled"
+    ROLLING_BACK = "rolling_back"
+
+
+# The voice's transition table, as the job's: (state before, event type) -> state after. Absent = illegal.
+VOICE_TRANSITIONS: dict[tuple[VoiceState, str], VoiceState] = {
+    (VoiceState.SETTLED, "RollbackStarted"): VoiceState.ROLLING_BACK,
+    (VoiceState.ROLLING_BACK, "RolledBack"): VoiceState.SETTLED,
+}
+
+
+def voice_transition(state: VoiceState, event_type: str) -> VoiceState:
+    try:
+        return VOICE_TRANSITIONS[(state, event_type)]
+    except KeyError:
+        raise IllegalTransition(f"{event_type} is not allowed while the voice is {state}") from None
+
+
 # --- records ------------------------------------------------------------------------------------
 
 
@@ -122,7 +153,7 @@ class Job:
     sibling_eval_loss: float | None = None  # the job's own held-out siblings (reports only)
     sibling_preference_accuracy: float | None = None
     reload_attempts: int = 0
-    pending_intent: str | None = None  # the intent event type whose outcome is not yet recorded
+    pending_intent: Intent | None = None  # the intent whose outcome is not yet recorded
     # The held-out pairs that judge this job: those of the voice's evaluation set when it was cut (never
     # its own siblings, so a batch cannot vouch for itself); for a voice's first job, with no set yet,
     # its siblings. ``sibling_ids``: held out from this job's own window, reported apart.
@@ -199,8 +230,12 @@ class Voice:
     served_version: int = 0
     served_name: str | None = None
     last_trained_at: float = 0.0
-    reload_intent: str | None = None  # job id of a rollback intent without its outcome
+    rollback_to: str | None = None  # the job a rollback started (RollbackStarted) swaps ``current`` to
     paused: bool = False  # no new jobs are cut for this voice
+
+    @property
+    def state(self) -> VoiceState:
+        return VoiceState.SETTLED if self.rollback_to is None else VoiceState.ROLLING_BACK
 
     def public(self) -> dict[str, Any]:
         return {
@@ -439,14 +474,18 @@ def evolve(state: State, event: ev.Event) -> State:
         if job.state in TERMINAL:
             _archive(state, job.voice)
     elif isinstance(p, ev.RollbackStarted):
-        _stored_voice(state, p.voice).reload_intent = p.job_id
+        before = state.voices.get(p.voice)
+        voice_transition(before.state if before else VoiceState.SETTLED, p.TYPE)  # before any change
+        _stored_voice(state, p.voice).rollback_to = p.job_id
     elif isinstance(p, ev.RolledBack):
+        before = state.voices.get(p.voice)
+        voice_transition(before.state if before else VoiceState.SETTLED, p.TYPE)  # before any change
         v = _stored_voice(state, p.voice)
         target = state.jobs.get(p.job_id)
         v.current_job, v.current_version, v.adapter_path = p.job_id, p.version, p.adapter_path
         v.eval_loss = target.eval_loss if target else None
         v.preference_accuracy = target.preference_accuracy if target else None
-        v.reload_intent = None
+        v.rollback_to = None
     elif isinstance(p, ev.VoicePaused | ev.VoiceResumed):
         _stored_voice(state, p.voice).paused = isinstance(p, ev.VoicePaused)
     elif isinstance(p, ev.VoiceDeleted):
@@ -470,7 +509,7 @@ def _evolve_job(state: State, event: ev.Event, p: ev.JobEvent) -> None:
     if isinstance(p, ev.TrainingStarted):
         if p.attempt != job.attempt + 1:
             raise IllegalTransition(f"attempt {p.attempt} does not follow attempt {job.attempt}")
-        job = _job_update(job, event, attempt=p.attempt, retry_at=None, pending_intent=p.TYPE)
+        job = _job_update(job, event, attempt=p.attempt, retry_at=None, pending_intent=Intent.TRAINING)
         _stored_voice(state, job.voice).last_trained_at = event.at
     elif isinstance(p, ev.TrainingFailed):
         job = _job_update(job, event, backend=p.backend, error=f"{p.backend}: {p.error}")
@@ -502,7 +541,7 @@ def _evolve_job(state: State, event: ev.Event, p: ev.JobEvent) -> None:
     elif isinstance(p, ev.JobRejected):
         job = _job_update(job, event, error=p.reason or "rejected by the evaluation gate")
     elif isinstance(p, ev.PromotionStarted):
-        job = _job_update(job, event, version=p.version, pending_intent=p.TYPE)
+        job = _job_update(job, event, version=p.version, pending_intent=Intent.PROMOTION)
         v = _stored_voice(state, job.voice)
         v.versions = max(v.versions, p.version)
     elif isinstance(p, ev.Promoted):
@@ -513,7 +552,7 @@ def _evolve_job(state: State, event: ev.Event, p: ev.JobEvent) -> None:
         v.preference_accuracy = job.preference_accuracy
         v.versions = max(v.versions, p.version)
     elif isinstance(p, ev.ReloadStarted):
-        job = _job_update(job, event, pending_intent=p.TYPE)
+        job = _job_update(job, event, pending_intent=Intent.RELOAD)
     elif isinstance(p, ev.ReloadFailed):
         job = _job_update(
             job,
@@ -867,7 +906,7 @@ def decide(state: State, cmd: Command) -> list[ev.Payload]:
                 or j.pending_intent is not None
             )
         ]
-        if busy or state.voices[cmd.voice].reload_intent is not None:
+        if busy or state.voices[cmd.voice].rollback_to is not None:
             raise IllegalTransition(
                 f"voice {cmd.voice!r} has work in progress ({', '.join(busy) or 'a rollback'})"
             )
@@ -876,9 +915,9 @@ def decide(state: State, cmd: Command) -> list[ev.Payload]:
         return _decide_rollback(state, cmd)
     if isinstance(cmd, FinishRollback):
         v = state.voice(cmd.voice)
-        if v.reload_intent is None:
+        if v.rollback_to is None:
             raise IllegalTransition(f"voice {cmd.voice!r} has no rollback in progress")
-        target = state.job(v.reload_intent)
+        target = state.job(v.rollback_to)
         return [
             ev.RolledBack(
                 voice=cmd.voice,
@@ -956,7 +995,7 @@ def decide(state: State, cmd: Command) -> list[ev.Payload]:
         ]
     if isinstance(cmd, Gate):
         _require(job, JobState.TRAINED)
-        if job.pending_intent == "PromotionStarted":
+        if job.pending_intent == Intent.PROMOTION:
             return []  # already past the gate; the promotion is being redone
         reason = gate_verdict(job, cmd)
         if reason is not None:
@@ -975,7 +1014,7 @@ def decide(state: State, cmd: Command) -> list[ev.Payload]:
         return [ev.PromotionStarted(job_id=job.job_id, voice=job.voice, version=v.versions + 1)]
     if isinstance(cmd, FinishPromotion):
         _require(job, JobState.TRAINED)
-        if job.pending_intent != "PromotionStarted" or job.version is None:
+        if job.pending_intent != Intent.PROMOTION or job.version is None:
             raise IllegalTransition(f"job {job.job_id} has no promotion in progress")
         return [
             ev.Promoted(
@@ -1070,8 +1109,8 @@ def _decide_forced_delete(state: State, cmd: DeleteVoice) -> list[ev.Payload]:
     mine = sorted(
         (j for j in state.jobs.values() if j.voice == cmd.voice), key=lambda j: (j.created_at, j.job_id)
     )
-    busy = [j.job_id for j in mine if j.pending_intent not in (None, "TrainingStarted")]
-    if busy or state.voices[cmd.voice].reload_intent is not None:
+    busy = [j.job_id for j in mine if j.pending_intent not in (None, Intent.TRAINING)]
+    if busy or state.voices[cmd.voice].rollback_to is not None:
         raise IllegalTransition(
             f"voice {cmd.voice!r} has a promotion or reload in progress ({', '.join(busy) or 'a rollback'}):"
             " try again when it has finished"
@@ -1112,7 +1151,7 @@ def _decide_rollback(state: State, cmd: Rollback) -> list[ev.Payload]:
     v = state.voices.get(cmd.voice)
     if v is None:
         raise NotFound(f"no voice {cmd.voice!r}")
-    if v.reload_intent is not None:
+    if v.rollback_to is not None:
         raise IllegalTransition(f"voice {cmd.voice!r} is already being rolled back")
     promoted = sorted(
         (
@@ -1195,5 +1234,76 @@ def next_training_deadline(state: State) -> float | None:
         j.retry_at
         for j in state.jobs.values()
         if j.state == JobState.TRAINING and j.retry_at is not None and j.blocked is None
+    ]
+    return min(times) if times else None
+
+
+# --- what to serve next (the serve loop's pure decision) -----------------------------------------
+
+
+@dataclass(frozen=True)
+class Promote:
+    """Gate the trained job and, if it passes, make it the voice's ``current``."""
+
+    job_id: str
+
+
+@dataclass(frozen=True)
+class Reload:
+    """Make the inference server serve the job; ``reason`` is recorded with the reload's events."""
+
+    job_id: str
+    reason: str  # promotion | rollback | reconcile
+
+
+@dataclass(frozen=True)
+class CompleteRollback:
+    """Swap the voice's ``current`` to ``Voice.rollback_to`` and record ``RolledBack``."""
+
+    voice: str
+
+
+ServeAction = Promote | Reload | CompleteRollback
+
+
+def next_serve(
+    state: State, now: float, *, reloads: bool = True, reconcile: frozenset[str] = frozenset()
+) -> ServeAction | None:
+    """What the serve loop does next, in order: finish a rollback; gate and promote the oldest trained
+    job; reload a voice whose ``current`` is not what is served (``promotion`` for a job never served,
+    ``rollback`` for a job served before, that a rollback made current again) unless its last reload
+    failed and is backing off (an interrupted reload is redone at once); reload a served job that
+    reconcile found the server no longer serves (``reconcile``: job ids). ``reloads`` False: the
+    daemon has no inference server to reload (``reload.method = none``)."""
+    for v in state.voices.values():
+        if v.rollback_to is not None:
+            return CompleteRollback(v.name)
+    for trained in sorted(state.jobs.values(), key=lambda j: j.created_at):
+        if trained.state == JobState.TRAINED:
+            return Promote(trained.job_id)
+    if not reloads:
+        return None
+    asked = None
+    for v in state.voices.values():
+        j = state.jobs.get(v.current_job) if v.current_job else None
+        if j is None:
+            continue
+        due = j.retry_at is None or j.retry_at <= now or j.pending_intent == Intent.RELOAD
+        stale = (
+            j.state == JobState.PROMOTED or v.served_job != j.job_id or v.served_version != v.current_version
+        )
+        if stale and due:
+            return Reload(j.job_id, "rollback" if j.state == JobState.RELOADED else "promotion")
+        if asked is None and j.job_id in reconcile and v.served_job == j.job_id and due:
+            asked = Reload(j.job_id, "reconcile")
+    return asked
+
+
+def next_serve_deadline(state: State) -> float | None:
+    """When a reload that failed (and backs off) is due again."""
+    times = [
+        j.retry_at
+        for j in state.jobs.values()
+        if j.retry_at is not None and j.state in (JobState.PROMOTED, JobState.RELOADED)
     ]
     return min(times) if times else None

@@ -27,11 +27,13 @@ from collections.abc import Callable
 from typing import Any
 
 from beagled import jobs
-from beagled.jobs import Job, JobState, Voice
+from beagled.jobs import Intent, Job, JobState, Voice
 
 SCHEMA = 4  # 2: keep_finished and archived counts in the header; 3: held-out window, jobs' eval ids;
 # 4: the servers asleep (``State.sleeping``) in the header
 MAGIC = "beagled-state"
+# fields renamed since a snapshot of this schema could be written: read under their new name
+RENAMED = {"reload_intent": "rollback_to"}  # Voice: the rollback's target job
 
 
 class SnapshotError(ValueError):
@@ -53,6 +55,8 @@ def _converter(annotation: Any) -> Callable[[Any], Any] | None:
         return tuple
     if a == "JobState":
         return JobState
+    if a == "Intent|None":
+        return lambda v: None if v is None else Intent(v)
     return None
 
 
@@ -158,9 +162,10 @@ def from_snapshot(blob: bytes) -> jobs.State:
     header = read_header(blob)
     if header.get("schema") != SCHEMA:
         raise SnapshotError(f"snapshot schema {header.get('schema')!r} is not {SCHEMA}")
+    voice_fields = [RENAMED.get(n, n) for n in header.get("voice_fields") or ()]
     if (
         header.get("job_fields") != _JOB_FIELDS
-        or header.get("voice_fields") != _VOICE_FIELDS
+        or voice_fields != _VOICE_FIELDS
         or header.get("sleeping_fields") != _SLEEPING_FIELDS
     ):
         raise SnapshotError("snapshot was written for records of another shape")

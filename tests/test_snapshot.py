@@ -100,7 +100,7 @@ def random_history(
         record(payloads)
         if isinstance(cmd, jobs.Rollback):
             v = state.voice(cmd.voice)
-            if v.reload_intent is not None and rnd.random() < 0.8:
+            if v.rollback_to is not None and rnd.random() < 0.8:
                 record(jobs.decide(state, jobs.FinishRollback(cmd.voice, "/a/rolled")))
     return state
 
