@@ -248,9 +248,7 @@ class Daemon:
 
     def _summary(self) -> str:
         c = self.engine.state.counts()
-        busy = ", ".join(
-            f"{k} {v}" for k, v in c.items() if v and k not in ("reloaded", "failed", "rejected", "cancelled")
-        )
+        busy = ", ".join(f"{k} {v}" for k, v in c.items() if v and k not in {t.value for t in jobs.TERMINAL})
         pending = sum(len(v.pending) for v in self.engine.state.voices.values())
         return f"{len(self.engine.state.voices)} voices, {pending} pending pairs" + (
             f", jobs: {busy}" if busy else ""
