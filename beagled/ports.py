@@ -7,7 +7,7 @@ The concrete adapters live elsewhere and meet only in the composition root (``be
     port            what it owns                          adapters (wired by beagled.daemon)
     ----            ------------                          --------
     Store           the event log, snapshots, fencing     store.SqlStore/SqliteStore, store.MemoryStore
-    AdapterStore    adapter directories, ``current``      voices.VoiceStore
+    AdapterStore    adapter directories, ``current``      adapter_dirs.AdapterDirs
     Trainer         training backends and their runs      training.runner.SubprocessTrainer,
                                                           training.executor_ray.RayTrainer
     Reloader        what the inference server serves      reload.NoneReloader, reload.command,

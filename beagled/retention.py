@@ -9,7 +9,7 @@ servers read their own copies).
 Crash safety is re-derived from the disk, with no events: retention (``prune``) recomputes what may go
 at every promotion and at start-up, so a crash between an unload and the delete only leaves a
 directory for the next pass. ``delete_voice --remove-adapters`` writes its intent first (a marker file
-listing the voice's adapters, ``VoiceStore.mark_removal``); ``sweep`` finishes it at start-up, at each
+listing the voice's adapters, ``AdapterStore.mark_removal``); ``sweep`` finishes it at start-up, at each
 reconcile pass and right away, deleting only what no server lists.
 """
 

@@ -112,15 +112,15 @@ def test_nofile_soft_limit_is_raised() -> None:
 
 
 def test_removing_a_voice_never_follows_a_planted_link(tmp_path: Path) -> None:
+    from beagled.adapter_dirs import AdapterDirs
     from beagled.errors import AdapterError
-    from beagled.voices import VoiceStore
 
     victim = tmp_path / "victim" / "v"
     victim.mkdir(parents=True)
     (victim / "precious").write_text("x")
     (tmp_path / "state").mkdir()
     (tmp_path / "state" / "voices").symlink_to(tmp_path / "victim")
-    store = VoiceStore(tmp_path / "state" / "voices", keep_versions=2)
+    store = AdapterDirs(tmp_path / "state" / "voices", keep_versions=2)
     with pytest.raises(AdapterError, match="symbolic link"):
         store.remove("v")
     assert (victim / "precious").exists()

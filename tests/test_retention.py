@@ -6,14 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from beagled import retention
+from beagled.adapter_dirs import AdapterDirs
 from beagled.reload.replicas import VllmReplicas
 from beagled.reload.vllm import VllmReloader
-from beagled.voices import VoiceStore
 from tests.vllm_standin import VllmStandin, make_peft_adapter
 
 
-def store_with(tmp_path: Path, jobs: list[str]) -> VoiceStore:
-    store = VoiceStore(tmp_path / "voices")
+def store_with(tmp_path: Path, jobs: list[str]) -> AdapterDirs:
+    store = AdapterDirs(tmp_path / "voices")
     for j in jobs:
         make_peft_adapter(store.adapter_dir("bea", j), job_id=j, voice="bea")
     store.promote("bea", jobs[-1])

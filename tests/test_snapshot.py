@@ -17,13 +17,13 @@ import pytest
 
 from beagled import events as ev
 from beagled import jobs, snapshot
+from beagled.adapter_dirs import AdapterDirs
 from beagled.config import from_mapping
 from beagled.engine import Engine
 from beagled.errors import IllegalTransition, NotFound
 from beagled.reload import NoneReloader
 from beagled.store import MemoryStore, SqliteStore, Store
 from beagled.training.runner import SubprocessTrainer
-from beagled.voices import VoiceStore
 
 VOICES = ("a", "b", "c")
 URLS = ["http://127.0.0.1:8000", "http://127.0.0.1:8001"]
@@ -112,7 +112,7 @@ def full_replay(store: Store) -> jobs.State:
 def make_engine(tmp_path: Path, store: Store) -> Engine:
     cfg = from_mapping({"daemon": {"state_dir": str(tmp_path / "state")}, "metrics": {"listen": ""}})
     trainer = SubprocessTrainer([], spec_dir=tmp_path / "specs")
-    return Engine(cfg, store, VoiceStore(tmp_path / "voices"), trainer, NoneReloader())
+    return Engine(cfg, store, AdapterDirs(tmp_path / "voices"), trainer, NoneReloader())
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from beagled import manifest
+from beagled.adapter_dirs import AdapterDirs
 from beagled.errors import AdapterError
-from beagled.voices import VoiceStore
 
 
 def adapter(d: Path, payload: bytes = b"weights") -> Path:
@@ -21,13 +21,13 @@ def adapter(d: Path, payload: bytes = b"weights") -> Path:
     return d
 
 
-def finished(store: VoiceStore, voice: str, job: str) -> Path:
+def finished(store: AdapterDirs, voice: str, job: str) -> Path:
     staging = store.staging_dir(voice, job, 1, "mlx")
     return store.finalize(voice, job, adapter(staging / "adapter", job.encode()))
 
 
 def test_promote_swaps_current_and_refuses_a_tampered_adapter(tmp_path: Path) -> None:
-    store = VoiceStore(tmp_path / "voices")
+    store = AdapterDirs(tmp_path / "voices")
     finished(store, "v", "j1")
     finished(store, "v", "j2")
     store.promote("v", "j1")
@@ -42,7 +42,7 @@ def test_promote_swaps_current_and_refuses_a_tampered_adapter(tmp_path: Path) ->
 
 
 def test_a_half_written_adapter_is_never_finalized_or_promoted(tmp_path: Path) -> None:
-    store = VoiceStore(tmp_path / "voices")
+    store = AdapterDirs(tmp_path / "voices")
     staging = store.staging_dir("v", "j1", 1, "mlx")
     half = staging / "adapter"
     half.mkdir()
@@ -65,7 +65,7 @@ def test_manifest_requires_the_peft_files(tmp_path: Path) -> None:
 
 
 def test_current_is_a_relative_symlink_swapped_by_rename(tmp_path: Path) -> None:
-    store = VoiceStore(tmp_path / "voices")
+    store = AdapterDirs(tmp_path / "voices")
     finished(store, "v", "j1")
     finished(store, "v", "j2")
     store.promote("v", "j1")
@@ -83,7 +83,7 @@ def test_current_is_a_relative_symlink_swapped_by_rename(tmp_path: Path) -> None
 def test_two_swaps_at_once_never_collide(tmp_path: Path) -> None:
     """A rollback's request and the serve loop may swap ``current`` at the same moment (seen on a loaded
     CI machine: one failed with EEXIST on the other's temporary link)."""
-    store = VoiceStore(tmp_path / "voices")
+    store = AdapterDirs(tmp_path / "voices")
     finished(store, "v", "j1")
     finished(store, "v", "j2")
     errors: list[BaseException] = []
@@ -108,7 +108,7 @@ def test_two_swaps_at_once_never_collide(tmp_path: Path) -> None:
 
 
 def test_prune_keeps_the_current_and_the_kept(tmp_path: Path) -> None:
-    store = VoiceStore(tmp_path / "voices")
+    store = AdapterDirs(tmp_path / "voices")
     for j in ("j1", "j2", "j3", "j4"):
         finished(store, "v", j)
     store.promote("v", "j1")
@@ -134,7 +134,7 @@ def test_the_served_base_is_written_into_adapter_config_before_the_manifest_hash
     verified = manifest.verify(d)  # the hash covers the rewritten config
     assert verified == info and verified["served_base"] == "tiny-served"
     assert verified["base_model"] == "/models/tiny"  # what it was trained over stays recorded
-    store = VoiceStore(tmp_path / "voices")
+    store = AdapterDirs(tmp_path / "voices")
     staging = store.staging_dir("v", "j1", 1, "mlx") / "adapter"
     d.rename(staging)
     store.finalize("v", "j1", staging)
