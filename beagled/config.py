@@ -204,9 +204,7 @@ class Config:
 
     @property
     def socket_path(self) -> Path:
-        return (
-            Path(self.daemon.socket).expanduser() if self.daemon.socket else self.state_dir / "beagled.sock"
-        )
+        return paths.socket_path(self.daemon.socket, self.daemon.state_dir)
 
     @property
     def db_path(self) -> Path:

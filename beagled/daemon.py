@@ -21,6 +21,7 @@ from pathlib import Path
 import trio
 
 from beagled import jobs, logs, secrets
+from beagled.adapter_dirs import AdapterDirs
 from beagled.bounds import check_not_writable_by_others, raise_nofile_limit
 from beagled.config import Config
 from beagled.engine import Engine
@@ -34,7 +35,6 @@ from beagled.server import Server
 from beagled.store import SqliteStore, SqlStore
 from beagled.training.executor_ray import RayTrainer, build_ray_trainer
 from beagled.training.runner import SubprocessTrainer, reap_orphans
-from beagled.voices import VoiceStore
 
 log = logging.getLogger("beagled.daemon")
 
@@ -160,7 +160,7 @@ class Daemon:
         self.engine = Engine(
             cfg,
             self.store,
-            VoiceStore(cfg.voices_dir, keep_versions=cfg.voices.keep_versions),
+            AdapterDirs(cfg.voices_dir, keep_versions=cfg.voices.keep_versions),
             self.trainer,
             reloader,
             state=state,

@@ -78,7 +78,7 @@ ADAPTERS = {
     "beagled.leader",
     "beagled.metrics",
     "beagled.store",
-    "beagled.voices",
+    "beagled.adapter_dirs",
     "beagled.reload",
     "beagled.training",
 }
