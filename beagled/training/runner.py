@@ -4,6 +4,7 @@ Each try runs in its own process session (a process group) with a timeout; on ti
 when the daemon dies (``PR_SET_PDEATHSIG`` on Linux) the whole group is killed. Availability probes run
 once, in subprocesses, so the daemon never imports an ML library; their answers are cached and shown in
 ``status``. Only this module and ``engine`` know what a backend is; the engine sees the ``Trainer`` port.
+Reading a worker's lines and ending a process group are ``training.procs``'s.
 
 Warm mode (``warm=True``, built-in backends in ``WARM_BACKENDS``): one long-lived worker per backend
 (``python -m beagled.training.worker serve BACKEND TOKEN``, its own session, its pgid recorded like a
