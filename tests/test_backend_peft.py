@@ -8,8 +8,6 @@ trainers, the held-out evaluation and the adapter directory the daemon promotes.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,21 +18,20 @@ pytest.importorskip("peft")
 pytest.importorskip("trl")
 
 from beagled import manifest
-from tests.worker_run import Run, run_worker, serve_jobs, spec_for, voice_data, worker_env
+from tests import backend_cases
+from tests.backend_cases import (
+    ADAPTER_FILES,
+    adapter_files,
+    continue_spec,
+    probe_worker,
+    warm_matches_cold,
+)
+from tests.worker_run import Run, run_worker, spec_for, worker_env
 
 pytestmark = pytest.mark.slow
 
 BACKEND = "peft"
-
-
-@pytest.fixture(scope="module")
-def base_model(tiny_model: Path) -> Path:
-    return tiny_model
-
-
-@pytest.fixture(scope="module")
-def data() -> dict[str, list[dict[str, str]]]:
-    return voice_data()
+base_model, data = backend_cases.base_model, backend_cases.data  # the shared fixtures
 
 
 def make_spec(*args: Any, **overrides: Any) -> dict[str, Any]:
@@ -48,15 +45,7 @@ def sft_run(base_model: Path, data: dict[str, Any], tmp_path_factory: pytest.Tem
 
 
 def test_probe_reports_versions_and_device() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "beagled.training.worker", "probe", BACKEND],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=worker_env(),
-        check=True,
-    )
-    (answer,) = [json.loads(line) for line in proc.stdout.splitlines()]
+    answer = probe_worker(BACKEND, timeout=120, env=worker_env())
     assert answer["available"] is True, answer
     assert "torch" in answer["reason"]
     assert "trl" in answer["reason"]
@@ -86,11 +75,7 @@ def test_sft_learns_the_voice(sft_run: Run) -> None:
 def test_sft_writes_a_verified_peft_adapter(sft_run: Run, base_model: Path) -> None:
     assert sft_run.rc == 0, sft_run.stderr[-3000:]
     out = sft_run.out_dir
-    assert sorted(p.name for p in out.iterdir()) == [
-        "adapter_config.json",
-        "adapter_model.safetensors",
-        "manifest.json",
-    ]
+    assert adapter_files(out) == ADAPTER_FILES
     info = manifest.verify(out)
     result = sft_run.result
     assert info["job_id"] == "j-sft"
@@ -168,16 +153,7 @@ def test_continue_from_init_adapter(
 ) -> None:
     assert sft_run.rc == 0, sft_run.stderr[-3000:]
     first = sft_run.result
-    spec = make_spec(
-        base_model,
-        tmp_path,
-        data,
-        "j-next",
-        init_adapter=str(sft_run.out_dir),
-        served_adapter=str(sft_run.out_dir),
-        hyper={"steps": 8},
-        served_base="tiny-served",
-    )
+    spec = continue_spec(BACKEND, base_model, data, tmp_path, sft_run, "j-next", served_base="tiny-served")
     run = run_worker(tmp_path, spec)
     assert run.rc == 0, run.stderr[-3000:]
     result = run.result
@@ -220,33 +196,14 @@ def test_dpo_raises_the_heldout_margin(
     assert info["base_eval_margin"] == result["base_eval_margin"]
     config = json.loads((run.out_dir / "adapter_config.json").read_text())
     assert config["layers_to_transform"] == [1]  # the last num_layers blocks of 2
-    assert sorted(p.name for p in run.out_dir.iterdir()) == [
-        "adapter_config.json",
-        "adapter_model.safetensors",
-        "manifest.json",
-    ]  # DPO's frozen reference copy is not saved
+    assert adapter_files(run.out_dir) == ADAPTER_FILES  # DPO's frozen reference copy is not saved
 
 
 def test_a_warm_worker_keeps_the_base_and_trains_what_a_cold_run_trains(
     base_model: Path, data: dict[str, Any], sft_run: Run, tmp_path: Path
 ) -> None:
-    from safetensors.numpy import load_file
-
-    other = make_spec(
-        base_model, tmp_path / "a", data, "j-warm-a", objective="dpo", hyper={"steps": 3, "seed": 7}
-    )
-    same = make_spec(base_model, tmp_path / "b", data, "j-warm-b", siblings=data["heldout"][:3])
-    first, second = serve_jobs(tmp_path, BACKEND, [other, same])
-    assert first.rc == 0 and second.rc == 0, second.lines[-3:]
-    assert first.result["worker_pid"] == second.result["worker_pid"]  # one process, the base loaded once
-    assert second.result["load_s"] < first.result["load_s"] / 5, (first.result, second.result)
-    warm = load_file(str(second.out_dir / "adapter_model.safetensors"))
-    cold = load_file(str(sft_run.out_dir / "adapter_model.safetensors"))
-    assert warm.keys() == cold.keys()
-    for key, value in cold.items():  # after another job (DPO, another seed), the same adapter
-        assert float(abs(warm[key] - value).max()) < 1e-6, key
-    for key in ("eval_loss", "preference_accuracy", "base_eval_loss"):
-        assert second.result[key] == pytest.approx(sft_run.result[key], abs=1e-6), key
+    same_keys = ("eval_loss", "preference_accuracy", "base_eval_loss")
+    warm_matches_cold(BACKEND, base_model, data, tmp_path, sft_run, job_prefix="j-warm", same_keys=same_keys)
 
 
 @pytest.mark.parametrize(

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +29,20 @@ if os.environ.get("BEAGLED_TEST_UNSLOTH") != "1":
 import unsloth  # noqa: F401  (asked for: a missing or broken Unsloth fails here)
 
 from beagled import manifest
-from tests.worker_run import Run, run_worker, serve_jobs, spec_for, voice_data, worker_env
+from tests import backend_cases
+from tests.backend_cases import (
+    ADAPTER_FILES,
+    adapter_files,
+    continue_spec,
+    probe_worker,
+    warm_matches_cold,
+)
+from tests.worker_run import Run, run_worker, spec_for, worker_env
 
 pytestmark = [pytest.mark.unsloth, pytest.mark.slow]
 
 BACKEND = "unsloth"
+base_model, data = backend_cases.base_model, backend_cases.data  # the shared fixtures
 PEFT_KEYS = {
     f"base_model.model.model.layers.{n}.self_attn.{m}.lora_{ab}.weight"
     for n in (0, 1)
@@ -54,26 +61,7 @@ def run_unsloth(tmp: Path, spec: dict[str, Any]) -> Run:
 
 
 def probe(allow_cpu: bool) -> dict[str, Any]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "beagled.training.worker", "probe", BACKEND],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=unsloth_env(allow_cpu),
-        check=True,
-    )
-    (answer,) = [json.loads(line) for line in proc.stdout.splitlines()]  # Unsloth's banner went to stderr
-    return answer
-
-
-@pytest.fixture(scope="module")
-def base_model(tiny_model: Path) -> Path:
-    return tiny_model
-
-
-@pytest.fixture(scope="module")
-def data() -> dict[str, list[dict[str, str]]]:
-    return voice_data()
+    return probe_worker(BACKEND, timeout=300, env=unsloth_env(allow_cpu))  # Unsloth's banner: on stderr
 
 
 def make_spec(*args: Any, **overrides: Any) -> dict[str, Any]:
@@ -109,11 +97,7 @@ def test_sft_trains_and_writes_a_peft_adapter(sft_run: Run, base_model: Path) ->
     result = sft_run.result
     assert result["backend"] == BACKEND
     assert result["eval_loss"] < result["base_eval_loss"], result
-    assert sorted(p.name for p in sft_run.out_dir.iterdir()) == [
-        "adapter_config.json",
-        "adapter_model.safetensors",
-        "manifest.json",
-    ]
+    assert adapter_files(sft_run.out_dir) == ADAPTER_FILES
     info = manifest.verify(sft_run.out_dir)
     assert info["backend"] == BACKEND
     assert info["eval_loss"] == result["eval_loss"]
@@ -147,15 +131,7 @@ def test_continue_from_init_adapter(
     sft_run: Run, base_model: Path, data: dict[str, Any], tmp_path: Path
 ) -> None:
     assert sft_run.rc == 0, sft_run.stderr[-4000:]
-    spec = make_spec(
-        base_model,
-        tmp_path,
-        data,
-        "j-unext",
-        init_adapter=str(sft_run.out_dir),
-        served_adapter=str(sft_run.out_dir),
-        hyper={"steps": 8},
-    )
+    spec = continue_spec(BACKEND, base_model, data, tmp_path, sft_run, "j-unext")
     run = run_unsloth(tmp_path, spec)
     assert run.rc == 0, run.stderr[-4000:]
     result = run.result
@@ -172,35 +148,25 @@ def test_dpo_raises_the_heldout_margin(base_model: Path, data: dict[str, Any], t
     assert run.rc == 0, run.stderr[-4000:]
     result = run.result
     assert result["eval_margin"] > result["base_eval_margin"], result
-    assert sorted(p.name for p in run.out_dir.iterdir()) == [
-        "adapter_config.json",
-        "adapter_model.safetensors",
-        "manifest.json",
-    ]
+    assert adapter_files(run.out_dir) == ADAPTER_FILES
     manifest.verify(run.out_dir)
 
 
 def test_a_warm_worker_keeps_the_base_and_trains_what_a_cold_run_trains(
     base_model: Path, data: dict[str, Any], sft_run: Run, tmp_path: Path
 ) -> None:
-    from safetensors.numpy import load_file
-
     assert sft_run.rc == 0, sft_run.stderr[-4000:]
-    other = make_spec(
-        base_model, tmp_path / "a", data, "j-uwarm-a", objective="dpo", hyper={"steps": 3, "seed": 7}
+    second = warm_matches_cold(
+        BACKEND,
+        base_model,
+        data,
+        tmp_path,
+        sft_run,
+        job_prefix="j-uwarm",
+        same_keys=("eval_loss", "train_loss", "base_eval_loss"),
+        weight_names=PEFT_KEYS,
+        env=unsloth_env(),
     )
-    same = make_spec(base_model, tmp_path / "b", data, "j-uwarm-b", siblings=data["heldout"][:3])
-    first, second = serve_jobs(tmp_path, BACKEND, [other, same], env=unsloth_env())
-    assert first.rc == 0 and second.rc == 0, second.lines[-3:]
-    assert first.result["worker_pid"] == second.result["worker_pid"]  # one process, the base loaded once
-    assert second.result["load_s"] < first.result["load_s"] / 5, (first.result, second.result)
-    warm = load_file(str(second.out_dir / "adapter_model.safetensors"))
-    cold = load_file(str(sft_run.out_dir / "adapter_model.safetensors"))
-    assert warm.keys() == cold.keys() == PEFT_KEYS
-    for key, value in cold.items():  # after another job (DPO, another seed), the same adapter
-        assert float(abs(warm[key] - value).max()) < 1e-6, key
-    for key in ("eval_loss", "train_loss", "base_eval_loss"):
-        assert second.result[key] == pytest.approx(sft_run.result[key], abs=1e-6), key
     manifest.verify(second.out_dir)
 
 

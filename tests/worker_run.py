@@ -41,13 +41,13 @@ def worker_env(extra: dict[str, str] | None = None, drop: tuple[str, ...] = ()) 
     return env
 
 
-def run_worker(
-    tmp: Path, spec: dict[str, Any], *, timeout: float = 300, env: dict[str, str] | None = None
-) -> Run:
-    spec_path = tmp / f"{spec['job_id']}.json"
-    spec_path.write_text(json.dumps(spec), encoding="utf-8")
+def _worker(
+    tmp: Path, args: list[str], *, timeout: float, env: dict[str, str] | None, stdin: str | None = None
+) -> tuple[int, list[dict[str, Any]], str]:
+    """``python -m beagled.training.worker ARGS`` in ``tmp``: its exit status, stdout lines, stderr."""
     proc = subprocess.run(
-        [sys.executable, "-m", "beagled.training.worker", "train", str(spec_path)],
+        [sys.executable, "-m", "beagled.training.worker", *args],
+        input=stdin,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -56,7 +56,16 @@ def run_worker(
         check=False,
     )
     lines = [json.loads(line) for line in proc.stdout.splitlines()]  # stdout is JSON lines only
-    return Run(proc.returncode, lines, proc.stderr, Path(spec["out_dir"]))
+    return proc.returncode, lines, proc.stderr
+
+
+def run_worker(
+    tmp: Path, spec: dict[str, Any], *, timeout: float = 300, env: dict[str, str] | None = None
+) -> Run:
+    spec_path = tmp / f"{spec['job_id']}.json"
+    spec_path.write_text(json.dumps(spec), encoding="utf-8")
+    rc, lines, stderr = _worker(tmp, ["train", str(spec_path)], timeout=timeout, env=env)
+    return Run(rc, lines, stderr, Path(spec["out_dir"]))
 
 
 def rows(pairs: list[tuple[str, str, str]], prefix: str) -> list[dict[str, str]]:
@@ -122,25 +131,15 @@ def serve_jobs(
 ) -> list[Run]:
     """Run ``specs`` one after another through one warm worker (``worker serve BACKEND``)."""
     stdin = "".join(json.dumps(spec) + "\n" for spec in specs)
-    proc = subprocess.run(
-        [sys.executable, "-m", "beagled.training.worker", "serve", backend],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=tmp,
-        env=env or worker_env(),
-        check=False,
-    )
-    lines = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert proc.returncode == 0 and lines[0]["type"] == "ready", (lines[:3], proc.stderr[-3000:])
+    rc, lines, stderr = _worker(tmp, ["serve", backend], timeout=timeout, env=env, stdin=stdin)
+    assert rc == 0 and lines[0]["type"] == "ready", (lines[:3], stderr[-3000:])
     runs, current = [], []
     for line in lines[1:]:
         current.append(line)
         if line["type"] in ("result", "error"):
-            runs.append(Run(0 if line["type"] == "result" else 1, current, proc.stderr, Path("")))
+            runs.append(Run(0 if line["type"] == "result" else 1, current, stderr, Path("")))
             current = []
-    assert len(runs) == len(specs), (lines, proc.stderr[-3000:])
+    assert len(runs) == len(specs), (lines, stderr[-3000:])
     for run, spec in zip(runs, specs, strict=True):
         run.out_dir = Path(spec["out_dir"])
     return runs

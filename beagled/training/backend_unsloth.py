@@ -28,6 +28,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from beagled.training.backend_peft import PeftLoader
 from beagled.training.torch_common import (
     Emit,
     Session,
@@ -40,7 +41,16 @@ from beagled.training.torch_common import (
 )
 
 NAME = "unsloth"
-VERSIONS = ("unsloth", "unsloth_zoo", "torch", "transformers", "peft", "trl", "xformers", "bitsandbytes")
+VERSIONS: tuple[str, ...] = (
+    "unsloth",
+    "unsloth_zoo",
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "xformers",
+    "bitsandbytes",
+)
 ALLOW_CPU_ENV = "BEAGLED_UNSLOTH_ALLOW_CPU"
 RETURN_LOGITS_ENV = "UNSLOTH_RETURN_LOGITS"
 _RETURN_LOGITS_AT_START = os.environ.get(RETURN_LOGITS_ENV)  # as a cold process starts its job
@@ -72,9 +82,11 @@ def probe() -> tuple[bool, str]:
     )
 
 
-class UnslothLoader:
-    name: str = NAME
-    versions: tuple[str, ...] = VERSIONS
+class UnslothLoader(PeftLoader):
+    """The peft backend's loader with Unsloth's model class and LoRA (a served adapter loads the same)."""
+
+    name = NAME
+    versions = VERSIONS
 
     def prepare(self) -> None:
         _import_unsloth()
@@ -123,10 +135,6 @@ class UnslothLoader:
         if spec.init_adapter is not None:
             _load_adapter_weights(peft_model, spec.init_adapter)
         return peft_model, None
-
-    def load_served(self, model: Any, adapter: Path) -> None:
-        model.load_adapter(str(adapter), adapter_name="served", is_trainable=False)
-        model.set_adapter("served")
 
     def before_eval(self, model: Any) -> None:
         # Unsloth's fused loss leaves logits empty unless asked for them; eval needs them.

@@ -36,13 +36,13 @@ import trio
 
 from beagled.config import Config, RayConfig
 from beagled.errors import TrainingError
+from beagled.training.procs import parse_line
 from beagled.training.runner import (
     BackendStatus,
     Progress,
     Trainer,
     WarmStartError,
     WarmWorker,
-    _parse_line,
     _warm_files,
     worker_env,
 )
@@ -154,8 +154,8 @@ class RayTrainer:
                     argv, capture_stdout=True, capture_stderr=True, check=False, env=worker_env(self.env)
                 )
             stderr = done.stderr.decode(errors="replace")[-300:]
-            lines = [_parse_line(ln) for ln in done.stdout.splitlines()]
-            answer: dict[str, Any] = next((m for m in reversed(lines) if m), {})
+            lines = [parse_line(ln) for ln in done.stdout.splitlines()]
+            answer: dict[str, Any] = next((m.body for m in reversed(lines) if m and m.body), {})
         except trio.TooSlowError:
             answer = {"type": "error", "message": f"ray probe timed out after {self.probe_timeout_s:.0f}s"}
         if answer.get("type") != "probe":

@@ -42,6 +42,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from beagled.training.procs import job_lines
 from beagled.training.worker import BACKENDS, emit, watch_parent
 
 CONNECT_TIMEOUT_S = 5.0  # a TCP check of the address before ray.init, which would retry for a long time
@@ -328,9 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     d = holder[0]
     emit({"type": "ready", "backend": d.backend, "pid": os.getpid(), "actor_pid": d.info.get("pid")})
     try:
-        for raw in sys.stdin.buffer:
-            if not raw.strip():
-                continue
+        for raw in job_lines(sys.stdin.buffer):
             spec = json.loads(raw)
             if not d.run(spec):
                 return 1

@@ -4,6 +4,7 @@ Each try runs in its own process session (a process group) with a timeout; on ti
 when the daemon dies (``PR_SET_PDEATHSIG`` on Linux) the whole group is killed. Availability probes run
 once, in subprocesses, so the daemon never imports an ML library; their answers are cached and shown in
 ``status``. Only this module and ``engine`` know what a backend is; the engine sees the ``Trainer`` port.
+Reading a worker's lines and ending a process group are ``training.procs``'s.
 
 Warm mode (``warm=True``, built-in backends in ``WARM_BACKENDS``): one long-lived worker per backend
 (``python -m beagled.training.worker serve BACKEND TOKEN``, its own session, its pgid recorded like a
@@ -38,6 +39,15 @@ from beagled import bounds
 from beagled.config import BUILTIN_BACKENDS
 from beagled.errors import TrainingError
 from beagled.ports import BackendStatus, Progress, Trainer
+from beagled.training.procs import (
+    MAX_LINE_BYTES,
+    JobLines,
+    LineBuffer,
+    how_it_ended,
+    kill_group,
+    parse_line,
+    signal_group,
+)
 
 # the port and its values live in beagled.ports (stdlib only); re-exported for older imports
 __all__ = [
@@ -58,8 +68,6 @@ WARM_RETRY_AFTER_S = 300.0  # after a warm worker failed to start, run cold this
 PROBE_RETRIES = 3  # a probe that timed out is asked again this many times, each timeout twice the last
 PROBE_TIMEOUT_MAX_FACTOR = 8  # ... up to this multiple of ``probe_timeout_s``
 PROBE_RETRY_BACKOFF_S = 5.0  # wait before the first re-probe of a timed-out backend (doubles each time)
-
-MAX_LINE_BYTES = 1 << 20  # a worker's stdout line longer than this is garbage, not protocol
 
 
 def _limit_memory(mb: int) -> Callable[[], None]:
@@ -86,8 +94,7 @@ def reap_orphans(spec_dir: Path) -> int:
             pgid_s, spec = rec.read_text().split("\n", 1)
             pgid = int(pgid_s)
             cmdline = Path(f"/proc/{pgid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if spec.strip() and spec.strip() in cmdline:
-                os.killpg(pgid, signal.SIGKILL)
+            if spec.strip() and spec.strip() in cmdline and signal_group(pgid, signal.SIGKILL):
                 killed += 1
         except (OSError, ValueError):
             pass
@@ -116,19 +123,51 @@ def worker_env(extra: dict[str, str] | None = None, state_dir: Path | None = Non
     return env
 
 
-async def _kill_group(proc: trio.Process, grace_s: float = 2.0) -> None:
-    """SIGTERM the process group, then SIGKILL it if it has not exited within ``grace_s``."""
-    with trio.CancelScope(shield=True):
-        for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-            if proc.returncode is not None:
-                break
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, sig)
-            with trio.move_on_after(wait):
+async def _start_worker(
+    argv: list[str], *, stdin: Any, stderr: Any, env: dict[str, str], state_dir: Path, memory_limit_mb: int
+) -> trio.Process:
+    """A worker in its own session (its process group), under the memory limit, told the daemon's pid."""
+    return await trio.lowlevel.open_process(
+        argv,
+        stdin=stdin,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        start_new_session=True,
+        preexec_fn=_limit_memory(memory_limit_mb) if memory_limit_mb else None,
+        env=worker_env({**env, "BEAGLED_PARENT_PID": str(os.getpid())}, state_dir),
+        cwd=bounds.worker_cwd(state_dir),
+    )
+
+
+async def _watch(proc: trio.Process, timeout_s: float, job: JobLines, tail: deque[str]) -> bool:
+    """Read a cold try's stdout (its lines, into ``job``) and stderr (into ``tail``) until it exits,
+    then end its process group; True if it ran past ``timeout_s``."""
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    stdout, stderr = proc.stdout, proc.stderr
+
+    async def read_stdout() -> None:
+        lines = LineBuffer(MAX_LINE_BYTES, on_dropped=tail.append)
+        async for chunk in stdout:
+            for raw in lines.feed(chunk):
+                job.take(raw)
+
+    async def read_stderr() -> None:
+        buf = b""
+        async for chunk in stderr:
+            buf = (buf + chunk)[-65536:]
+            *lines, buf = buf.split(b"\n")
+            tail.extend(ln.decode(errors="replace")[:500] for ln in lines)
+
+    try:
+        with trio.move_on_after(timeout_s) as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_stdout)
+                nursery.start_soon(read_stderr)
                 await proc.wait()
-        # the leader may be gone while children of its group live on
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        await kill_group(proc)
+    return scope.cancelled_caught
 
 
 def _warm_files(spec_dir: Path, backend: str) -> tuple[Path, Any]:
@@ -155,7 +194,7 @@ class WarmWorker:
         self.token = token
         self.jobs = 0
         self.ready = False
-        self._buf = b""
+        self._split = LineBuffer()
         self._lines: deque[bytes] = deque()
         assert proc.stdin is not None
         assert proc.stdout is not None
@@ -167,15 +206,13 @@ class WarmWorker:
     ) -> WarmWorker:
         token, err = _warm_files(spec_dir, backend)
         with err:
-            proc = await trio.lowlevel.open_process(
+            proc = await _start_worker(
                 [python, "-m", "beagled.training.worker", "serve", backend, str(token)],
                 stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
                 stderr=err,
-                start_new_session=True,
-                preexec_fn=_limit_memory(memory_limit_mb) if memory_limit_mb else None,
-                env=worker_env({**env, "BEAGLED_PARENT_PID": str(os.getpid())}, spec_dir.parent),
-                cwd=bounds.worker_cwd(spec_dir.parent),
+                env=env,
+                state_dir=spec_dir.parent,
+                memory_limit_mb=memory_limit_mb,
             )
         token.with_suffix(".pgid").write_text(f"{proc.pid}\n{token}")
         log.info("warm worker started", extra={"backend": backend, "pid": proc.pid})
@@ -191,9 +228,7 @@ class WarmWorker:
             chunk = await self._stdout.receive_some(65536)
             if not chunk:
                 return None
-            self._buf += chunk
-            *lines, self._buf = self._buf.split(b"\n")
-            self._lines.extend(lines)
+            self._lines.extend(self._split.feed(chunk))
         return self._lines.popleft()
 
     async def wait_ready(self, timeout_s: float) -> None:
@@ -204,15 +239,13 @@ class WarmWorker:
                 raw = await self._line()
                 if raw is None:
                     break
-                msg = _parse_line(raw)
-                if msg is None:
-                    continue
-                if msg.get("type") == "ready":
+                line = parse_line(raw)
+                if line is not None and line.type == "ready":
                     self.ready = True
-                    self._on_ready(msg)
+                    self._on_ready(line.body)
                     return
-                if msg.get("type") == "error":
-                    raise self._start_error(msg)
+                if line is not None and line.type == "error":
+                    raise self._start_error(line.body)
             raise WarmStartError(f"{self._exited_what}exited before it was ready; {self.stderr_tail()}")
         raise WarmStartError(f"{self._slow_what}not ready after {timeout_s:.0f}s")
 
@@ -232,22 +265,14 @@ class WarmWorker:
         """Send one job; read its lines up to its ``result``/``error`` line (or the end of stdout)."""
         self.jobs += 1
         stray: list[str] = []
+        job = JobLines(self.backend, on_progress, stray)
         await self._stdin.send_all(json.dumps(spec).encode() + b"\n")
         while True:
             raw = await self._line()
             if raw is None:
                 return None, None, stray
-            msg = _parse_line(raw)
-            if msg is None:
-                stray.append(raw.decode(errors="replace")[:500])
-            elif msg.get("type") == "progress":
-                on_progress(msg)
-            elif msg.get("type") == "result":
-                return msg, None, stray
-            elif msg.get("type") == "error":
-                return None, str(msg.get("message", "error"))[:2000], stray
-            elif msg.get("type") == "log":
-                log.debug("worker: %s", str(msg.get("message", ""))[:2000], extra={"backend": self.backend})
+            if job.take(raw):
+                return job.result, job.error, stray
 
     def stderr_tail(self, lines: int = 5) -> str:
         try:
@@ -266,7 +291,7 @@ class WarmWorker:
                     await self._stdin.aclose()
                 with trio.move_on_after(5.0):
                     await self.proc.wait()
-            await _kill_group(self.proc)
+            await kill_group(self.proc)
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 await self._stdin.aclose()
             for suffix in (".pgid", ".stderr"):
@@ -478,14 +503,7 @@ class SubprocessTrainer:
             if result is None:
                 with trio.move_on_after(2.0):  # it exits right after an error line: say how it ended
                     await worker.proc.wait()
-                code = worker.proc.returncode
-                how = (
-                    f"killed by signal {-code}"
-                    if code is not None and code < 0
-                    else f"exited with status {code}"
-                    if code is not None
-                    else "failed"
-                )
+                how = how_it_ended(worker.proc.returncode)
                 detail = error or (" | ".join(stray[-5:]) if stray else worker.stderr_tail())
                 raise TrainingError(f"warm worker {how}: {detail}"[:2000], backend=backend)
         except TrainingError:
@@ -525,101 +543,31 @@ class SubprocessTrainer:
             else [*self.argv(backend), str(spec_path)]
         )
         started = time.monotonic()
-        result: dict[str, Any] | None = None
-        error: str | None = None
         stderr_tail: deque[str] = deque(maxlen=40)
-        proc = await trio.lowlevel.open_process(
+        job = JobLines(backend, on_progress, stderr_tail)
+        proc = await _start_worker(
             argv,
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            start_new_session=True,
-            preexec_fn=_limit_memory(self.memory_limit_mb) if self.memory_limit_mb else None,
-            env=worker_env({**self.env, "BEAGLED_PARENT_PID": str(os.getpid())}, self.spec_dir.parent),
-            cwd=bounds.worker_cwd(self.spec_dir.parent),
+            env=self.env,
+            state_dir=self.spec_dir.parent,
+            memory_limit_mb=self.memory_limit_mb,
         )
         pgid_file = spec_path.with_suffix(".pgid")
         pgid_file.write_text(f"{proc.pid}\n{spec_path}")
-        assert proc.stdout is not None
-        assert proc.stderr is not None
-        stdout, stderr = proc.stdout, proc.stderr
-
-        async def read_stdout() -> None:
-            nonlocal result, error
-            buf = b""
-            skipping = False  # inside a line over MAX_LINE_BYTES: drop it up to its newline
-            async for received in stdout:
-                data = received
-                if skipping:
-                    nl = data.find(b"\n")
-                    if nl < 0:
-                        continue
-                    data, skipping = data[nl + 1 :], False
-                buf += data
-                *lines, buf = buf.split(b"\n")
-                if len(buf) > MAX_LINE_BYTES:  # no protocol line is this long: keep only its head
-                    stderr_tail.append(
-                        f"(stdout line over {MAX_LINE_BYTES} bytes dropped) "
-                        + buf[:200].decode(errors="replace")
-                    )
-                    buf, skipping = b"", True
-                for raw in lines:
-                    msg = _parse_line(raw)
-                    if msg is None:
-                        stderr_tail.append(raw.decode(errors="replace")[:500])
-                    elif msg.get("type") == "progress":
-                        on_progress(msg)
-                    elif msg.get("type") == "result":
-                        result = msg
-                    elif msg.get("type") == "error":
-                        error = str(msg.get("message", "error"))[:2000]
-                    elif msg.get("type") == "log":
-                        log.debug(
-                            "worker: %s", str(msg.get("message", ""))[:2000], extra={"backend": backend}
-                        )
-
-        async def read_stderr() -> None:
-            buf = b""
-            async for chunk in stderr:
-                buf = (buf + chunk)[-65536:]
-                *lines, buf = buf.split(b"\n")
-                stderr_tail.extend(ln.decode(errors="replace")[:500] for ln in lines)
-
-        timed_out = False
         try:
-            with trio.move_on_after(self.timeout_s) as scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(read_stdout)
-                    nursery.start_soon(read_stderr)
-                    await proc.wait()
-            timed_out = scope.cancelled_caught
+            timed_out = await _watch(proc, self.timeout_s, job, stderr_tail)
         finally:
-            await _kill_group(proc)
             spec_path.unlink(missing_ok=True)
             pgid_file.unlink(missing_ok=True)
         duration = time.monotonic() - started
         if timed_out:
             raise TrainingError(f"timed out after {self.timeout_s:.0f}s", backend=backend, timeout=True)
+        result = job.result
         if proc.returncode != 0 or result is None:
-            how = (
-                f"killed by signal {-proc.returncode}"
-                if proc.returncode and proc.returncode < 0
-                else f"exited with status {proc.returncode}"
-            )
-            detail = error or (" | ".join(list(stderr_tail)[-5:]) or "no output")
+            detail = job.error or (" | ".join(list(stderr_tail)[-5:]) or "no output")
             if proc.returncode == 0:
                 detail = "exited without a result line; " + detail
-            raise TrainingError(f"{how}: {detail}"[:2000], backend=backend)
+            raise TrainingError(f"{how_it_ended(proc.returncode)}: {detail}"[:2000], backend=backend)
         result.setdefault("duration_s", duration)
         return result
-
-
-def _parse_line(raw: bytes) -> dict[str, Any] | None:
-    raw = raw.strip()
-    if not raw.startswith(b"{"):
-        return None
-    try:
-        msg = json.loads(raw)
-    except ValueError:
-        return None
-    return msg if isinstance(msg, dict) else None

@@ -26,6 +26,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from beagled.training.procs import job_lines, signal_group
+
 BACKENDS = ("mlx", "unsloth", "peft")
 
 
@@ -40,7 +42,7 @@ def watch_parent() -> None:
             time.sleep(1.0)
             if os.getppid() != parent:
                 try:
-                    os.killpg(os.getpgid(0), signal.SIGKILL)
+                    signal_group(os.getpgid(0), signal.SIGKILL)
                 finally:
                     os._exit(137)
 
@@ -95,9 +97,7 @@ def serve(name: str) -> int:
         emit({"type": "error", "message": f"{type(e).__name__}: {e}"})
         return 1
     emit({"type": "ready", "backend": name, "pid": os.getpid()})
-    for raw in sys.stdin.buffer:
-        if not raw.strip():
-            continue
+    for raw in job_lines(sys.stdin.buffer):
         started = time.monotonic()
         try:
             spec = json.loads(raw)
