@@ -87,20 +87,25 @@ class JobCreated(JobEvent):
 
 
 @dataclass(frozen=True)
-class TrainingStarted(JobEvent):
+class AttemptEvent(JobEvent):
+    """A step of the job's training attempt number ``attempt`` (1, 2, …)."""
+
+    attempt: int
+
+
+@dataclass(frozen=True)
+class TrainingStarted(AttemptEvent):
     """Intent: an attempt begins (backends are tried in order inside it)."""
 
     TYPE: ClassVar[str] = "TrainingStarted"
-    attempt: int
     backends: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
-class TrainingFailed(JobEvent):
+class TrainingFailed(AttemptEvent):
     """One backend failed within an attempt; the next one is tried."""
 
     TYPE: ClassVar[str] = "TrainingFailed"
-    attempt: int
     backend: str
     error: str
     timeout: bool = False
@@ -108,11 +113,10 @@ class TrainingFailed(JobEvent):
 
 
 @dataclass(frozen=True)
-class AttemptFailed(JobEvent):
+class AttemptFailed(AttemptEvent):
     """Every backend failed (or the attempt was interrupted); another attempt follows after ``retry_at``."""
 
     TYPE: ClassVar[str] = "AttemptFailed"
-    attempt: int
     error: str
     retry_at: float
 
@@ -134,11 +138,10 @@ class TrainingUnblocked(JobEvent):
 
 
 @dataclass(frozen=True)
-class TrainingSucceeded(JobEvent):
+class TrainingSucceeded(AttemptEvent):
     """Outcome: ``backend`` wrote the adapter to ``adapter_dir``, with its held-out figures."""
 
     TYPE: ClassVar[str] = "TrainingSucceeded"
-    attempt: int
     backend: str
     adapter_dir: str
     train_loss: float | None = None
@@ -169,42 +172,42 @@ class JobRejected(JobEvent):
 
 
 @dataclass(frozen=True)
-class PromotionStarted(JobEvent):
-    """Intent: point the voice's ``current`` link at this job's adapter as ``version``."""
+class ServingEvent(JobEvent):
+    """A step of serving the job's adapter as ``version`` of ``voice``: its promotion, then its reloads."""
 
-    TYPE: ClassVar[str] = "PromotionStarted"
     voice: str
     version: int
 
 
 @dataclass(frozen=True)
-class Promoted(JobEvent):
+class PromotionStarted(ServingEvent):
+    """Intent: point the voice's ``current`` link at this job's adapter as ``version``."""
+
+    TYPE: ClassVar[str] = "PromotionStarted"
+
+
+@dataclass(frozen=True)
+class Promoted(ServingEvent):
     """Outcome: the voice's ``current`` link points at ``adapter_path``, as ``version``."""
 
     TYPE: ClassVar[str] = "Promoted"
-    voice: str
-    version: int
     adapter_path: str
 
 
 @dataclass(frozen=True)
-class ReloadStarted(JobEvent):
+class ReloadStarted(ServingEvent):
     """Intent: make the inference server serve this job's adapter."""
 
     TYPE: ClassVar[str] = "ReloadStarted"
-    voice: str
-    version: int
     method: str
     reason: str = "promotion"  # promotion | rollback | reconcile
 
 
 @dataclass(frozen=True)
-class ReloadFailed(JobEvent):
+class ReloadFailed(ServingEvent):
     """The reload failed; it is tried again after ``retry_at`` unless not ``retryable``."""
 
     TYPE: ClassVar[str] = "ReloadFailed"
-    voice: str
-    version: int
     method: str
     error: str
     retry_at: float
@@ -212,12 +215,10 @@ class ReloadFailed(JobEvent):
 
 
 @dataclass(frozen=True)
-class Reloaded(JobEvent):
+class Reloaded(ServingEvent):
     """Outcome: the inference server serves the adapter as ``served_name``."""
 
     TYPE: ClassVar[str] = "Reloaded"
-    voice: str
-    version: int
     method: str
     served_name: str
     duration_s: float = 0.0
