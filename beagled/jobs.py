@@ -675,7 +675,8 @@ class StartAttempt(JobCommand):
 
 @dataclass(frozen=True)
 class BackendFailed(JobCommand):
-    """Record that one backend failed within the running attempt (the next one is tried)."""
+    """One backend failed within the running attempt (the next one is tried): ``TrainingFailed``, with
+    the attempt number the state holds."""
 
     backend: str
     error: str
@@ -710,7 +711,8 @@ class UnblockTraining(JobCommand):
 
 @dataclass(frozen=True)
 class FinishTraining(JobCommand):
-    """The attempt succeeded: ``backend`` wrote ``adapter_dir``, with these held-out figures."""
+    """The attempt succeeded: ``backend`` wrote ``adapter_dir``, with these held-out figures
+    (``TrainingSucceeded``, with the attempt number the state holds)."""
 
     backend: str
     adapter_dir: str
