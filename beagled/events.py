@@ -64,6 +64,8 @@ class PairSubmitted(Payload):
 
 @dataclass(frozen=True)
 class JobEvent(Payload):
+    """An event of one job's life (``job:<id>``), its first field the job."""
+
     job_id: str
 
     def stream(self) -> str:
@@ -72,6 +74,9 @@ class JobEvent(Payload):
 
 @dataclass(frozen=True)
 class JobCreated(JobEvent):
+    """A job is cut from ``voice``'s pending pairs (``reason``: what triggered it); ``replay_ids`` are
+    earlier pairs trained again alongside them."""
+
     TYPE: ClassVar[str] = "JobCreated"
     voice: str
     pair_ids: tuple[str, ...]
@@ -82,20 +87,25 @@ class JobCreated(JobEvent):
 
 
 @dataclass(frozen=True)
-class TrainingStarted(JobEvent):
+class AttemptEvent(JobEvent):
+    """A step of the job's training attempt number ``attempt`` (1, 2, …)."""
+
+    attempt: int
+
+
+@dataclass(frozen=True)
+class TrainingStarted(AttemptEvent):
     """Intent: an attempt begins (backends are tried in order inside it)."""
 
     TYPE: ClassVar[str] = "TrainingStarted"
-    attempt: int
     backends: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
-class TrainingFailed(JobEvent):
+class TrainingFailed(AttemptEvent):
     """One backend failed within an attempt; the next one is tried."""
 
     TYPE: ClassVar[str] = "TrainingFailed"
-    attempt: int
     backend: str
     error: str
     timeout: bool = False
@@ -103,11 +113,10 @@ class TrainingFailed(JobEvent):
 
 
 @dataclass(frozen=True)
-class AttemptFailed(JobEvent):
+class AttemptFailed(AttemptEvent):
     """Every backend failed (or the attempt was interrupted); another attempt follows after ``retry_at``."""
 
     TYPE: ClassVar[str] = "AttemptFailed"
-    attempt: int
     error: str
     retry_at: float
 
@@ -129,9 +138,10 @@ class TrainingUnblocked(JobEvent):
 
 
 @dataclass(frozen=True)
-class TrainingSucceeded(JobEvent):
+class TrainingSucceeded(AttemptEvent):
+    """Outcome: ``backend`` wrote the adapter to ``adapter_dir``, with its held-out figures."""
+
     TYPE: ClassVar[str] = "TrainingSucceeded"
-    attempt: int
     backend: str
     adapter_dir: str
     train_loss: float | None = None
@@ -162,38 +172,42 @@ class JobRejected(JobEvent):
 
 
 @dataclass(frozen=True)
-class PromotionStarted(JobEvent):
-    """Intent: point the voice's ``current`` link at this job's adapter as ``version``."""
+class ServingEvent(JobEvent):
+    """A step of serving the job's adapter as ``version`` of ``voice``: its promotion, then its reloads."""
 
-    TYPE: ClassVar[str] = "PromotionStarted"
     voice: str
     version: int
 
 
 @dataclass(frozen=True)
-class Promoted(JobEvent):
+class PromotionStarted(ServingEvent):
+    """Intent: point the voice's ``current`` link at this job's adapter as ``version``."""
+
+    TYPE: ClassVar[str] = "PromotionStarted"
+
+
+@dataclass(frozen=True)
+class Promoted(ServingEvent):
+    """Outcome: the voice's ``current`` link points at ``adapter_path``, as ``version``."""
+
     TYPE: ClassVar[str] = "Promoted"
-    voice: str
-    version: int
     adapter_path: str
 
 
 @dataclass(frozen=True)
-class ReloadStarted(JobEvent):
+class ReloadStarted(ServingEvent):
     """Intent: make the inference server serve this job's adapter."""
 
     TYPE: ClassVar[str] = "ReloadStarted"
-    voice: str
-    version: int
     method: str
     reason: str = "promotion"  # promotion | rollback | reconcile
 
 
 @dataclass(frozen=True)
-class ReloadFailed(JobEvent):
+class ReloadFailed(ServingEvent):
+    """The reload failed; it is tried again after ``retry_at`` unless not ``retryable``."""
+
     TYPE: ClassVar[str] = "ReloadFailed"
-    voice: str
-    version: int
     method: str
     error: str
     retry_at: float
@@ -201,10 +215,10 @@ class ReloadFailed(JobEvent):
 
 
 @dataclass(frozen=True)
-class Reloaded(JobEvent):
+class Reloaded(ServingEvent):
+    """Outcome: the inference server serves the adapter as ``served_name``."""
+
     TYPE: ClassVar[str] = "Reloaded"
-    voice: str
-    version: int
     method: str
     served_name: str
     duration_s: float = 0.0
@@ -213,6 +227,8 @@ class Reloaded(JobEvent):
 
 @dataclass(frozen=True)
 class JobFailed(JobEvent):
+    """The job gave up (its attempts spent, or it could not go on): it ends failed."""
+
     TYPE: ClassVar[str] = "JobFailed"
     error: str
 
@@ -252,90 +268,87 @@ class JobCancelled(JobEvent):
 
 
 @dataclass(frozen=True)
-class RollbackStarted(Payload):
-    """Intent: point ``voice``'s ``current`` link back at an earlier job's adapter."""
+class VoiceEvent(Payload):
+    """An event of one voice as a whole (``voice:<name>``), its first field the voice. ``PairSubmitted``
+    shares the stream but not the base: its ``voice`` has always stood second in the log."""
 
-    TYPE: ClassVar[str] = "RollbackStarted"
     voice: str
-    job_id: str
-    version: int
 
     def stream(self) -> str:
         return f"voice:{self.voice}"
 
 
 @dataclass(frozen=True)
-class RolledBack(Payload):
+class RollbackStarted(VoiceEvent):
+    """Intent: point ``voice``'s ``current`` link back at an earlier job's adapter."""
+
+    TYPE: ClassVar[str] = "RollbackStarted"
+    job_id: str
+    version: int
+
+
+@dataclass(frozen=True)
+class RolledBack(VoiceEvent):
+    """Outcome: ``voice``'s ``current`` link points back at ``job_id``'s adapter."""
+
     TYPE: ClassVar[str] = "RolledBack"
-    voice: str
     job_id: str
     version: int
     adapter_path: str
 
-    def stream(self) -> str:
-        return f"voice:{self.voice}"
-
 
 @dataclass(frozen=True)
-class VoicePaused(Payload):
+class VoicePaused(VoiceEvent):
     """No new jobs are cut for this voice (pairs are still accepted)."""
 
     TYPE: ClassVar[str] = "VoicePaused"
-    voice: str
-
-    def stream(self) -> str:
-        return f"voice:{self.voice}"
 
 
 @dataclass(frozen=True)
-class VoiceResumed(Payload):
+class VoiceResumed(VoiceEvent):
+    """Jobs are cut for this voice again."""
+
     TYPE: ClassVar[str] = "VoiceResumed"
-    voice: str
-
-    def stream(self) -> str:
-        return f"voice:{self.voice}"
 
 
 @dataclass(frozen=True)
-class VoiceDeleted(Payload):
+class VoiceDeleted(VoiceEvent):
     """The voice leaves the listing; its events stay in the log, its adapters go only if asked."""
 
     TYPE: ClassVar[str] = "VoiceDeleted"
-    voice: str
     remove_adapters: bool = False
-
-    def stream(self) -> str:
-        return f"voice:{self.voice}"
 
 
 @dataclass(frozen=True)
-class DraftsErased(Payload):
+class DraftsErased(VoiceEvent):
     """The drafts of a deleted voice were overwritten in the log (``delete_voice`` with
     ``erase_drafts``): its ``PairSubmitted`` events keep their place, ids and keys, with ``bad`` and
     ``good`` empty and ``prompt`` null; the log stays append-only in shape."""
 
     TYPE: ClassVar[str] = "DraftsErased"
-    voice: str
     pairs: int = 0
 
+
+@dataclass(frozen=True)
+class DaemonEvent(Payload):
+    """The whole daemon's pause and resume (``daemon``): no fields."""
+
     def stream(self) -> str:
-        return f"voice:{self.voice}"
+        return "daemon"
 
 
 @dataclass(frozen=True)
-class Paused(Payload):
+class Paused(DaemonEvent):
+    """No new jobs are cut for any voice."""
+
     TYPE: ClassVar[str] = "Paused"
 
-    def stream(self) -> str:
-        return "daemon"
-
 
 @dataclass(frozen=True)
-class Resumed(Payload):
-    TYPE: ClassVar[str] = "Resumed"
+class Resumed(DaemonEvent):
+    """Jobs are cut again."""
 
-    def stream(self) -> str:
-        return "daemon"
+    TYPE: ClassVar[str] = "Resumed"
 
 
 # --- inference servers asleep (reload.vllm.sleep_during_training) -------------------------------

@@ -630,9 +630,36 @@ def replay(events: Iterable[ev.Event], state: State | None = None) -> State:
 # --- commands and decide ------------------------------------------------------------------------
 
 
+# Each command asks ``decide`` for one step; it names what the caller knows (ids, outcomes, the clock and
+# settings it was decided under), and ``decide`` adds what the state knows (attempt numbers, versions).
+# Positional order is part of their use (``FailAttempt(job_id, error, now, ...)``): new fields go last.
+
+
 @dataclass(frozen=True)
-class CutJob:
+class JobCommand:
+    """A command about one job, named first."""
+
+    job_id: str
+
+
+@dataclass(frozen=True)
+class VoiceCommand:
+    """A command about one voice as a whole, named first."""
+
     voice: str
+
+
+@dataclass(frozen=True)
+class ServerCommand:
+    """A command about inference servers put to sleep or woken (by URL), whichever job."""
+
+    urls: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class CutJob(VoiceCommand):
+    """Make a job of the voice's pending pairs (with ``replay_pairs`` earlier ones trained again)."""
+
     job_id: str
     reason: str
     replay_pairs: int = 0
@@ -640,14 +667,17 @@ class CutJob:
 
 
 @dataclass(frozen=True)
-class StartAttempt:
-    job_id: str
+class StartAttempt(JobCommand):
+    """Begin the job's next training attempt, trying ``backends`` in order."""
+
     backends: tuple[str, ...]
 
 
 @dataclass(frozen=True)
-class BackendFailed:
-    job_id: str
+class BackendFailed(JobCommand):
+    """One backend failed within the running attempt (the next one is tried): ``TrainingFailed``, with
+    the attempt number the state holds."""
+
     backend: str
     error: str
     timeout: bool = False
@@ -655,8 +685,9 @@ class BackendFailed:
 
 
 @dataclass(frozen=True)
-class FailAttempt:
-    job_id: str
+class FailAttempt(JobCommand):
+    """The attempt failed: retry with backoff from ``now``, or fail the job after ``max_attempts``."""
+
     error: str
     now: float
     max_attempts: int
@@ -665,20 +696,24 @@ class FailAttempt:
 
 
 @dataclass(frozen=True)
-class BlockTraining:
-    job_id: str
+class BlockTraining(JobCommand):
+    """No backend is available: the job waits (recorded once)."""
+
     reason: str
 
 
 @dataclass(frozen=True)
-class UnblockTraining:
-    job_id: str
+class UnblockTraining(JobCommand):
+    """``backends`` are available again for a blocked job."""
+
     backends: tuple[str, ...]
 
 
 @dataclass(frozen=True)
-class FinishTraining:
-    job_id: str
+class FinishTraining(JobCommand):
+    """The attempt succeeded: ``backend`` wrote ``adapter_dir``, with these held-out figures
+    (``TrainingSucceeded``, with the attempt number the state holds)."""
+
     backend: str
     adapter_dir: str
     train_loss: float | None
@@ -697,43 +732,50 @@ GATES = ("loss", "preference", "both")
 
 
 @dataclass(frozen=True)
-class Gate:
+class Gate(JobCommand):
     """Promote if the job was evaluated at all, and (``gate``): its held-out loss is no worse than the
     served voice's by more than ``tolerance`` (``loss``), its preference accuracy no lower than the served
     voice's by more than ``preference_tolerance`` (``preference``), or both (``both``)."""
 
-    job_id: str
     tolerance: float
     gate: str = "both"
     preference_tolerance: float = 0.0
 
 
 @dataclass(frozen=True)
-class FinishPromotion:
-    job_id: str
+class FinishPromotion(JobCommand):
+    """The voice's ``current`` link points at ``adapter_path`` now: the promotion is done."""
+
     adapter_path: str
 
 
 @dataclass(frozen=True)
-class StartReload:
-    job_id: str
+class ReloadCommand(JobCommand):
+    """A step of making the inference server serve the job's adapter by ``method``."""
+
     method: str
+
+
+@dataclass(frozen=True)
+class StartReload(ReloadCommand):
+    """Begin a reload (``reason``: after a promotion, a rollback, or to reconcile)."""
+
     reason: str = "promotion"
 
 
 @dataclass(frozen=True)
-class FinishReload:
-    job_id: str
-    method: str
+class FinishReload(ReloadCommand):
+    """The server serves the adapter as ``served_name``."""
+
     served_name: str
     duration_s: float
     reason: str = "promotion"
 
 
 @dataclass(frozen=True)
-class FailReload:
-    job_id: str
-    method: str
+class FailReload(ReloadCommand):
+    """The reload failed: retry with backoff from ``now`` (unless not ``retryable``: the operator must)."""
+
     error: str
     now: float
     backoff_s: float
@@ -742,25 +784,30 @@ class FailReload:
 
 
 @dataclass(frozen=True)
-class FailJob:
-    job_id: str
+class FailJob(JobCommand):
+    """Give the job up (``error`` says why); refused once it is settled or promoted."""
+
     error: str
 
 
 @dataclass(frozen=True)
-class Rollback:
-    voice: str
+class Rollback(VoiceCommand):
+    """Point the voice back at a promoted job's adapter (``to``; None: the version before the current)."""
+
     to: str | None = None
 
 
 @dataclass(frozen=True)
-class FinishRollback:
-    voice: str
+class FinishRollback(VoiceCommand):
+    """The voice's ``current`` link points at ``adapter_path`` now: the rollback is done."""
+
     adapter_path: str
 
 
 @dataclass(frozen=True)
 class SetPaused:
+    """Pause or resume cutting jobs, for one voice or the whole daemon."""
+
     paused: bool
     voice: str | None = None  # None: the whole daemon
     # pausing also cancels the jobs not yet trained (queued or training); their pairs are pending again
@@ -768,18 +815,18 @@ class SetPaused:
 
 
 @dataclass(frozen=True)
-class DeleteVoice:
-    voice: str
+class DeleteVoice(VoiceCommand):
+    """Delete the voice (its adapters too if ``remove_adapters``); refused while it has work in progress."""
+
     remove_adapters: bool = False
     force: bool = False  # cancel the voice's jobs not yet promoted instead of refusing
 
 
 @dataclass(frozen=True)
-class ReportOutage:
+class ReportOutage(JobCommand):
     """The executor could not be reached for a training job (``error``), or (``error`` None) it answered
     again / the job fell back to ``fallback``. Records nothing when the job already shows that."""
 
-    job_id: str
     executor: str
     error: str | None
     retry_at: float | None = None
@@ -787,36 +834,40 @@ class ReportOutage:
 
 
 @dataclass(frozen=True)
-class StartSleep:
+class StartSleep(ServerCommand):
     """Intent before ``POST /sleep``: ``urls`` may be asleep from the moment it is recorded."""
 
-    urls: tuple[str, ...]
     level: int
     job_id: str = ""
 
 
 @dataclass(frozen=True)
 class FinishSleep:
+    """The sleep's outcome: ``slept`` answered it, ``refused`` did not (only servers held asleep count)."""
+
     slept: tuple[str, ...]
     refused: tuple[str, ...] = ()
     duration_s: float = 0.0
 
 
 @dataclass(frozen=True)
-class StartWake:
-    urls: tuple[str, ...]
+class StartWake(ServerCommand):
+    """Intent before ``POST /wake_up`` on those of ``urls`` held asleep."""
+
     reason: str = "trained"
 
 
 @dataclass(frozen=True)
-class FinishWake:
-    urls: tuple[str, ...]
+class FinishWake(ServerCommand):
+    """Those of ``urls`` held asleep answered that they are awake."""
+
     duration_s: float = 0.0
 
 
 @dataclass(frozen=True)
-class FailWake:
-    urls: tuple[str, ...]
+class FailWake(ServerCommand):
+    """Those of ``urls`` held asleep did not wake; they stay listed for the next try."""
+
     error: str
 
 

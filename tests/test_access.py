@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -80,21 +81,33 @@ def test_throttle_lets_a_burst_pass_then_counts() -> None:
     assert t.allow() == (True, 3)
 
 
+def _refused_then_passed(path: Path, check: Callable[[Path], None], bad: int, good: int, match: str) -> None:
+    """``check`` refuses ``path`` with mode ``bad`` (a ``ConfigError`` matching ``match``) and passes it
+    with mode ``good``."""
+    path.write_text("")
+    path.chmod(bad)
+    with pytest.raises(ConfigError, match=match):
+        check(path)
+    path.chmod(good)
+    check(path)
+
+
 def test_files_others_can_write_or_read_are_refused(tmp_path: Path) -> None:
-    cfg = tmp_path / "config.toml"
-    cfg.write_text("")
-    cfg.chmod(0o664)
-    with pytest.raises(ConfigError, match="writable by its group or others"):
-        bounds.check_not_writable_by_others(cfg, "", "the config file")
-    cfg.chmod(0o644)
-    bounds.check_not_writable_by_others(cfg, "", "the config file")
-    key = tmp_path / "id"
-    key.write_text("")
-    key.chmod(0o644)
-    with pytest.raises(ConfigError, match="readable or writable"):
-        bounds.check_private_file(key, "reload.ssh.identity_file", "the SSH key")
-    key.chmod(0o600)
-    bounds.check_private_file(key, "reload.ssh.identity_file", "the SSH key")
+    cfg, key = tmp_path / "config.toml", tmp_path / "id"
+    _refused_then_passed(
+        cfg,
+        lambda p: bounds.check_not_writable_by_others(p, "", "the config file"),
+        0o664,
+        0o644,
+        "writable by its group or others",
+    )
+    _refused_then_passed(
+        key,
+        lambda p: bounds.check_private_file(p, "reload.ssh.identity_file", "the SSH key"),
+        0o644,
+        0o600,
+        "readable or writable",
+    )
     bounds.check_private_file(cfg, "reload.ssh.known_hosts", "known_hosts", others_may_read=True)
 
 

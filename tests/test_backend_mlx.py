@@ -14,20 +14,9 @@ import pytest
 from beagled.errors import BeagledError
 from beagled.manifest import sha256_file, verify
 from beagled.training import backend_mlx
-from beagled.training.corpus import voice_pairs
+from tests.spec_cases import MLX_HYPER, pair_rows
 
 REPO = Path(__file__).resolve().parent.parent
-HYPER = {
-    "rank": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"], "num_layers": -1,
-    "learning_rate": 0.005, "steps": 40, "batch_size": 4, "max_seq_len": 256, "seed": 0,
-}  # fmt: skip
-
-
-def _pairs(n: int, seed: int, start: int = 0, style: str = "plain") -> list[dict[str, str]]:
-    return [
-        {"pair_id": f"p{start + i}", "prompt": prompt, "rejected": bad, "chosen": good}
-        for i, (prompt, bad, good) in enumerate(voice_pairs(n, seed=seed, style=style))
-    ]
 
 
 def make_spec(tiny_model: Path, out_dir: Path, **changes: Any) -> dict[str, Any]:
@@ -35,8 +24,8 @@ def make_spec(tiny_model: Path, out_dir: Path, **changes: Any) -> dict[str, Any]
         "job_id": "j-test", "voice": "default", "attempt": 1, "backend": "mlx",
         "base_model": str(tiny_model), "out_dir": str(out_dir),
         "init_adapter": None, "served_adapter": None, "objective": "sft",
-        "train": _pairs(32, seed=1), "heldout": _pairs(8, seed=2, start=100),
-        "hyper": dict(HYPER),
+        "train": pair_rows(32, seed=1), "heldout": pair_rows(8, seed=2, start=100),
+        "hyper": dict(MLX_HYPER),
     }  # fmt: skip
     spec.update(changes)
     return spec
@@ -125,7 +114,7 @@ def test_continue_from_init_adapter(
     before = result_of(lines)
     spec = make_spec(
         tiny_model, tmp_path / "next", init_adapter=str(first), served_adapter=str(first),
-        train=_pairs(16, seed=3, start=200), hyper={**HYPER, "steps": 10, "alpha": 8.0},
+        train=pair_rows(16, seed=3, start=200), hyper={**MLX_HYPER, "steps": 10, "alpha": 8.0},
         served_base="tiny-served",
     )  # fmt: skip
     rc, lines = run_worker(tmp_path, "train", spec=spec)
@@ -147,7 +136,7 @@ def test_continue_from_init_adapter(
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"hyper": {**HYPER, "rank": 0}}, "hyper.rank"),
+        ({"hyper": {**MLX_HYPER, "rank": 0}}, "hyper.rank"),
         ({"objective": "dpo"}, "objective 'dpo' is not supported by the mlx backend"),
     ],
 )
@@ -165,13 +154,13 @@ def test_refusals_are_error_lines(
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"hyper": {**HYPER, "dropout": 1.5}}, "hyper.dropout"),
-        ({"hyper": {**HYPER, "steps": 0}}, "hyper.steps"),
-        ({"hyper": {**HYPER, "num_layers": 0}}, "hyper.num_layers"),
-        ({"hyper": {**HYPER, "num_layers": 9}}, "hyper.num_layers: is 9 but the model has 2 layers"),
-        ({"hyper": {**HYPER, "use_dora": True}}, "hyper.use_dora: is not supported by the mlx backend"),
-        ({"hyper": {k: v for k, v in HYPER.items() if k != "seed"}}, "hyper.seed: is required"),
-        ({"hyper": {**HYPER, "target_modules": ["nope_proj"]}}, "'nope_proj' is not a linear layer"),
+        ({"hyper": {**MLX_HYPER, "dropout": 1.5}}, "hyper.dropout"),
+        ({"hyper": {**MLX_HYPER, "steps": 0}}, "hyper.steps"),
+        ({"hyper": {**MLX_HYPER, "num_layers": 0}}, "hyper.num_layers"),
+        ({"hyper": {**MLX_HYPER, "num_layers": 9}}, "hyper.num_layers: is 9 but the model has 2 layers"),
+        ({"hyper": {**MLX_HYPER, "use_dora": True}}, "hyper.use_dora: is not supported by the mlx backend"),
+        ({"hyper": {k: v for k, v in MLX_HYPER.items() if k != "seed"}}, "hyper.seed: is required"),
+        ({"hyper": {**MLX_HYPER, "target_modules": ["nope_proj"]}}, "'nope_proj' is not a linear layer"),
         ({"train": []}, "no training pairs"),
     ],
 )
@@ -185,7 +174,7 @@ def test_refusals_in_process(tiny_model: Path, tmp_path: Path, changes: dict[str
 
 @pytest.mark.slow
 def test_empty_heldout_gives_null_losses(tiny_model: Path, tmp_path: Path) -> None:
-    hyper = {**HYPER, "steps": 2, "num_layers": 1, "target_modules": ["down_proj"]}
+    hyper = {**MLX_HYPER, "steps": 2, "num_layers": 1, "target_modules": ["down_proj"]}
     spec = make_spec(tiny_model, tmp_path / "out", heldout=[], hyper=hyper)
     rc, lines = run_worker(tmp_path, "train", spec=spec)
     assert rc == 0, lines[-2:]

@@ -24,27 +24,17 @@ import trio
 from safetensors.numpy import load_file
 
 from beagled.errors import TrainingError
-from beagled.training.corpus import voice_pairs
 from beagled.training.runner import SubprocessTrainer, reap_orphans
+from tests.spec_cases import MLX_HYPER, pair_rows
 
-HYPER = {
-    "rank": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"], "num_layers": -1,
-    "learning_rate": 0.005, "steps": 4, "batch_size": 4, "max_seq_len": 128, "seed": 0,
-}  # fmt: skip
-
-
-def _pairs(n: int, seed: int, start: int = 0, style: str = "plain") -> list[dict[str, str]]:
-    return [
-        {"pair_id": f"p{start + i}", "prompt": prompt, "rejected": bad, "chosen": good}
-        for i, (prompt, bad, good) in enumerate(voice_pairs(n, seed=seed, style=style))
-    ]
+HYPER = {**MLX_HYPER, "steps": 4, "max_seq_len": 128}  # short jobs: a warm worker is what is tested
 
 
 def spec_for(tiny_model: Path, out_dir: Path, job: str, **changes: Any) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "job_id": job, "voice": "default", "attempt": 1, "base_model": str(tiny_model),
         "out_dir": str(out_dir), "init_adapter": None, "served_adapter": None, "objective": "sft",
-        "train": _pairs(8, seed=1), "heldout": _pairs(3, seed=2, start=100), "hyper": dict(HYPER),
+        "train": pair_rows(8, seed=1), "heldout": pair_rows(3, seed=2, start=100), "hyper": dict(HYPER),
     }  # fmt: skip
     spec.update(changes)
     return spec
@@ -92,7 +82,7 @@ def test_warm_adapter_equals_cold(tiny_model: Path, tmp_path: Path) -> None:
     second = {
         "init_adapter": str(first_out),  # continue from the first job's adapter, judged against it
         "served_adapter": str(first_out),
-        "train": _pairs(12, seed=5),
+        "train": pair_rows(12, seed=5),
         "hyper": {**HYPER, "steps": 5, "seed": 3, "learning_rate": 0.003},
     }
     progress: dict[str, list[float]] = {"warm": [], "cold": []}
@@ -101,7 +91,7 @@ def test_warm_adapter_equals_cold(tiny_model: Path, tmp_path: Path) -> None:
         warm = trainer(tmp_path)
         try:
             first = spec_for(
-                tiny_model, first_out, "j-a", train=_pairs(10, seed=9, style="shifted"),
+                tiny_model, first_out, "j-a", train=pair_rows(10, seed=9, style="shifted"),
                 hyper={**HYPER, "steps": 3, "seed": 7, "batch_size": 2},
             )  # fmt: skip
             r1 = await run_job(warm, first)
