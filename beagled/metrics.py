@@ -37,6 +37,17 @@ TRAIN_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 RELOAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
 ACK_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 
+# the per-voice gauges computed at scrape time, in the order the collector yields them after beagled_jobs
+VOICE_GAUGES = (
+    ("beagled_pending_pairs", "Pairs not yet in a job, by voice."),
+    ("beagled_voice_version", "Version of the voice's current adapter."),
+    ("beagled_eval_loss", "Held-out loss of the voice now served."),
+    (
+        "beagled_eval_preference_accuracy",
+        "Held-out preference accuracy (DPO implicit reward) of the voice now served.",
+    ),
+)
+
 
 class _StateCollector(Collector):
     def __init__(self, state: Callable[[], State], max_voices: int) -> None:
@@ -48,19 +59,8 @@ class _StateCollector(Collector):
         jobs = GaugeMetricFamily("beagled_jobs", "Jobs by state.", labels=["state"])
         for s, n in state.counts().items():
             jobs.add_metric([s], n)
-        pending = GaugeMetricFamily(
-            "beagled_pending_pairs", "Pairs not yet in a job, by voice.", labels=["voice"]
-        )
-        version = GaugeMetricFamily(
-            "beagled_voice_version", "Version of the voice's current adapter.", labels=["voice"]
-        )
-        loss = GaugeMetricFamily(
-            "beagled_eval_loss", "Held-out loss of the voice now served.", labels=["voice"]
-        )
-        accuracy = GaugeMetricFamily(
-            "beagled_eval_preference_accuracy",
-            "Held-out preference accuracy (DPO implicit reward) of the voice now served.",
-            labels=["voice"],
+        pending, version, loss, accuracy = (
+            GaugeMetricFamily(name, doc, labels=["voice"]) for name, doc in VOICE_GAUGES
         )
         voices = sorted(state.voices.values(), key=lambda v: v.name)
         shown, rest = voices[: self._max_voices], voices[self._max_voices :]
@@ -73,11 +73,7 @@ class _StateCollector(Collector):
                 accuracy.add_metric([v.name], v.preference_accuracy)
         if rest:
             pending.add_metric(["_other"], sum(len(v.pending) for v in rest))
-        yield jobs
-        yield pending
-        yield version
-        yield loss
-        yield accuracy
+        yield from (jobs, pending, version, loss, accuracy)
 
 
 class Metrics:

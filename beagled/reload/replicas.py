@@ -32,6 +32,15 @@ from beagled.reload.vllm import VllmReloader
 
 log = logging.getLogger(__name__)
 
+# the gauges ``collect`` yields, labelled by replica URL
+REPLICA_GAUGES = (
+    ("beagled_vllm_replica_behind", "Voices a vLLM replica is behind on."),
+    (
+        "beagled_vllm_replica_verified_timestamp_seconds",
+        "When a vLLM replica was last seen serving a voice's current adapter.",
+    ),
+)
+
 
 @dataclass
 class ReplicaView:
@@ -79,14 +88,7 @@ class VllmReplicas(Reloader):
     def collect(self) -> Iterator[Metric]:
         """``beagled_vllm_replica_behind{replica}``: voices a replica does not serve as it should;
         ``beagled_vllm_replica_verified_timestamp_seconds{replica}``: its newest verification."""
-        behind = GaugeMetricFamily(
-            "beagled_vllm_replica_behind", "Voices a vLLM replica is behind on.", labels=["replica"]
-        )
-        verified = GaugeMetricFamily(
-            "beagled_vllm_replica_verified_timestamp_seconds",
-            "When a vLLM replica was last seen serving a voice's current adapter.",
-            labels=["replica"],
-        )
+        behind, verified = (GaugeMetricFamily(name, doc, labels=["replica"]) for name, doc in REPLICA_GAUGES)
         for server in self.servers:
             views = [v[server.url] for v in self._views.values() if server.url in v]
             behind.add_metric([server.url], sum(1 for v in views if v.behind))
