@@ -22,6 +22,8 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,32 +67,25 @@ def http(method: str, url: str, body: Any = None, timeout: float = 60.0) -> tupl
     return status, text
 
 
+@dataclass(eq=False)
 class RealVllm:
     """One ``vllm.entrypoints.launchers.api_server.entry`` process in its own session."""
 
-    def __init__(
-        self,
-        model: Path,
-        log_dir: Path,
-        *,
-        runtime_updating: bool = True,
-        dev_mode: bool = True,
-        max_lora_rank: int = 16,
-        max_loras: int = 2,
-        extra_args: tuple[str, ...] = (),
-        port: int | None = None,
-    ) -> None:
-        self.model = model
-        self.log_dir = log_dir
-        self.runtime_updating = runtime_updating
-        self.dev_mode = dev_mode
-        self.max_lora_rank = max_lora_rank
-        self.max_loras = max_loras
-        self.extra_args = extra_args
-        self.port = port or free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-        self.start_seconds: list[float] = []
+    model: Path
+    log_dir: Path
+    _: KW_ONLY
+    runtime_updating: bool = True
+    dev_mode: bool = True
+    max_lora_rank: int = 16
+    max_loras: int = 2
+    extra_args: tuple[str, ...] = ()
+    port: int = 0  # 0: a free port, chosen now
+    proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
+    starts: int = field(default=0, init=False)
+    start_seconds: list[float] = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        self.port = self.port or free_port()
 
     @property
     def url(self) -> str:
@@ -202,14 +197,21 @@ class RealVllm:
         return time.monotonic() - started
 
 
-@pytest.fixture(scope="session")
-def vllm_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealVllm]:
+@contextmanager
+def running(model: Path, log_dir: Path, **options: Any) -> Iterator[RealVllm]:
+    """A started ``RealVllm`` (``options``: its settings), stopped on the way out."""
     need_vllm()
-    server = RealVllm(tiny_model, tmp_path_factory.mktemp("vllm-logs")).start()
+    server = RealVllm(model, log_dir, **options).start()
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealVllm]:
+    with running(tiny_model, tmp_path_factory.mktemp("vllm-logs")) as server:
+        yield server
 
 
 @pytest.fixture
@@ -230,12 +232,8 @@ def vllm(vllm_server: RealVllm) -> Iterator[RealVllm]:
 @pytest.fixture(scope="session")
 def vllm_replica(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealVllm]:
     """A second real server (replicas, a real restart); started only by tests that ask for it."""
-    need_vllm()
-    server = RealVllm(tiny_model, tmp_path_factory.mktemp("vllm-replica-logs")).start()
-    try:
+    with running(tiny_model, tmp_path_factory.mktemp("vllm-replica-logs")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
@@ -243,13 +241,9 @@ def vllm_no_runtime(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) 
     """A real server started WITHOUT ``VLLM_ALLOW_RUNTIME_LORA_UPDATING`` (its LoRA routes absent).
     One test uses it, so it lives for that test only (one more start, ~1.8 GB freed right after);
     ``start_seconds`` is what it added to the run."""
-    need_vllm()
-    server = RealVllm(tiny_model, tmp_path_factory.mktemp("vllm-no-runtime-logs"), runtime_updating=False,
-                      dev_mode=False).start()  # fmt: skip
-    try:
+    log_dir = tmp_path_factory.mktemp("vllm-no-runtime-logs")
+    with running(tiny_model, log_dir, runtime_updating=False, dev_mode=False) as server:
         yield server
-    finally:
-        server.stop()
 
 
 # --- adapters for the tiny model ------------------------------------------------------------------
@@ -279,9 +273,8 @@ def tiny_adapter(
 ) -> Path:
     """A random PEFT LoRA over the tiny model (config, safetensors, manifest)."""
     import numpy as np
-    from safetensors.numpy import save_file
 
-    from beagled.manifest import write_manifest
+    from tests.peft_files import write_peft_adapter
 
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -292,19 +285,13 @@ def tiny_adapter(
             key = f"{key_prefix}.{layer}.{module}"
             tensors[f"{key}.{suffixes[0]}"] = (rng.standard_normal((rank, n_in)) * 0.1).astype(np.float32)
             tensors[f"{key}.{suffixes[1]}"] = (rng.standard_normal((n_out, rank)) * 0.1).astype(np.float32)
-    if weights:
-        save_file(tensors, str(directory / "adapter_model.safetensors"))
-    config = {
-        "base_model_name_or_path": base,
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "r": rank,
-        "lora_alpha": 2 * rank,
-        "lora_dropout": 0.0,
-        "target_modules": sorted({m.rsplit(".", 1)[-1] for m in modules}),
-        "bias": "none",
-    }
-    (directory / "adapter_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    if weights:
-        write_manifest(directory, {"job_id": directory.name, "voice": "default", "backend": "test"})
-    return directory
+    manifest = {"job_id": directory.name, "voice": "default", "backend": "test"}
+    return write_peft_adapter(
+        directory,
+        tensors if weights else None,
+        base=base,
+        rank=rank,
+        lora_alpha=2 * rank,
+        modules=modules,
+        manifest=manifest if weights else None,
+    )

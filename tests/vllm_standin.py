@@ -43,9 +43,8 @@ from types import TracebackType
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import save_file
 
-from beagled.manifest import write_manifest
+from tests.peft_files import write_peft_adapter
 
 _KEY_RE = re.compile(r"base_model\.model\.model\.layers\.\d+\.[A-Za-z0-9_.]+\.lora_[AB]\.weight")
 
@@ -317,17 +316,12 @@ def make_peft_adapter(
             key = f"base_model.model.model.layers.{layer}.{module}"
             tensors[f"{key}.lora_A.weight"] = rng.standard_normal((rank, hidden)).astype(np.float32)
             tensors[f"{key}.lora_B.weight"] = np.zeros((hidden, rank), dtype=np.float32)
-    save_file(tensors, str(directory / "adapter_model.safetensors"))
-    config = {
-        "base_model_name_or_path": "tiny-base",
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "r": rank,
-        "lora_alpha": 2.0 * rank,
-        "lora_dropout": 0.0,
-        "target_modules": sorted({m.rsplit(".", 1)[-1] for m in modules}),
-        "bias": "none",
-    }
-    (directory / "adapter_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    write_manifest(directory, {"job_id": job_id, "voice": voice, "backend": "test"})
-    return directory
+    return write_peft_adapter(
+        directory,
+        tensors,
+        base="tiny-base",
+        rank=rank,
+        lora_alpha=2.0 * rank,
+        modules=modules,
+        manifest={"job_id": job_id, "voice": voice, "backend": "test"},
+    )

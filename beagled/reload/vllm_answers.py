@@ -27,19 +27,22 @@ RUNTIME_HINT = (
 
 _RANK = re.compile(r"rank (\d+) is greater than max_lora_rank (\d+)", re.IGNORECASE)
 # messages of a load that failed because of the adapter's files (500 on the real server)
-_ADAPTER_FAULTS = (
-    re.compile(r"no adapter found", re.IGNORECASE),
-    re.compile(r"doesn't contain tensors", re.IGNORECASE),
-    re.compile(r"add_lora method failed", re.IGNORECASE),
-    re.compile(r"adapter_model\.(safetensors|bin)", re.IGNORECASE),
-    re.compile(r"safetensors", re.IGNORECASE),
-    re.compile(r"expected target modules", re.IGNORECASE),
-    re.compile(r"unsupported lora weight|is unsupported lora", re.IGNORECASE),
-    re.compile(r"target modules? .* not (supported|found)", re.IGNORECASE),
-    re.compile(r"No such file or directory", re.IGNORECASE),
-    re.compile(r"lora_(a|b)|lora_embedding", re.IGNORECASE),
-    re.compile(r"peft_type|adapter_config", re.IGNORECASE),
-    re.compile(r"size mismatch|shape", re.IGNORECASE),
+_ADAPTER_FAULTS = tuple(
+    re.compile(pattern, re.IGNORECASE)
+    for pattern in (
+        r"no adapter found",
+        r"doesn't contain tensors",
+        r"add_lora method failed",
+        r"adapter_model\.(safetensors|bin)",
+        r"safetensors",
+        r"expected target modules",
+        r"unsupported lora weight|is unsupported lora",
+        r"target modules? .* not (supported|found)",
+        r"No such file or directory",
+        r"lora_(a|b)|lora_embedding",
+        r"peft_type|adapter_config",
+        r"size mismatch|shape",
+    )
 )
 
 
