@@ -19,6 +19,7 @@ import pytest
 import trio
 import trio.testing
 
+from beagled import events as ev
 from beagled import jobs
 from beagled.config import from_mapping
 from beagled.engine import Engine
@@ -73,7 +74,8 @@ class FakeTrainer:
 
 
 class FakeReloader(Reloader):
-    """Serves whatever it is told; ``fail`` more reloads fail (retryable) first."""
+    """Serves whatever it is told; ``fail`` more reloads fail (retryable) first; while ``hold`` is
+    an unset event, a reload waits for it (the serve loop stays busy)."""
 
     method = "fake"
     reload_timeout_s = 30.0
@@ -81,10 +83,13 @@ class FakeReloader(Reloader):
     def __init__(self, clock: TrioClock) -> None:
         self.clock = clock
         self.fail = 0
+        self.hold: trio.Event | None = None
         self.calls: list[tuple[str, float]] = []  # (job id, wall time of the call)
 
     async def reload(self, target: ServeTarget) -> str:
         self.calls.append((target.job_id, self.clock.time()))
+        if self.hold is not None:
+            await self.hold.wait()
         if self.fail:
             self.fail -= 1
             raise ReloadError("server away", retryable=True)
@@ -309,6 +314,38 @@ async def _rollback_refused(rig: Rig) -> None:
 
 def test_a_failed_rollback_swap_answers_conflict_and_the_serve_loop_retries(tmp_path: Path) -> None:
     _rollback_refused(tmp_path)
+
+
+@run_engine
+async def _rollback_of_a_vanished_voice(rig: Rig) -> None:
+    await two_versions(rig)
+    watch = rig.watch()
+    rig.reloader.hold = trio.Event()  # the serve loop is busy reloading another voice's job
+    await rig.submit(2, voice="w")
+    await until(watch, lambda e: e["type"] == "ReloadStarted" and e["data"]["voice"] == "w")
+    answers: list[BaseException] = []
+
+    async def ask() -> None:
+        try:
+            await rig.engine.rollback("v", None)
+        except Conflict as e:
+            answers.append(e)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ask)
+        await until(watch, lambda e: e["type"] == "RollbackStarted")
+        # the voice goes before the serve loop runs its rollback (the pure core refuses such a delete
+        # here, so another writer on the log records it)
+        ctx = rig.engine.ctx
+        async with ctx.lock:
+            ctx.apply(rig.store.append([ev.VoiceDeleted(voice="v")], ctx.now()))
+        rig.reloader.hold.set()
+    (answer,) = answers  # answered, not left waiting for a rollback nobody will run
+    assert "v" not in rig.engine.state.voices and "no rollback to finish" in str(answer)
+
+
+def test_a_rollback_whose_voice_went_before_it_ran_answers_conflict(tmp_path: Path) -> None:
+    _rollback_of_a_vanished_voice(tmp_path)
 
 
 @run_engine
