@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import select
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -33,36 +34,32 @@ LINGER_S = 2.0  # after too_large: how long the rest of an oversized request is 
 HANGUP_POLL_S = 1.0  # how often a watch whose client stopped sending checks that it is still there
 
 
+@dataclass(frozen=True)
+class Shared:
+    """What every connection of the listener shares."""
+
+    engine: Engine
+    cfg: DaemonConfig
+    limits: protocol.Limits
+    policy: Policy
+    quota: SubmitQuota
+    watches: Watches
+
+
 class Connection:
     """The requests and answers of one peer (``uid``, already admitted) on ``stream``."""
 
-    def __init__(
-        self,
-        stream: trio.SocketStream,
-        uid: int,
-        *,
-        engine: Engine,
-        cfg: DaemonConfig,
-        limits: protocol.Limits,
-        policy: Policy,
-        quota: SubmitQuota,
-        watches: Watches,
-    ) -> None:
+    def __init__(self, stream: trio.SocketStream, uid: int, shared: Shared) -> None:
         self.stream = stream
         self.uid = uid
-        self.engine = engine
-        self.cfg = cfg
-        self.limits = limits
-        self.policy = policy
-        self.quota = quota
-        self.watches = watches
+        self.shared = shared
         self.out = Output()
         self.streaming = False  # the connection streams its (one) watch
         self.closing = False  # the client finished sending: the writer ends once all is answered
 
     async def serve(self) -> None:
         """Read and dispatch requests until the client stops sending, then answer what is in flight."""
-        cfg, out = self.cfg, self.out
+        cfg, out = self.shared.cfg, self.out
         buf = protocol.LineBuffer(cfg.max_message_bytes)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._writer)
@@ -97,13 +94,13 @@ class Connection:
             await linger(self.stream, cfg.write_timeout_s)
 
     async def _writer(self) -> None:
-        out = self.out
+        out, timeout = self.out, self.shared.cfg.write_timeout_s
         while True:
             data = out.take_ready()
             if data:
                 out.drained.set()
                 out.flushed.set()
-                with trio.fail_after(self.cfg.write_timeout_s):  # a client that does not read is dropped
+                with trio.fail_after(timeout):  # a client that does not read is dropped
                     await self.stream.send_all(data)
                 continue
             if self.closing and not out.entries:
@@ -121,12 +118,12 @@ class Connection:
         entry = Entry()
         out.entries.append(entry)
         try:
-            req = protocol.parse_request(line, self.limits)
+            req = protocol.parse_request(line, self.shared.limits)
         except protocol.RequestError as e:
             self._answer(entry, protocol.encode_error(e.request_id, e))
             return
         try:
-            self.policy.check_op(self.uid, req.op)
+            self.shared.policy.check_op(self.uid, req.op)
             op = protocol.OPS[req.op]
             entry.after = out.last_write
             if op.kind.writes:
@@ -134,11 +131,11 @@ class Connection:
             if op.kind is Kind.COMMIT:  # the hot path: a callback after COMMIT, no task per request
                 self._submit(req, op, entry)
             elif op.kind is Kind.QUICK and not out.unsettled():
-                result = self._filtered(req, op.call(self.engine, req.fields))
+                result = self._filtered(req, op.call(self.shared.engine, req.fields))
                 self._answer(entry, protocol.encode_ok(req.id, result))
             else:
                 if op.kind is Kind.STREAM:
-                    self.watches.open(self.uid, self.streaming)
+                    self.shared.watches.open(self.uid, self.streaming)
                     entry.stream = True
                     self.streaming = True
                 nursery.start_soon(self._run_op, req, entry)
@@ -150,46 +147,46 @@ class Connection:
 
     def _submit(self, req: protocol.Request, op: Op, entry: Entry) -> None:
         uid, rid, voice = self.uid, req.id, req.fields["voice"]
-        self.policy.check_submit(uid, voice)
-        self.quota.check(uid)
+        self.shared.policy.check_submit(uid, voice)
+        self.shared.quota.check(uid)
 
         def done(result: dict[str, Any] | None, error: BaseException | None) -> None:
             # runs inside the engine's committer: it must never raise
-            self.quota.committed(uid)
+            self.shared.quota.committed(uid)
             try:
                 if error is not None or result is None:
                     data = protocol.encode_error(rid, error or RuntimeError("no result"))
                 else:
-                    self.policy.record(uid, voice)
+                    self.shared.policy.record(uid, voice)
                     data = protocol.encode_ok(rid, result)
             except Exception as e:  # e.g. an id the response line cannot encode
                 log.exception("cannot encode the answer to a submit")
                 data = protocol.encode_error(None, e)
             self._answer(entry, data)
 
-        op.call(self.engine, req.fields, done, uid)
-        self.quota.queue(uid)
+        op.call(self.shared.engine, req.fields, done, uid)
+        self.shared.quota.queue(uid)
 
     async def _run_op(self, req: protocol.Request, entry: Entry) -> None:
         try:
             await self._run_op_inner(req, entry)
         finally:
             if protocol.OPS[req.op].kind is Kind.STREAM:
-                self.watches.close(self.uid)
+                self.shared.watches.close(self.uid)
 
     async def _run_op_inner(self, req: protocol.Request, entry: Entry) -> None:
         try:
             await Output.after_writes_before(entry)
             op = protocol.OPS[req.op]
             if op.kind is Kind.STREAM:
-                await self.watches.stream(req, entry, self.out, self.uid)
+                await self.shared.watches.stream(req, entry, self.out, self.uid)
                 return
             if op.kind is Kind.QUICK:
-                result = self._filtered(req, op.call(self.engine, req.fields))
+                result = self._filtered(req, op.call(self.shared.engine, req.fields))
             else:
-                result = await op.call(self.engine, req.fields)
+                result = await op.call(self.shared.engine, req.fields)
                 if req.op == "job":
-                    self.policy.check_read(self.uid, result["job"]["voice"])
+                    self.shared.policy.check_read(self.uid, result["job"]["voice"])
             data = protocol.encode_ok(req.id, result)
         except BeagledError as e:
             data = protocol.encode_error(req.id, e)
@@ -205,9 +202,9 @@ class Connection:
 
     def _filtered(self, req: protocol.Request, result: dict[str, Any]) -> dict[str, Any]:
         if req.op == "jobs":
-            return self.policy.filter_jobs(self.uid, result)
+            return self.shared.policy.filter_jobs(self.uid, result)
         if req.op == "voices":
-            return self.policy.filter_voices(self.uid, result)
+            return self.shared.policy.filter_voices(self.uid, result)
         return result
 
     async def _hangup(self, scope: trio.CancelScope) -> None:

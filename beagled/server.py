@@ -30,7 +30,7 @@ import trio
 from beagled import protocol
 from beagled.access import Policy
 from beagled.bounds import Throttle
-from beagled.connection import Connection, linger
+from beagled.connection import Connection, Shared, linger
 from beagled.engine import Engine
 from beagled.errors import BeagledError, Conflict, Forbidden, Unavailable
 from beagled.quotas import SubmitQuota
@@ -114,15 +114,20 @@ class Server:
         d = engine.cfg.daemon
         self.cfg = d
         self.path = engine.cfg.socket_path
-        self.limits = protocol.Limits(max_draft_bytes=d.max_draft_bytes)
         operators = frozenset(d.operator_uids or [os.getuid()])
         self.allowed = set(d.allowed_uids) | operators
         self.policy = Policy(operators=operators, owners=dict(d.voice_owners))
         self.active = 0
         self.per_uid: dict[int, int] = {}  # open connections per uid
         self.rejecting = 0
-        self.watches = Watches(engine, self.policy, d)
-        self.quota = SubmitQuota(engine, self.policy, d.max_pending_per_uid)
+        self.shared = Shared(  # what each connection is served with
+            engine,
+            d,
+            protocol.Limits(max_draft_bytes=d.max_draft_bytes),
+            self.policy,
+            SubmitQuota(engine, self.policy, d.max_pending_per_uid),
+            Watches(engine, self.policy, d),
+        )
         self._refusals = Throttle(burst=5, per_s=10.0)
         self.listener: trio.SocketListener | None = None
 
@@ -187,16 +192,7 @@ class Server:
                     ),
                 )
                 return
-            await Connection(
-                stream,
-                uid,
-                engine=self.engine,
-                cfg=self.cfg,
-                limits=self.limits,
-                policy=self.policy,
-                quota=self.quota,
-                watches=self.watches,
-            ).serve()
+            await Connection(stream, uid, self.shared).serve()
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
             log.info("client closed the connection")
         except Exception as e:
