@@ -316,14 +316,16 @@ def test_a_failed_rollback_swap_answers_conflict_and_the_serve_loop_retries(tmp_
     _rollback_refused(tmp_path)
 
 
-@run_engine
-async def _rollback_of_a_vanished_voice(rig: Rig) -> None:
-    await two_versions(rig)
+async def overtaken_rollback(rig: Rig, other_writer: Callable[[str], ev.Payload]) -> str:
+    """Ask for a rollback of ``v`` while the serve loop is busy with another voice; before the loop
+    gets to it, another writer on the log records ``other_writer(target job)`` (the pure core refuses
+    such a change here). The rollback's answer: a ``Conflict``'s message, not a wait forever."""
+    first, _ = await two_versions(rig)
     watch = rig.watch()
     rig.reloader.hold = trio.Event()  # the serve loop is busy reloading another voice's job
     await rig.submit(2, voice="w")
     await until(watch, lambda e: e["type"] == "ReloadStarted" and e["data"]["voice"] == "w")
-    answers: list[BaseException] = []
+    answers: list[Conflict] = []
 
     async def ask() -> None:
         try:
@@ -334,18 +336,36 @@ async def _rollback_of_a_vanished_voice(rig: Rig) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(ask)
         await until(watch, lambda e: e["type"] == "RollbackStarted")
-        # the voice goes before the serve loop runs its rollback (the pure core refuses such a delete
-        # here, so another writer on the log records it)
         ctx = rig.engine.ctx
         async with ctx.lock:
-            ctx.apply(rig.store.append([ev.VoiceDeleted(voice="v")], ctx.now()))
+            ctx.apply(rig.store.append([other_writer(first)], ctx.now()))
         rig.reloader.hold.set()
-    (answer,) = answers  # answered, not left waiting for a rollback nobody will run
-    assert "v" not in rig.engine.state.voices and "no rollback to finish" in str(answer)
+    (answer,) = answers
+    return str(answer)
+
+
+@run_engine
+async def _rollback_of_a_deleted_voice(rig: Rig) -> None:
+    answer = await overtaken_rollback(rig, lambda _: ev.VoiceDeleted(voice="v"))
+    assert answer == "voice 'v' was deleted: no rollback to finish"
+    assert "v" not in rig.engine.state.voices
 
 
 def test_a_rollback_whose_voice_went_before_it_ran_answers_conflict(tmp_path: Path) -> None:
-    _rollback_of_a_vanished_voice(tmp_path)
+    _rollback_of_a_deleted_voice(tmp_path)
+
+
+@run_engine
+async def _rollback_finished_elsewhere(rig: Rig) -> None:
+    answer = await overtaken_rollback(
+        rig, lambda first: ev.RolledBack(voice="v", job_id=first, version=1, adapter_path="elsewhere")
+    )
+    assert answer == "voice 'v' has no rollback in progress any more"
+    assert rig.engine.state.voices["v"].rollback_to is None
+
+
+def test_a_rollback_finished_by_another_writer_first_answers_conflict(tmp_path: Path) -> None:
+    _rollback_finished_elsewhere(tmp_path)
 
 
 @run_engine
