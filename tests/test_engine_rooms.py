@@ -19,6 +19,7 @@ import pytest
 import trio
 import trio.testing
 
+from beagled import events as ev
 from beagled import jobs
 from beagled.config import from_mapping
 from beagled.engine import Engine
@@ -73,7 +74,8 @@ class FakeTrainer:
 
 
 class FakeReloader(Reloader):
-    """Serves whatever it is told; ``fail`` more reloads fail (retryable) first."""
+    """Serves whatever it is told; ``fail`` more reloads fail (retryable) first; while ``hold`` is
+    an unset event, a reload waits for it (the serve loop stays busy)."""
 
     method = "fake"
     reload_timeout_s = 30.0
@@ -81,10 +83,13 @@ class FakeReloader(Reloader):
     def __init__(self, clock: TrioClock) -> None:
         self.clock = clock
         self.fail = 0
+        self.hold: trio.Event | None = None
         self.calls: list[tuple[str, float]] = []  # (job id, wall time of the call)
 
     async def reload(self, target: ServeTarget) -> str:
         self.calls.append((target.job_id, self.clock.time()))
+        if self.hold is not None:
+            await self.hold.wait()
         if self.fail:
             self.fail -= 1
             raise ReloadError("server away", retryable=True)
@@ -309,6 +314,58 @@ async def _rollback_refused(rig: Rig) -> None:
 
 def test_a_failed_rollback_swap_answers_conflict_and_the_serve_loop_retries(tmp_path: Path) -> None:
     _rollback_refused(tmp_path)
+
+
+async def overtaken_rollback(rig: Rig, other_writer: Callable[[str], ev.Payload]) -> str:
+    """Ask for a rollback of ``v`` while the serve loop is busy with another voice; before the loop
+    gets to it, another writer on the log records ``other_writer(target job)`` (the pure core refuses
+    such a change here). The rollback's answer: a ``Conflict``'s message, not a wait forever."""
+    first, _ = await two_versions(rig)
+    watch = rig.watch()
+    rig.reloader.hold = trio.Event()  # the serve loop is busy reloading another voice's job
+    await rig.submit(2, voice="w")
+    await until(watch, lambda e: e["type"] == "ReloadStarted" and e["data"]["voice"] == "w")
+    answers: list[Conflict] = []
+
+    async def ask() -> None:
+        try:
+            await rig.engine.rollback("v", None)
+        except Conflict as e:
+            answers.append(e)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ask)
+        await until(watch, lambda e: e["type"] == "RollbackStarted")
+        ctx = rig.engine.ctx
+        async with ctx.lock:
+            ctx.apply(rig.store.append([other_writer(first)], ctx.now()))
+        rig.reloader.hold.set()
+    (answer,) = answers
+    return str(answer)
+
+
+@run_engine
+async def _rollback_of_a_deleted_voice(rig: Rig) -> None:
+    answer = await overtaken_rollback(rig, lambda _: ev.VoiceDeleted(voice="v"))
+    assert answer == "voice 'v' was deleted: no rollback to finish"
+    assert "v" not in rig.engine.state.voices
+
+
+def test_a_rollback_whose_voice_went_before_it_ran_answers_conflict(tmp_path: Path) -> None:
+    _rollback_of_a_deleted_voice(tmp_path)
+
+
+@run_engine
+async def _rollback_finished_elsewhere(rig: Rig) -> None:
+    answer = await overtaken_rollback(
+        rig, lambda first: ev.RolledBack(voice="v", job_id=first, version=1, adapter_path="elsewhere")
+    )
+    assert answer == "voice 'v' has no rollback in progress any more"
+    assert rig.engine.state.voices["v"].rollback_to is None
+
+
+def test_a_rollback_finished_by_another_writer_first_answers_conflict(tmp_path: Path) -> None:
+    _rollback_finished_elsewhere(tmp_path)
 
 
 @run_engine

@@ -32,7 +32,7 @@ class _Outcome:
 
 class Serving:
     """The serve loop and the effects only it runs. Request handlers record an intent (a rollback)
-    and wait for its outcome here (``rollback_outcome``); reconcile asks for a reload (``ask_reload``)."""
+    and wait for its outcome here (``expect_rollback``); reconcile asks for a reload (``ask_reload``)."""
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -56,6 +56,16 @@ class Serving:
             outcome.error = error
             outcome.done.set()
 
+    def _settle_orphans(self) -> None:
+        """Answer the handlers that wait on a rollback nothing will run any more: their voice went, or
+        its rollback is no longer pending (the log changed before the serve loop got to it)."""
+        for voice in list(self._rollbacks):
+            v = self.ctx.state.voices.get(voice)
+            if v is None:
+                self._settle(voice, Conflict(f"voice {voice!r} was deleted: no rollback to finish"))
+            elif v.rollback_to is None:
+                self._settle(voice, Conflict(f"voice {voice!r} has no rollback in progress any more"))
+
     async def run(self) -> None:
         ctx = self.ctx
         try:
@@ -66,6 +76,7 @@ class Serving:
                     reloads=ctx.reloader.method != "none",
                     reconcile=frozenset(self._reconcile),
                 )
+                self._settle_orphans()  # waiters whose rollback this decision can no longer find
                 if action is None:
                     self._reconcile.clear()  # nothing asked is still due (deleted, or served anew)
                     await ctx.wake.serve.wait(jobs.next_serve_deadline(ctx.state))
