@@ -82,7 +82,15 @@ ADAPTERS = {
     "beagled.reload",
     "beagled.training",
 }
-ABOVE_ADAPTERS = {"beagled.engine", "beagled.server", "beagled.daemon"}
+ABOVE_ADAPTERS = {
+    "beagled.engine",
+    "beagled.server",
+    "beagled.connection",
+    "beagled.answers",
+    "beagled.watches",
+    "beagled.quotas",
+    "beagled.daemon",
+}
 BACKEND_NEVER = {"beagled.protocol", "beagled.server", "beagled.engine", "beagled.daemon"}
 
 
