@@ -19,6 +19,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 from beagled import hfcache, paths, secrets
 from beagled.bounds import check_not_writable_by_others
 from beagled.errors import ConfigError
+from beagled.training_spec import Hyper
 
 BUILTIN_BACKENDS = ("mlx", "unsloth", "peft")
 VOICE_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -77,16 +78,18 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class HyperConfig:
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    num_layers: int = -1  # -1: every layer
-    learning_rate: float = 2e-3
-    steps: int = 40
-    batch_size: int = 4
-    max_seq_len: int = 256
-    seed: int = 0
+    """``[training.hyper]``: the defaults are ``beagled.training_spec.Hyper``'s (the one set)."""
+
+    rank: int = Hyper.rank
+    alpha: float = Hyper.alpha
+    dropout: float = Hyper.dropout
+    target_modules: list[str] = field(default_factory=lambda: list(Hyper.target_modules))
+    num_layers: int = Hyper.num_layers  # -1: every layer
+    learning_rate: float = Hyper.learning_rate
+    steps: int = Hyper.steps
+    batch_size: int = Hyper.batch_size
+    max_seq_len: int = Hyper.max_seq_len
+    seed: int = Hyper.seed
 
 
 @dataclass(frozen=True)
