@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from beagled import events as ev
-from beagled.config import HyperConfig
+from beagled.config import HyperConfig, from_mapping
 from beagled.engine.spec import training_example
 from beagled.errors import ConfigError
 from beagled.training_spec import HYPER_KEYS, Example, Hyper, TrainingSpec
@@ -124,3 +124,10 @@ def test_training_example_from_a_pair() -> None:
     chat = training_example(_pair(messages=({"role": "user", "content": "hi"},), system="s"), "{bad}")
     assert chat == Example("p1", "good", "bad", "", "s", ({"role": "user", "content": "hi"},))
     assert list(chat.to_json()) == ["pair_id", "chosen", "rejected", "prompt", "messages", "system"]
+
+
+def test_config_refuses_what_a_backend_would() -> None:
+    wanted = r"training\.hyper\.learning_rate: must be a number in \(0\.0, 1\.0\)"
+    with pytest.raises(ConfigError, match=wanted):
+        from_mapping({"training": {"hyper": {"learning_rate": 1.5}}})
+    assert from_mapping({}).training.hyper == HyperConfig()

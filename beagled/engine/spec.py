@@ -3,6 +3,7 @@ model, the adapter to start from, the hyper-parameters)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -52,7 +53,6 @@ async def build_spec(
 
     current = ctx.voices.adapter_dir(job.voice, v.current_job) if v.current_job else None
     base = await trio.to_thread.run_sync(base_model_path, ctx, base_model)
-    h = t.hyper
     return TrainingSpec(
         job_id=job.job_id,
         voice=job.voice,
@@ -68,16 +68,5 @@ async def build_spec(
         # unless the voice had no set yet); the siblings travel apart, for reports only
         heldout=examples(job.eval_ids),
         siblings=examples(job.sibling_ids),
-        hyper=Hyper(
-            rank=h.rank,
-            alpha=h.alpha,
-            dropout=h.dropout,
-            target_modules=tuple(h.target_modules),
-            num_layers=h.num_layers,
-            learning_rate=h.learning_rate,
-            steps=h.steps,
-            batch_size=h.batch_size,
-            max_seq_len=h.max_seq_len,
-            seed=h.seed,
-        ),
+        hyper=Hyper.from_json(dataclasses.asdict(t.hyper)),  # [training.hyper], checked again
     )

@@ -561,44 +561,36 @@ def sft_row(ids: list[int], labels: list[int]) -> dict[str, list[int]]:
     return {"input_ids": ids, "labels": labels, "completion_mask": [int(y != IGNORE) for y in labels]}
 
 
-def train_sft(
-    model: Any, tokenizer: Any, spec: Spec, emit: Emit, *, peft_config: Any, use_cuda: bool, bf16: bool
-) -> tuple[Any, float]:
-    datasets, trl = lib("datasets"), lib("trl")
-
-    rows = []
+def sft_rows(tokenizer: Any, spec: Spec) -> list[dict[str, Any]]:
+    """The pre-tokenized SFT dataset: every train pair that keeps a completion token."""
+    rows: list[dict[str, Any]] = []
     for pair in spec.train:
         ids, labels = encode_pair(tokenizer, pair, pair.chosen, spec.hyper.max_seq_len)
         if n_loss_tokens((ids, labels)):
             rows.append(sft_row(ids, labels))
     if not rows:
         raise SpecError(f"no train pair keeps a completion token within max_seq_len={spec.hyper.max_seq_len}")
-    with tempfile.TemporaryDirectory(prefix="beagled-trl-") as tmp:
-        trainer = trl.SFTTrainer(
-            model=model,
-            args=trainer_args(trl.SFTConfig, spec, tmp, use_cuda=use_cuda, bf16=bf16),
-            train_dataset=datasets.Dataset.from_list(rows),
-            processing_class=tokenizer,
-            peft_config=peft_config,
-            callbacks=[progress_callback(emit, spec.hyper.steps)],
-        )
-        _drop_printer(trainer)
-        output = trainer.train()
-    return trainer.model, float(output.training_loss)
+    return rows
 
 
-def train_dpo(
+def train_trl(
     model: Any, tokenizer: Any, spec: Spec, emit: Emit, *, peft_config: Any, use_cuda: bool, bf16: bool
 ) -> tuple[Any, float]:
-    datasets, trl = lib("datasets"), lib("trl")
-
-    rows = [conversational(tokenizer, pair) for pair in spec.train]
+    """Train with TRL's ``SFTTrainer`` (objective ``sft``) or ``DPOTrainer`` (``ref_model=None``), the
+    trainer's output directory a temp dir; the trained model and the trainer's own mean loss."""
+    trl = lib("trl")
+    if spec.objective == "sft":
+        trainer_cls, config_cls, more = trl.SFTTrainer, trl.SFTConfig, {}
+        rows = sft_rows(tokenizer, spec)
+    else:
+        trainer_cls, config_cls, more = trl.DPOTrainer, trl.DPOConfig, {"ref_model": None}
+        rows = [conversational(tokenizer, pair) for pair in spec.train]
     with tempfile.TemporaryDirectory(prefix="beagled-trl-") as tmp:
-        trainer = trl.DPOTrainer(
+        trainer = trainer_cls(
             model=model,
-            ref_model=None,
-            args=trainer_args(trl.DPOConfig, spec, tmp, use_cuda=use_cuda, bf16=bf16),
-            train_dataset=datasets.Dataset.from_list(rows),
+            **more,
+            args=trainer_args(config_cls, spec, tmp, use_cuda=use_cuda, bf16=bf16),
+            train_dataset=lib("datasets").Dataset.from_list(rows),
             processing_class=tokenizer,
             peft_config=peft_config,
             callbacks=[progress_callback(emit, spec.hyper.steps)],
@@ -773,8 +765,7 @@ def run_training(
             }
         )
         train_started = time.monotonic()
-        trainer_fn = train_sft if spec.objective == "sft" else train_dpo
-        model, objective_loss = trainer_fn(
+        model, objective_loss = train_trl(
             model, tokenizer, spec, out, peft_config=peft_config, use_cuda=use_cuda, bf16=bf16
         )
         train_s = time.monotonic() - train_started
