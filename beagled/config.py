@@ -19,6 +19,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 from beagled import hfcache, paths, secrets
 from beagled.bounds import check_not_writable_by_others
 from beagled.errors import ConfigError
+from beagled.training_spec import Hyper
 
 BUILTIN_BACKENDS = ("mlx", "unsloth", "peft")
 VOICE_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -77,16 +78,18 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class HyperConfig:
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    num_layers: int = -1  # -1: every layer
-    learning_rate: float = 2e-3
-    steps: int = 40
-    batch_size: int = 4
-    max_seq_len: int = 256
-    seed: int = 0
+    """``[training.hyper]``: the defaults are ``beagled.training_spec.Hyper``'s (the one set)."""
+
+    rank: int = Hyper.rank
+    alpha: float = Hyper.alpha
+    dropout: float = Hyper.dropout
+    target_modules: list[str] = field(default_factory=lambda: list(Hyper.target_modules))
+    num_layers: int = Hyper.num_layers  # -1: every layer
+    learning_rate: float = Hyper.learning_rate
+    steps: int = Hyper.steps
+    batch_size: int = Hyper.batch_size
+    max_seq_len: int = Hyper.max_seq_len
+    seed: int = Hyper.seed
 
 
 @dataclass(frozen=True)
@@ -273,63 +276,69 @@ def _build(cls: Any, table: Mapping[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+# settings that must be > 0 (False) or may also be 0 (True); the hyper-parameters are training_spec's
+_POSITIVE: dict[str, bool] = {
+    "daemon.max_message_bytes": False,
+    "daemon.max_draft_bytes": False,
+    "daemon.max_connections": False,
+    "daemon.idle_timeout_s": False,
+    "daemon.write_timeout_s": False,
+    "daemon.max_inflight_per_connection": False,
+    "daemon.snapshot_every": False,
+    "daemon.leader_timeout_s": False,
+    "daemon.max_voices": False,
+    "daemon.max_pending_per_uid": False,
+    "daemon.max_connections_per_uid": False,
+    "daemon.max_watches": False,
+    "daemon.max_watches_per_uid": False,
+    "metrics.max_connections": False,
+    "metrics.timeout_s": False,
+    "scheduler.max_pairs_per_job": False,
+    "training.warm_max_jobs": False,
+    "scheduler.min_pairs": False,
+    "scheduler.max_wait_s": False,
+    "scheduler.max_attempts": False,
+    "training.timeout_s": False,
+    "training.probe_timeout_s": False,
+    "voices.keep_versions": False,
+    "reload.reconcile_interval_s": False,
+    "reload.vllm.keep": False,
+    "reload.vllm.max_lora_rank": False,
+    "reload.vllm.timeout_s": False,
+    "reload.ssh.timeout_s": False,
+    "reload.command.timeout_s": False,
+    "scheduler.retry_backoff_s": True,
+    "training.eval_tolerance": True,
+    "training.preference_tolerance": True,
+    "training.dpo_weight": True,
+    "training.replay_pairs": True,
+    "training.memory_limit_mb": True,
+}
+
+
+def _setting(cfg: Config, key: str) -> Any:
+    """The value of a dotted key (``reload.vllm.keep``)."""
+    value: Any = cfg
+    for name in key.split("."):
+        value = getattr(value, name)
+    return value
+
+
 def _positive(key: str, value: float, *, zero_ok: bool = False) -> None:
     if value < 0 or (value == 0 and not zero_ok):
         raise ConfigError(key, f"must be {'≥ 0' if zero_ok else '> 0'}, got {value}")
 
 
 def validate(cfg: Config) -> Config:
-    d, s, t, h, r = cfg.daemon, cfg.scheduler, cfg.training, cfg.training.hyper, cfg.reload
+    d, t, h, r = cfg.daemon, cfg.training, cfg.training.hyper, cfg.reload
     if not d.state_dir:
         raise ConfigError("daemon.state_dir", "must not be empty")
-    for key, v in (
-        ("daemon.max_message_bytes", d.max_message_bytes),
-        ("daemon.max_draft_bytes", d.max_draft_bytes),
-        ("daemon.max_connections", d.max_connections),
-        ("daemon.idle_timeout_s", d.idle_timeout_s),
-        ("daemon.write_timeout_s", d.write_timeout_s),
-        ("daemon.max_inflight_per_connection", d.max_inflight_per_connection),
-        ("daemon.snapshot_every", d.snapshot_every),
-        ("daemon.leader_timeout_s", d.leader_timeout_s),
-        ("daemon.max_voices", d.max_voices),
-        ("daemon.max_pending_per_uid", d.max_pending_per_uid),
-        ("daemon.max_connections_per_uid", d.max_connections_per_uid),
-        ("daemon.max_watches", d.max_watches),
-        ("daemon.max_watches_per_uid", d.max_watches_per_uid),
-        ("metrics.max_connections", cfg.metrics.max_connections),
-        ("metrics.timeout_s", cfg.metrics.timeout_s),
-        ("scheduler.max_pairs_per_job", s.max_pairs_per_job),
-        ("training.warm_max_jobs", t.warm_max_jobs),
-        ("scheduler.min_pairs", s.min_pairs),
-        ("scheduler.max_wait_s", s.max_wait_s),
-        ("scheduler.max_attempts", s.max_attempts),
-        ("training.timeout_s", t.timeout_s),
-        ("training.probe_timeout_s", t.probe_timeout_s),
-        ("training.hyper.rank", h.rank),
-        ("training.hyper.alpha", h.alpha),
-        ("training.hyper.learning_rate", h.learning_rate),
-        ("training.hyper.steps", h.steps),
-        ("training.hyper.batch_size", h.batch_size),
-        ("training.hyper.max_seq_len", h.max_seq_len),
-        ("voices.keep_versions", cfg.voices.keep_versions),
-        ("reload.reconcile_interval_s", r.reconcile_interval_s),
-        ("reload.vllm.keep", r.vllm.keep),
-        ("reload.vllm.max_lora_rank", r.vllm.max_lora_rank),
-        ("reload.vllm.timeout_s", r.vllm.timeout_s),
-        ("reload.ssh.timeout_s", r.ssh.timeout_s),
-        ("reload.command.timeout_s", r.command.timeout_s),
-    ):
-        _positive(key, v)
-    for key, v in (
-        ("scheduler.retry_backoff_s", s.retry_backoff_s),
-        ("training.eval_tolerance", t.eval_tolerance),
-        ("training.preference_tolerance", t.preference_tolerance),
-        ("training.dpo_weight", t.dpo_weight),
-        ("training.replay_pairs", t.replay_pairs),
-        ("training.hyper.seed", h.seed),
-        ("training.memory_limit_mb", t.memory_limit_mb),
-    ):
-        _positive(key, v, zero_ok=True)
+    for key, zero_ok in _POSITIVE.items():
+        _positive(key, _setting(cfg, key), zero_ok=zero_ok)
+    try:
+        Hyper.from_json(dataclasses.asdict(h))  # the ranges every backend reads them with
+    except ConfigError as e:
+        raise ConfigError(f"training.{e.key}", str(e).removeprefix(f"{e.key}: ")) from None
     if d.max_draft_bytes >= d.max_message_bytes:
         raise ConfigError("daemon.max_draft_bytes", "must be smaller than daemon.max_message_bytes")
     if d.log_format not in ("auto", "json", "text"):

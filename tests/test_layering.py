@@ -34,6 +34,7 @@ CORE = {
     "beagled.ports",
     "beagled.errors",
     "beagled.keys",
+    "beagled.training_spec",
 }
 CORE_MAY_IMPORT = CORE | {"beagled", "beagled.config"}
 # standard-library modules that do I/O or run things: not for the pure core

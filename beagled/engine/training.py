@@ -124,7 +124,7 @@ class Training:
         fault("after_training_intent")
         try:
             served_base = await self.served_base.known()
-            spec = await build_spec(ctx, job, self.base_model, served_base)
+            spec = (await build_spec(ctx, job, self.base_model, served_base)).to_json()
         except (TrainingError, OSError) as e:
             await ctx.execute(self._fail_attempt(job, f"cannot prepare training: {e}"))
             return

@@ -41,6 +41,7 @@ from beagled.manifest import model_files_key, sha256_file, write_manifest
 from beagled.training import render
 from beagled.training.convert import PeftAdapter, mlx_to_peft, peft_to_mlx
 from beagled.training.preference import preference_accuracy
+from beagled.training_spec import HYPER_KEYS, Hyper
 
 nn: Any = _nn  # mlx's stubs do not export everything mlx.nn holds
 clip_grad_norm: Callable[..., tuple[Any, Any]] = optim.clip_grad_norm  # untyped in mlx
@@ -53,10 +54,6 @@ def _flat(tree: Any) -> list[tuple[str, Any]]:
 
 Emit = Callable[[dict[str, Any]], None]
 BACKEND = "mlx"
-HYPER_KEYS = frozenset(
-    {"rank", "alpha", "dropout", "target_modules", "num_layers", "learning_rate", "steps", "batch_size",
-     "max_seq_len", "seed"}
-)  # fmt: skip
 
 
 def probe() -> tuple[bool, str]:
@@ -73,59 +70,14 @@ def probe() -> tuple[bool, str]:
 # --- spec validation --------------------------------------------------------------------------------
 
 
-def _int(hyper: dict[str, Any], key: str, low: int) -> int:
-    value = hyper.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"hyper.{key}", f"must be an integer >= {low} for the mlx backend, got {value!r}")
-    return value
-
-
-def _float(hyper: dict[str, Any], key: str, low: float, high: float, *, closed_low: bool) -> float:
-    value = hyper.get(key)
-    number = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
-    above = number >= low if closed_low else number > low
-    if not (math.isfinite(number) and above and number < high):
-        bound = "[" if closed_low else "("
-        raise ConfigError(f"hyper.{key}", f"must be a number in {bound}{low}, {high}), got {value!r}")
-    return number
-
-
 def check_hyper(hyper: dict[str, Any]) -> dict[str, Any]:
-    """The hyper-parameters this backend honours, validated; any other key is an error naming it."""
-    unknown = sorted(set(hyper) - HYPER_KEYS)
+    """The hyper-parameters this backend honours, validated by ``beagled.training_spec.Hyper`` (every
+    one required here); any other key is an error naming it."""
+    unknown = sorted(set(hyper) - set(HYPER_KEYS))
     if unknown:
         raise ConfigError(f"hyper.{unknown[0]}", "is not supported by the mlx backend")
-    missing = sorted(HYPER_KEYS - set(hyper))
-    if missing:
-        raise ConfigError(f"hyper.{missing[0]}", "is required")
-    targets = hyper["target_modules"]
-    if (
-        not isinstance(targets, list)
-        or not targets
-        or not all(isinstance(t, str) and t.isidentifier() for t in targets)
-    ):
-        raise ConfigError(
-            "hyper.target_modules", f"must be a non-empty list of module names, got {targets!r}"
-        )
-    num_layers = hyper["num_layers"]
-    if (
-        isinstance(num_layers, bool)
-        or not isinstance(num_layers, int)
-        or (num_layers < 1 and num_layers != -1)
-    ):
-        raise ConfigError("hyper.num_layers", f"must be -1 (all) or a positive integer, got {num_layers!r}")
-    return {
-        "rank": _int(hyper, "rank", 1),
-        "alpha": _float(hyper, "alpha", 0.0, math.inf, closed_low=False),
-        "dropout": _float(hyper, "dropout", 0.0, 1.0, closed_low=True),
-        "target_modules": sorted(set(targets)),
-        "num_layers": num_layers,
-        "learning_rate": _float(hyper, "learning_rate", 0.0, 1.0, closed_low=False),
-        "steps": _int(hyper, "steps", 1),
-        "batch_size": _int(hyper, "batch_size", 1),
-        "max_seq_len": _int(hyper, "max_seq_len", 8),
-        "seed": _int(hyper, "seed", 0),
-    }
+    checked = Hyper.from_json(hyper, complete=True).to_json()
+    return {**checked, "target_modules": sorted(set(checked["target_modules"]))}
 
 
 PAIR_SIDES = ("chosen", "rejected")

@@ -43,7 +43,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -51,6 +51,7 @@ from beagled.errors import TrainingError
 from beagled.manifest import MANIFEST, PEFT_FILES, base_model_sha256, model_files_key, write_manifest
 from beagled.training import render
 from beagled.training.preference import preference_accuracy
+from beagled.training_spec import Hyper
 
 # them, and Unsloth must be imported before any of them)
 
@@ -67,92 +68,23 @@ class SpecError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------------
-# Hyper-parameters
+# Hyper-parameters (``beagled.training_spec.Hyper``: the one set of defaults and ranges)
 
 
-@dataclass(frozen=True)
-class Hyper:
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    num_layers: int = -1
-    learning_rate: float = 1e-3
-    steps: int = 40
-    batch_size: int = 4
-    max_seq_len: int = 256
-    seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_spec(cls, raw: Any) -> Hyper:
-        if not isinstance(raw, dict):
-            raise SpecError("hyper must be an object")
-        known = {f for f in cls.__dataclass_fields__ if f != "extra"}
-        default = cls()
-
-        def num(name: str, kind: type, lo: float, lo_ok: bool = True, hi: float = math.inf) -> Any:
-            value = raw.get(name, getattr(default, name))
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise SpecError(f"hyper.{name} must be a number, got {value!r}")
-            if kind is int and value != int(value):
-                raise SpecError(f"hyper.{name} must be an integer, got {value!r}")
-            value = kind(value)
-            if not math.isfinite(value) or value < lo or (value == lo and not lo_ok) or value > hi:
-                bound = f"{'>=' if lo_ok else '>'} {lo}" + (f" and <= {hi}" if hi != math.inf else "")
-                raise SpecError(f"hyper.{name} must be {bound}, got {value!r}")
-            return value
-
-        targets = raw.get("target_modules", list(default.target_modules))
-        if (
-            not isinstance(targets, list | tuple)
-            or not targets
-            or not all(isinstance(t, str) and t for t in targets)
-        ):
-            raise SpecError(f"hyper.target_modules must be a non-empty list of module names, got {targets!r}")
-        num_layers = num("num_layers", int, -1)
-        if num_layers == 0:
-            raise SpecError("hyper.num_layers must be -1 (all layers) or >= 1, got 0")
-        return cls(
-            rank=num("rank", int, 1),
-            alpha=num("alpha", float, 0.0, lo_ok=False),
-            dropout=num("dropout", float, 0.0, hi=0.99),
-            target_modules=tuple(targets),
-            num_layers=num_layers,
-            learning_rate=num("learning_rate", float, 0.0, lo_ok=False),
-            steps=num("steps", int, 1),
-            batch_size=num("batch_size", int, 1),
-            max_seq_len=num("max_seq_len", int, 8),
-            seed=num("seed", int, 0),
-            extra={k: v for k, v in raw.items() if k not in known},
+def lora_kwargs(hyper: Hyper, n_model_layers: int) -> dict[str, Any]:
+    """Keyword arguments for ``peft.LoraConfig`` (and Unsloth's ``get_peft_model``)."""
+    if hyper.num_layers > n_model_layers:
+        raise SpecError(
+            f"hyper.num_layers is {hyper.num_layers} but the base model has {n_model_layers} layers"
         )
-
-    def layers_to_transform(self, n_model_layers: int) -> list[int] | None:
-        """The last ``num_layers`` blocks (mlx-lm's convention), or ``None`` for all of them."""
-        if self.num_layers == -1 or self.num_layers >= n_model_layers:
-            return None
-        return list(range(n_model_layers - self.num_layers, n_model_layers))
-
-    def lora_kwargs(self, n_model_layers: int) -> dict[str, Any]:
-        """Keyword arguments for ``peft.LoraConfig`` (and Unsloth's ``get_peft_model``)."""
-        if self.num_layers > n_model_layers:
-            raise SpecError(
-                f"hyper.num_layers is {self.num_layers} but the base model has {n_model_layers} layers"
-            )
-        return {
-            "r": self.rank,
-            "lora_alpha": self.alpha,
-            "lora_dropout": self.dropout,
-            "target_modules": list(self.target_modules),
-            "layers_to_transform": self.layers_to_transform(n_model_layers),
-            "bias": "none",
-        }
-
-    def as_json(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["target_modules"] = list(self.target_modules)
-        extra = out.pop("extra")
-        return {**extra, **out}
+    return {
+        "r": hyper.rank,
+        "lora_alpha": hyper.alpha,
+        "lora_dropout": hyper.dropout,
+        "target_modules": list(hyper.target_modules),
+        "layers_to_transform": hyper.layers_to_transform(n_model_layers),
+        "bias": "none",
+    }
 
 
 @dataclass(frozen=True)
@@ -251,7 +183,7 @@ class Spec:
         for key, adapter in (("init_adapter", init), ("served_adapter", served)):
             if adapter is not None and not (adapter / "adapter_config.json").is_file():
                 raise SpecError(f"{key} {adapter} is not a PEFT adapter (no adapter_config.json)")
-        hyper = Hyper.from_spec(raw.get("hyper", {}))
+        hyper = Hyper.from_json(raw.get("hyper", {}))
         layers = config_layers(base)
         if layers is not None and hyper.num_layers > layers:
             raise SpecError(f"hyper.num_layers is {hyper.num_layers} but the base model has {layers} layers")
@@ -629,44 +561,36 @@ def sft_row(ids: list[int], labels: list[int]) -> dict[str, list[int]]:
     return {"input_ids": ids, "labels": labels, "completion_mask": [int(y != IGNORE) for y in labels]}
 
 
-def train_sft(
-    model: Any, tokenizer: Any, spec: Spec, emit: Emit, *, peft_config: Any, use_cuda: bool, bf16: bool
-) -> tuple[Any, float]:
-    datasets, trl = lib("datasets"), lib("trl")
-
-    rows = []
+def sft_rows(tokenizer: Any, spec: Spec) -> list[dict[str, Any]]:
+    """The pre-tokenized SFT dataset: every train pair that keeps a completion token."""
+    rows: list[dict[str, Any]] = []
     for pair in spec.train:
         ids, labels = encode_pair(tokenizer, pair, pair.chosen, spec.hyper.max_seq_len)
         if n_loss_tokens((ids, labels)):
             rows.append(sft_row(ids, labels))
     if not rows:
         raise SpecError(f"no train pair keeps a completion token within max_seq_len={spec.hyper.max_seq_len}")
-    with tempfile.TemporaryDirectory(prefix="beagled-trl-") as tmp:
-        trainer = trl.SFTTrainer(
-            model=model,
-            args=trainer_args(trl.SFTConfig, spec, tmp, use_cuda=use_cuda, bf16=bf16),
-            train_dataset=datasets.Dataset.from_list(rows),
-            processing_class=tokenizer,
-            peft_config=peft_config,
-            callbacks=[progress_callback(emit, spec.hyper.steps)],
-        )
-        _drop_printer(trainer)
-        output = trainer.train()
-    return trainer.model, float(output.training_loss)
+    return rows
 
 
-def train_dpo(
+def train_trl(
     model: Any, tokenizer: Any, spec: Spec, emit: Emit, *, peft_config: Any, use_cuda: bool, bf16: bool
 ) -> tuple[Any, float]:
-    datasets, trl = lib("datasets"), lib("trl")
-
-    rows = [conversational(tokenizer, pair) for pair in spec.train]
+    """Train with TRL's ``SFTTrainer`` (objective ``sft``) or ``DPOTrainer`` (``ref_model=None``), the
+    trainer's output directory a temp dir; the trained model and the trainer's own mean loss."""
+    trl = lib("trl")
+    if spec.objective == "sft":
+        trainer_cls, config_cls, more = trl.SFTTrainer, trl.SFTConfig, {}
+        rows = sft_rows(tokenizer, spec)
+    else:
+        trainer_cls, config_cls, more = trl.DPOTrainer, trl.DPOConfig, {"ref_model": None}
+        rows = [conversational(tokenizer, pair) for pair in spec.train]
     with tempfile.TemporaryDirectory(prefix="beagled-trl-") as tmp:
-        trainer = trl.DPOTrainer(
+        trainer = trainer_cls(
             model=model,
-            ref_model=None,
-            args=trainer_args(trl.DPOConfig, spec, tmp, use_cuda=use_cuda, bf16=bf16),
-            train_dataset=datasets.Dataset.from_list(rows),
+            **more,
+            args=trainer_args(config_cls, spec, tmp, use_cuda=use_cuda, bf16=bf16),
+            train_dataset=lib("datasets").Dataset.from_list(rows),
             processing_class=tokenizer,
             peft_config=peft_config,
             callbacks=[progress_callback(emit, spec.hyper.steps)],
@@ -830,7 +754,7 @@ def run_training(
             tokenizer.pad_token = tokenizer.eos_token
         pad_id = int(tokenizer.pad_token_id)
         layers = n_layers(model)
-        model, peft_config = loader.lora(model, spec, spec.hyper.lora_kwargs(layers))
+        model, peft_config = loader.lora(model, spec, lora_kwargs(spec.hyper, layers))
         out(
             {
                 "type": "log",
@@ -841,8 +765,7 @@ def run_training(
             }
         )
         train_started = time.monotonic()
-        trainer_fn = train_sft if spec.objective == "sft" else train_dpo
-        model, objective_loss = trainer_fn(
+        model, objective_loss = train_trl(
             model, tokenizer, spec, out, peft_config=peft_config, use_cuda=use_cuda, bf16=bf16
         )
         train_s = time.monotonic() - train_started
@@ -884,7 +807,7 @@ def run_training(
         "served_adapter": str(spec.served_adapter) if spec.served_adapter else None,
         "pair_ids": [p.pair_id for p in spec.train],
         "heldout_pair_ids": [p.pair_id for p in spec.heldout],
-        "hyper": spec.hyper.as_json(),
+        "hyper": spec.hyper.to_json(),
         "device": "cuda" if use_cuda else "cpu",
         "versions": library_versions(loader.versions),
         **{k: v for k, v in result.items() if k != "backend"},

@@ -1,0 +1,215 @@
+"""The training spec: what the engine gives a training run, typed, with the one set of defaults.
+
+Theory of operation. The engine (``beagled.engine.spec.build_spec``) cuts a job into a ``TrainingSpec``:
+the job's identity (``job_id``, ``voice``, ``attempt``), the models (``base_model``, ``served_base``,
+``init_adapter`` to continue from, ``served_adapter`` to compare with), the objective, the pairs as
+``Example`` rows (``train``, ``heldout`` for the gate, ``siblings`` for reports) and the ``Hyper``
+parameters. ``to_json`` gives the wire form, the JSON object a worker reads from its spec file or its
+stdin (the runner adds ``out_dir``, ``backend`` and ``executor``; Ray carries the same object); its keys
+and values are what the engine has always written, so stored spec files and running workers agree.
+
+Every worker reads the hyper-parameters back through ``Hyper.from_json``: one set of defaults (the
+``[training.hyper]`` defaults of ``beagled.config``, which takes them from here) and one set of ranges.
+A bad value raises ``ConfigError`` naming its key (``hyper.rank: must be an integer >= 1, got 0``).
+``complete=True`` (the mlx backend) asks for every key; keys this module does not know are kept in
+``Hyper.extra`` for a backend that honours them (``beta`` for DPO in the torch backends) or refuses them.
+
+Pure core: the standard library and ``beagled.errors`` only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from beagled.errors import ConfigError
+
+HYPER_KEYS = (
+    "rank", "alpha", "dropout", "target_modules", "num_layers", "learning_rate", "steps", "batch_size",
+    "max_seq_len", "seed",
+)  # fmt: skip
+
+# the integer parameters and their least value
+_INT_LOW = {"rank": 1, "steps": 1, "batch_size": 1, "max_seq_len": 8, "seed": 0}
+# the real parameters: (low, high, low allowed); high is never allowed
+_FLOAT_RANGE = {
+    "alpha": (0.0, math.inf, False),
+    "dropout": (0.0, 1.0, True),
+    "learning_rate": (0.0, 1.0, False),
+}
+
+
+def _int(key: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"hyper.{key}", f"must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def _float(key: str, value: Any, low: float, high: float, low_ok: bool) -> float:
+    number = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
+    above = number >= low if low_ok else number > low
+    if not (math.isfinite(number) and above and number < high):
+        raise ConfigError(
+            f"hyper.{key}", f"must be a number in {'[' if low_ok else '('}{low}, {high}), got {value!r}"
+        )
+    return number
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """LoRA and optimiser settings of one run; the defaults are ``[training.hyper]``'s."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    num_layers: int = -1  # -1: every layer, else the last ``num_layers`` blocks
+    learning_rate: float = 2e-3
+    steps: int = 40
+    batch_size: int = 4
+    max_seq_len: int = 256
+    seed: int = 0
+    extra: Mapping[str, Any] = field(default_factory=dict)  # keys only some backend knows (``beta``)
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raise ``ConfigError`` naming the first value out of its range."""
+        for key, low in _INT_LOW.items():
+            _int(key, getattr(self, key), low)
+        for key, (lo, hi, lo_ok) in _FLOAT_RANGE.items():
+            _float(key, getattr(self, key), lo, hi, lo_ok)
+        targets = self.target_modules
+        if not targets or not all(isinstance(t, str) and t for t in targets):
+            raise ConfigError(
+                "hyper.target_modules", f"must be a non-empty list of module names, got {list(targets)!r}"
+            )
+        n = self.num_layers
+        if isinstance(n, bool) or not isinstance(n, int) or (n < 1 and n != -1):
+            raise ConfigError("hyper.num_layers", f"must be -1 (all) or a positive integer, got {n!r}")
+
+    @classmethod
+    def from_json(cls, raw: Any, *, complete: bool = False) -> Hyper:
+        """The ``hyper`` object of a spec; a missing key takes its default (an error if ``complete``)."""
+        if not isinstance(raw, Mapping):
+            raise ConfigError("hyper", "must be an object")
+        if complete:
+            missing = [k for k in HYPER_KEYS if k not in raw]
+            if missing:
+                raise ConfigError(f"hyper.{missing[0]}", "is required")
+        values = {k: raw[k] for k in HYPER_KEYS if k in raw}
+        targets = values.get("target_modules", cls.target_modules)
+        if not isinstance(targets, list | tuple):
+            raise ConfigError(
+                "hyper.target_modules", f"must be a non-empty list of module names, got {targets!r}"
+            )
+        values["target_modules"] = tuple(targets)
+        for key, (lo, hi, lo_ok) in _FLOAT_RANGE.items():
+            if key in values:
+                values[key] = _float(key, values[key], lo, hi, lo_ok)
+        return cls(**values, extra={k: v for k, v in raw.items() if k not in HYPER_KEYS})
+
+    def to_json(self) -> dict[str, Any]:
+        """The wire form: the extra keys, then every known one (``target_modules`` a list)."""
+        known = {k: getattr(self, k) for k in HYPER_KEYS}
+        return {**self.extra, **known, "target_modules": list(self.target_modules)}
+
+    def layers_to_transform(self, n_model_layers: int) -> list[int] | None:
+        """The last ``num_layers`` blocks (mlx-lm's convention), or ``None`` for all of them."""
+        if self.num_layers == -1 or self.num_layers >= n_model_layers:
+            return None
+        return list(range(n_model_layers - self.num_layers, n_model_layers))
+
+
+@dataclass(frozen=True)
+class Example:
+    """A pair as a spec row: the better draft (``chosen``), the worse (``rejected``) and what came before
+    it: a ``prompt``, or a chat's ``system`` and ``messages`` (rendered by ``beagled.training.render``)."""
+
+    pair_id: str
+    chosen: str
+    rejected: str
+    prompt: str
+    system: str | None = None
+    messages: tuple[Mapping[str, str], ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "pair_id": self.pair_id,
+            "chosen": self.chosen,
+            "rejected": self.rejected,
+            "prompt": self.prompt,
+        }
+        if self.messages:
+            out["messages"] = [dict(m) for m in self.messages]
+        if self.system is not None:
+            out["system"] = self.system
+        return out
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> Example:
+        return cls(
+            pair_id=str(raw["pair_id"]),
+            chosen=raw["chosen"],
+            rejected=raw["rejected"],
+            prompt=raw.get("prompt") or "",
+            system=raw.get("system"),
+            messages=tuple(dict(m) for m in raw.get("messages") or ()),
+        )
+
+
+def _examples(rows: Any) -> tuple[Example, ...]:
+    return tuple(Example.from_json(r) for r in rows or ())
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    """One try of one job, as the engine writes it for a worker."""
+
+    job_id: str
+    voice: str
+    attempt: int
+    base_model: str
+    served_base: str | None
+    init_adapter: str | None
+    served_adapter: str | None
+    objective: str
+    dpo_weight: float
+    train: tuple[Example, ...]
+    heldout: tuple[Example, ...]  # judged on the evaluation set as it was when the job was cut
+    siblings: tuple[Example, ...]  # the job's own held-out pairs, for reports only
+    hyper: Hyper = field(default_factory=Hyper)
+
+    def to_json(self) -> dict[str, Any]:
+        """The wire form (the runner adds ``out_dir``, ``backend``, ``executor``)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Hyper):
+                value = value.to_json()
+            elif isinstance(value, tuple):
+                value = [e.to_json() for e in value]
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> TrainingSpec:
+        """The engine's part of a wire spec (keys the runner adds are left out)."""
+        return cls(
+            job_id=raw["job_id"],
+            voice=raw["voice"],
+            attempt=raw["attempt"],
+            base_model=raw["base_model"],
+            served_base=raw.get("served_base"),
+            init_adapter=raw.get("init_adapter"),
+            served_adapter=raw.get("served_adapter"),
+            objective=raw.get("objective", "sft"),
+            dpo_weight=raw.get("dpo_weight", 1.0),
+            train=_examples(raw.get("train")),
+            heldout=_examples(raw.get("heldout")),
+            siblings=_examples(raw.get("siblings")),
+            hyper=Hyper.from_json(raw.get("hyper", {})),
+        )
