@@ -138,26 +138,6 @@ def _nll_sum(model: Any, inputs: Any, targets: Any, mask: Any) -> Any:
 NllCache = dict[tuple[Any, tuple[int, ...], int], tuple[float, float]]
 
 
-def mean_nll(
-    model: Any,
-    examples: list[tuple[list[int], int]],
-    pad_id: int,
-    batch_size: int,
-    *,
-    cache: NllCache | None = None,
-    cache_key: Any = None,
-) -> float | None:
-    """Mean completion-token NLL (token-weighted) of ``examples`` under ``model``; None if there are none.
-
-    With ``cache`` (a warm session's) and ``cache_key`` (what identifies the model's function: the base
-    model's files, or an adapter's bytes), each example's NLL sum and token count are kept, so only
-    examples not seen under that key are computed again.
-    """
-    sums = nll_sums(model, examples, pad_id, batch_size, cache=cache, cache_key=cache_key)
-    count = sum(n for _, n in sums)
-    return sum(t for t, _ in sums) / count if count else None
-
-
 def nll_sums(
     model: Any,
     examples: list[tuple[list[int], int]],
@@ -167,7 +147,11 @@ def nll_sums(
     cache: NllCache | None = None,
     cache_key: Any = None,
 ) -> list[tuple[float, float]]:
-    """Each example's (completion NLL sum, completion token count) under ``model`` (cached as above)."""
+    """Each example's (completion NLL sum, completion token count) under ``model``.
+
+    With ``cache`` (a warm session's) and ``cache_key`` (what identifies the model's function: the base
+    model's files, or an adapter's bytes), each example's sum and count are kept, so only examples not
+    seen under that key are computed again."""
     if not examples:
         return []
     model.eval()
