@@ -52,6 +52,19 @@ def _conninfo(dialect: PostgresDialect) -> dict[str, Any]:
     return kw
 
 
+def _close_quietly(conn: Any) -> None:
+    """Close a connection that may be dead already (closing it may fail: it is gone either way)."""
+    if conn is not None:
+        with contextlib.suppress(Exception):
+            conn.close()
+
+
+def _connection_lost(what: str, e: Exception, drop: Callable[[], None]) -> None:
+    """A call on a connection failed: say so and drop it (the next call connects anew)."""
+    log.warning("%s: %s", what, e)
+    drop()
+
+
 class Lease:
     """One node's view of the lease (blocking calls; one thread at a time)."""
 
@@ -73,9 +86,7 @@ class Lease:
         return self._conn
 
     def _drop(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(Exception):  # a dead connection may fail to close: gone either way
-                self._conn.close()
+        _close_quietly(self._conn)
         self._conn = None
         self._locked = False
         self.term = None
@@ -108,8 +119,7 @@ class Lease:
             self.term = term
             return term
         except psycopg.Error as e:
-            log.warning("cannot reach the lease: %s", e)
-            self._drop()
+            _connection_lost("cannot reach the lease", e, self._drop)
             return None
 
     def renew(self) -> bool:
@@ -188,14 +198,11 @@ class Listener:
                 newest = max(newest or 0, int(n.payload))
             return newest
         except psycopg.Error as e:
-            log.warning("listen connection lost: %s", e)
-            self.close()
+            _connection_lost("listen connection lost", e, self.close)
             return None
 
     def close(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(Exception):
-                self._conn.close()
+        _close_quietly(self._conn)
         self._conn = None
 
 
