@@ -33,6 +33,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from beagled import events as ev
 from beagled import jobs
+from beagled.training_spec import TrainingSpec
 
 __all__ = [
     "AdapterStore",
@@ -153,7 +154,9 @@ class Trainer(Protocol):
     async def reprobe_due(self) -> None: ...
     def statuses(self) -> list[BackendStatus]: ...
     def available(self) -> list[str]: ...
-    async def run(self, backend: str, spec: dict[str, Any], on_progress: Progress) -> dict[str, Any]: ...
+    async def run(self, backend: str, spec: TrainingSpec, on_progress: Progress) -> dict[str, Any]:
+        """Train ``spec`` (its ``out_dir`` set) on ``backend``; the worker's result line."""
+        ...
 
 
 # -- serving ---------------------------------------------------------------------------------------

@@ -5,8 +5,9 @@ the job's identity (``job_id``, ``voice``, ``attempt``), the models (``base_mode
 ``init_adapter`` to continue from, ``served_adapter`` to compare with), the objective, the pairs as
 ``Example`` rows (``train``, ``heldout`` for the gate, ``siblings`` for reports) and the ``Hyper``
 parameters. ``to_json`` gives the wire form, the JSON object a worker reads from its spec file or its
-stdin (the runner adds ``out_dir``, ``backend`` and ``executor``; Ray carries the same object); its keys
-and values are what the engine has always written, so stored spec files and running workers agree.
+stdin, with ``out_dir`` (where the try writes its adapter) once the engine has chosen it; the trainer adds
+``backend`` (``for_worker``) and Ray's driver ``executor``. Its keys and values are what the engine has always
+written, so stored spec files and running workers agree.
 
 Every worker reads the hyper-parameters back through ``Hyper.from_json``: one set of defaults (the
 ``[training.hyper]`` defaults of ``beagled.config``, which takes them from here) and one set of ranges.
@@ -182,12 +183,15 @@ class TrainingSpec:
     heldout: tuple[Example, ...]  # judged on the evaluation set as it was when the job was cut
     siblings: tuple[Example, ...]  # the job's own held-out pairs, for reports only
     hyper: Hyper = field(default_factory=Hyper)
+    out_dir: str | None = None  # the try's staging directory, chosen by the engine per backend
 
     def to_json(self) -> dict[str, Any]:
-        """The wire form (the runner adds ``out_dir``, ``backend``, ``executor``)."""
+        """The wire form (``out_dir`` only once it is chosen)."""
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name == "out_dir" and value is None:
+                continue
             if isinstance(value, Hyper):
                 value = value.to_json()
             elif isinstance(value, tuple):
@@ -195,9 +199,15 @@ class TrainingSpec:
             out[f.name] = value
         return out
 
+    def for_worker(self, backend: str) -> dict[str, Any]:
+        """What a worker reads: the wire form and the backend that runs it."""
+        if self.out_dir is None:
+            raise ValueError("a training spec goes to a worker only with its out_dir")
+        return {**self.to_json(), "backend": backend}
+
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> TrainingSpec:
-        """The engine's part of a wire spec (keys the runner adds are left out)."""
+        """The engine's part of a wire spec (``backend``, ``executor`` are left out)."""
         return cls(
             job_id=raw["job_id"],
             voice=raw["voice"],
@@ -212,4 +222,5 @@ class TrainingSpec:
             heldout=_examples(raw.get("heldout")),
             siblings=_examples(raw.get("siblings")),
             hyper=Hyper.from_json(raw.get("hyper", {})),
+            out_dir=raw.get("out_dir"),
         )

@@ -179,12 +179,14 @@ def test_the_daemons_warm_unsloth_worker_is_recycled_and_replaced(
 
     from beagled.errors import TrainingError
     from beagled.training.runner import SubprocessTrainer
+    from beagled.training_spec import TrainingSpec
     from tests.test_warm_trainer import poll_dead
 
     small = {"steps": 4, "max_seq_len": 128}
 
-    def job(name: str, **hyper: Any) -> dict[str, Any]:
-        return make_spec(base_model, tmp_path / name, data, f"j-{name}", hyper={**small, **hyper})
+    def job(name: str, **hyper: Any) -> TrainingSpec:
+        wire = make_spec(base_model, tmp_path / name, data, f"j-{name}", hyper={**small, **hyper})
+        return TrainingSpec.from_json(wire)
 
     def ignore(_msg: dict[str, Any]) -> None:
         pass

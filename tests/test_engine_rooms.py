@@ -26,6 +26,7 @@ from beagled.engine import Engine
 from beagled.errors import Conflict, ReloadError
 from beagled.ports import BackendStatus, Progress, Reloader, ServeTarget
 from beagled.store import MemoryStore
+from beagled.training_spec import TrainingSpec
 
 # not 0: with 0 the idle run loop spins through clock jumps without ever blocking, holding the GIL
 # from the store's worker thread, so thousands of mock seconds pass before one store call returns
@@ -66,8 +67,8 @@ class FakeTrainer:
     def available(self) -> list[str]:
         return ["fake"]
 
-    async def run(self, backend: str, spec: dict[str, Any], on_progress: Progress) -> dict[str, Any]:
-        self.specs.append(spec)
+    async def run(self, backend: str, spec: TrainingSpec, on_progress: Progress) -> dict[str, Any]:
+        self.specs.append(spec.to_json())
         on_progress({"step": 1, "total": 2, "loss": 0.5})
         await trio.sleep(1.0)  # training takes (mock) time
         return {"train_loss": 0.4, "eval_loss": 0.5 - 0.01 * len(self.specs), "baseline_eval_loss": None}

@@ -29,7 +29,7 @@ from beagled.training.runner import SubprocessTrainer
 from tests.attacks import P99_BOUND_S
 from tests.daemon_proc import DaemonProc, fake_backend, free_port, poll
 from tests.ray_head import LOOPBACK_ENV, RayHead, ray_available
-from tests.test_warm_trainer import HYPER, spec_for
+from tests.test_warm_trainer import HYPER, spec_for, training_spec
 
 pytestmark = [
     pytest.mark.slow,
@@ -74,10 +74,10 @@ def test_ray_adapter_equals_local_and_the_warm_actor_stays(
         try:
             statuses = await rt.probe_all()
             assert statuses[0].available and statuses[0].reason.startswith("on ray"), statuses
-            first = spec_for(tiny_model, tmp_path / "ray1" / "adapter", "j-1")
+            first = training_spec(tiny_model, tmp_path / "ray1" / "adapter", "j-1")
             r1 = await rt.run("mlx", first, lambda m: steps.append(m["loss"]))
             # the second job continues from the first adapter, which travels to the actor as bytes
-            second = spec_for(
+            second = training_spec(
                 tiny_model, tmp_path / "ray2" / "adapter", "j-2",
                 init_adapter=str(tmp_path / "ray1" / "adapter"),
                 served_adapter=str(tmp_path / "ray1" / "adapter"),
@@ -87,13 +87,13 @@ def test_ray_adapter_equals_local_and_the_warm_actor_stays(
             lost = rt.actor_pid("mlx")
             assert lost == r2["actor_pid"]
             os.kill(lost, signal.SIGKILL)  # the warm actor dies between jobs (its node is lost)
-            r3 = await rt.run("mlx", spec_for(tiny_model, tmp_path / "ray3" / "adapter", "j-3"), _ignore)
+            r3 = await rt.run("mlx", training_spec(tiny_model, tmp_path / "ray3" / "adapter", "j-3"), _ignore)
             assert r3["actor_pid"] != lost, "a new actor took the job"
         finally:
             await rt.aclose()
         local = SubprocessTrainer(["mlx"], spec_dir=tmp_path / "lspecs", warm=False, timeout_s=240.0)
         await local.probe_all()
-        rl = await local.run("mlx", spec_for(tiny_model, tmp_path / "local" / "adapter", "j-1"), _ignore)
+        rl = await local.run("mlx", training_spec(tiny_model, tmp_path / "local" / "adapter", "j-1"), _ignore)
         return r1, r2, rl, steps
 
     r1, r2, rl, steps = trio.run(main)
@@ -134,7 +134,7 @@ def test_ray_down_waits_with_backoff_or_falls_back_to_local(tmp_path: Path) -> N
             if len(seen) == 3:
                 three.set()
 
-        spec = {"job_id": "j", "attempt": 1, "out_dir": str(tmp_path)}
+        spec = training_spec(tmp_path, tmp_path, "j")  # never reaches a worker: no head answers
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(waiting.run, "fake", spec, on_progress)
@@ -147,7 +147,7 @@ def test_ray_down_waits_with_backoff_or_falls_back_to_local(tmp_path: Path) -> N
         fb = ray_trainer(dead, tmp_path, backends=["fake"], fallback=local, on_fault=faults.append)
         await fb.probe_all()
         out = tmp_path / "fb" / "adapter"
-        spec = spec_for(tmp_path, out, "j")  # the fake trainer reads no model
+        spec = training_spec(tmp_path, out, "j")  # the fake trainer reads no model
         return await fb.run("fake", spec, fallen.append)
 
     fallen: list[dict[str, Any]] = []
@@ -273,7 +273,9 @@ def test_warm_actor_is_replaced_after_warm_max_jobs(
         try:
             await rt.probe_all()
             return [
-                await rt.run("mlx", spec_for(tiny_model, tmp_path / f"w{i}" / "adapter", f"w-{i}"), _ignore)
+                await rt.run(
+                    "mlx", training_spec(tiny_model, tmp_path / f"w{i}" / "adapter", f"w-{i}"), _ignore
+                )
                 for i in range(3)
             ]
         finally:

@@ -55,7 +55,11 @@ def test_wire_form_round_trips_byte_for_byte() -> None:
 
 def test_runner_keys_are_not_the_engines() -> None:
     spec = TrainingSpec.from_json({**WIRE, "out_dir": "/tmp/x", "backend": "peft", "executor": "local"})
-    assert spec.to_json() == WIRE
+    assert spec.to_json() == {**WIRE, "out_dir": "/tmp/x"}  # the engine chose out_dir; the rest is not its
+    assert dataclasses.replace(spec, out_dir=None).to_json() == WIRE
+    assert spec.for_worker("peft") == {**WIRE, "out_dir": "/tmp/x", "backend": "peft"}
+    with pytest.raises(ValueError, match="out_dir"):
+        TrainingSpec.from_json(WIRE).for_worker("peft")
 
 
 def test_one_set_of_defaults() -> None:

@@ -25,6 +25,7 @@ from safetensors.numpy import load_file
 
 from beagled.errors import TrainingError
 from beagled.training.runner import SubprocessTrainer, reap_orphans
+from beagled.training_spec import TrainingSpec
 from tests.spec_cases import MLX_HYPER, pair_rows
 
 HYPER = {**MLX_HYPER, "steps": 4, "max_seq_len": 128}  # short jobs: a warm worker is what is tested
@@ -38,6 +39,11 @@ def spec_for(tiny_model: Path, out_dir: Path, job: str, **changes: Any) -> dict[
     }  # fmt: skip
     spec.update(changes)
     return spec
+
+
+def training_spec(tiny_model: Path, out_dir: Path, job: str, **changes: Any) -> TrainingSpec:
+    """``spec_for`` as the engine hands it to a trainer."""
+    return TrainingSpec.from_json(spec_for(tiny_model, out_dir, job, **changes))
 
 
 def trainer(tmp: Path, **kw: Any) -> SubprocessTrainer:
@@ -54,7 +60,7 @@ def _ignore(_msg: dict[str, Any]) -> None:
 
 
 async def run_job(t: SubprocessTrainer, spec: dict[str, Any], cb: Callback = _ignore) -> dict[str, Any]:
-    return await t.run("mlx", spec, cb)
+    return await t.run("mlx", TrainingSpec.from_json(spec), cb)
 
 
 def alive(pid: int) -> bool:

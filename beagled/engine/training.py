@@ -5,6 +5,7 @@ executor outages recorded, cancellable by an operator)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 from collections.abc import AsyncIterator, Callable
@@ -22,6 +23,7 @@ from beagled.errors import AdapterError, TrainingError
 from beagled.faults import fault
 from beagled.jobs import JobState
 from beagled.ports import SleepGuard
+from beagled.training_spec import TrainingSpec
 
 log = logging.getLogger("beagled.engine")
 
@@ -124,7 +126,7 @@ class Training:
         fault("after_training_intent")
         try:
             served_base = await self.served_base.known()
-            spec = (await build_spec(ctx, job, self.base_model, served_base)).to_json()
+            spec = await build_spec(ctx, job, self.base_model, served_base)
         except (TrainingError, OSError) as e:
             await ctx.execute(self._fail_attempt(job, f"cannot prepare training: {e}"))
             return
@@ -133,18 +135,17 @@ class Training:
             staging = await trio.to_thread.run_sync(
                 ctx.voices.staging_dir, job.voice, job.job_id, job.attempt, backend
             )
-            spec["out_dir"] = str(staging / "adapter")
+            out_dir = staging / "adapter"
+            attempt = dataclasses.replace(spec, out_dir=str(out_dir))
             started = ctx.clock.monotonic()
             try:
                 async with self.sleep_guard.asleep(job.job_id) if self.sleep_guard else _nothing():
-                    ran = await self._run_training(job, backend, spec)
+                    ran = await self._run_training(job, backend, attempt)
                 if ran is None:
                     return  # cancelled by an operator: JobCancelled is recorded, the run has ended
                 result = ran
                 fault("after_training_before_outcome")
-                final = await trio.to_thread.run_sync(
-                    ctx.voices.finalize, job.voice, job.job_id, Path(spec["out_dir"])
-                )
+                final = await trio.to_thread.run_sync(ctx.voices.finalize, job.voice, job.job_id, out_dir)
             except (TrainingError, AdapterError, OSError) as e:
                 if not self._still_training(job.job_id):
                     return  # cancelled while it failed: nothing more to record
@@ -209,7 +210,7 @@ class Training:
         job = self.ctx.state.jobs.get(job_id)
         return job is not None and job.state == JobState.TRAINING
 
-    async def _run_training(self, job: jobs.Job, backend: str, spec: dict[str, Any]) -> dict[str, Any] | None:
+    async def _run_training(self, job: jobs.Job, backend: str, spec: TrainingSpec) -> dict[str, Any] | None:
         """One try on the trainer, cancellable by an operator (None: cancelled); the executor outages
         its progress reports are recorded as they come, once each way (``running.outage_report``)."""
         ctx = self.ctx

@@ -21,6 +21,7 @@ killed outright takes its actor with it (Ray fate-sharing).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -46,6 +47,7 @@ from beagled.training.runner import (
     _warm_files,
     worker_env,
 )
+from beagled.training_spec import TrainingSpec
 
 log = logging.getLogger("beagled.training.ray")
 
@@ -227,10 +229,11 @@ class RayTrainer:
                 await closer()
 
     # -- a training try ----------------------------------------------------------------------------
-    async def run(self, backend: str, spec: dict[str, Any], on_progress: Progress) -> dict[str, Any]:
+    async def run(self, backend: str, spec: TrainingSpec, on_progress: Progress) -> dict[str, Any]:
         delay = self.cfg.backoff_s
+        local = spec  # a local fallback reads the base model where the daemon's host has it
         if self.cfg.base_model:
-            spec = {**spec, "base_model": self.cfg.base_model}
+            spec = dataclasses.replace(spec, base_model=self.cfg.base_model)
         outage = False  # this try has failed to connect: its first connection ends the outage
 
         def connected() -> None:
@@ -258,7 +261,7 @@ class RayTrainer:
                     self._on_fault("fallback_local")
                     ended = {"type": "progress", "outage": "ended", "executor": "ray", "fallback": "local"}
                     on_progress(ended)
-                    result = await self.fallback.run(backend, spec, on_progress)
+                    result = await self.fallback.run(backend, local, on_progress)
                     return {**result, "executor": "local", "fallback_reason": str(e)[:500]}
                 log.warning("ray unreachable, waiting %.1fs: %s", delay, e, extra={"backend": backend})
                 await trio.sleep(delay)  # backoff: there is nothing to wait on but time
@@ -267,7 +270,7 @@ class RayTrainer:
     async def _run_once(
         self,
         backend: str,
-        spec: dict[str, Any],
+        spec: TrainingSpec,
         on_progress: Progress,
         connected: Callable[[], None] = lambda: None,
     ) -> dict[str, Any]:
@@ -282,7 +285,7 @@ class RayTrainer:
                 raise TrainingError(f"ray: cannot start the training actor: {e}", backend=backend) from e
             connected()
             with trio.move_on_after(self.timeout_s) as scope:
-                result, error, stray = await driver.run({**spec, "backend": backend}, on_progress)
+                result, error, stray = await driver.run(spec.for_worker(backend), on_progress)
             if scope.cancelled_caught:
                 raise TrainingError(f"timed out after {self.timeout_s:.0f}s", backend=backend, timeout=True)
             if result is None:

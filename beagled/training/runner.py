@@ -48,6 +48,7 @@ from beagled.training.procs import (
     parse_line,
     signal_group,
 )
+from beagled.training_spec import TrainingSpec
 
 # the port and its values live in beagled.ports (stdlib only); re-exported for older imports
 __all__ = [
@@ -475,7 +476,7 @@ class SubprocessTrainer:
         for backend in list(self._warm):
             await self._retire(backend, graceful=True)
 
-    async def _run_warm(self, backend: str, spec: dict[str, Any], on_progress: Progress) -> dict[str, Any]:
+    async def _run_warm(self, backend: str, spec: TrainingSpec, on_progress: Progress) -> dict[str, Any]:
         """One try on the warm worker; raises WarmStartError (nothing ran: go cold) or TrainingError."""
         worker = self._warm.get(backend)
         if worker is not None and not worker.alive:
@@ -497,7 +498,7 @@ class SubprocessTrainer:
                 self._warm_broken_until[backend] = time.monotonic() + WARM_RETRY_AFTER_S
                 raise
             with trio.move_on_after(self.timeout_s) as scope:
-                result, error, stray = await worker.run({**spec, "backend": backend}, on_progress)
+                result, error, stray = await worker.run(spec.for_worker(backend), on_progress)
             if scope.cancelled_caught:
                 raise TrainingError(f"timed out after {self.timeout_s:.0f}s", backend=backend, timeout=True)
             if result is None:
@@ -520,7 +521,7 @@ class SubprocessTrainer:
         return result
 
     # -- a training try ----------------------------------------------------------------------------
-    async def run(self, backend: str, spec: dict[str, Any], on_progress: Progress) -> dict[str, Any]:
+    async def run(self, backend: str, spec: TrainingSpec, on_progress: Progress) -> dict[str, Any]:
         if self.warm_capable(backend):
             lock = self._warm_locks.setdefault(backend, trio.Lock())
             if not lock.locked():  # a second concurrent try of the same backend runs cold
@@ -533,10 +534,10 @@ class SubprocessTrainer:
                         )
         return await self._run_cold(backend, spec, on_progress)
 
-    async def _run_cold(self, backend: str, spec: dict[str, Any], on_progress: Progress) -> dict[str, Any]:
+    async def _run_cold(self, backend: str, spec: TrainingSpec, on_progress: Progress) -> dict[str, Any]:
         self.spec_dir.mkdir(parents=True, exist_ok=True)
-        spec_path = self.spec_dir / f"{spec['job_id']}-a{spec['attempt']}-{backend}.json"
-        spec_path.write_text(json.dumps({**spec, "backend": backend}), encoding="utf-8")
+        spec_path = self.spec_dir / f"{spec.job_id}-a{spec.attempt}-{backend}.json"
+        spec_path.write_text(json.dumps(spec.for_worker(backend)), encoding="utf-8")
         argv = (
             [*self.argv(backend), "train", str(spec_path)]
             if backend not in self.custom
