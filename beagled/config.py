@@ -19,7 +19,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 from beagled import hfcache, paths, secrets
 from beagled.bounds import check_not_writable_by_others
 from beagled.errors import ConfigError
-from beagled.training_spec import Hyper
+from beagled.training_spec import HYPER_KEYS, Hyper
 
 BUILTIN_BACKENDS = ("mlx", "unsloth", "peft")
 VOICE_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -76,20 +76,7 @@ class SchedulerConfig:
     max_pairs_per_job: int = 1000  # the rest stay pending for the next job
 
 
-@dataclass(frozen=True)
-class HyperConfig:
-    """``[training.hyper]``: the defaults are ``beagled.training_spec.Hyper``'s (the one set)."""
-
-    rank: int = Hyper.rank
-    alpha: float = Hyper.alpha
-    dropout: float = Hyper.dropout
-    target_modules: list[str] = field(default_factory=lambda: list(Hyper.target_modules))
-    num_layers: int = Hyper.num_layers  # -1: every layer
-    learning_rate: float = Hyper.learning_rate
-    steps: int = Hyper.steps
-    batch_size: int = Hyper.batch_size
-    max_seq_len: int = Hyper.max_seq_len
-    seed: int = Hyper.seed
+HyperConfig = Hyper  # ``[training.hyper]`` is the training spec's own type: its defaults and ranges
 
 
 @dataclass(frozen=True)
@@ -130,7 +117,7 @@ class TrainingConfig:
     warm: bool = True  # keep a worker per backend with the base model loaded between jobs
     warm_max_jobs: int = 20  # a warm worker is replaced after this many jobs (memory hygiene)
     custom_backends: dict[str, list[str]] = field(default_factory=dict)
-    hyper: HyperConfig = field(default_factory=HyperConfig)
+    hyper: Hyper = field(default_factory=Hyper)
     executor: str = "local"  # local (a subprocess on this host) | ray (an actor on a Ray cluster)
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -257,11 +244,28 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
             raise ConfigError(key, f"expected a table, got {value!r}")
         kt, vt = get_args(hint)
         return {_check_type(key, k, kt): _check_type(f"{key}.{k}", v, vt) for k, v in value.items()}
+    if hint is Hyper:
+        return _hyper(key, value)
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ConfigError(key, f"expected a table, got {value!r}")
         return _build(hint, value, key)
     raise ConfigError(key, f"unsupported setting type {hint!r}")  # pragma: no cover
+
+
+def _hyper(key: str, table: Any) -> Hyper:
+    """``[training.hyper]``, read as every backend reads a spec's (``Hyper.from_json``), no unknown key."""
+    if not isinstance(table, dict):
+        raise ConfigError(key, f"expected a table, got {table!r}")
+    for name in table:
+        if name not in HYPER_KEYS:
+            raise ConfigError(f"{key}.{name}", f"unknown key (known here: {', '.join(sorted(HYPER_KEYS))})")
+    try:
+        return Hyper.from_json(table)
+    except ConfigError as e:
+        raise ConfigError(
+            f"{key}.{e.key.removeprefix('hyper.')}", str(e).removeprefix(f"{e.key}: ")
+        ) from None
 
 
 def _build(cls: Any, table: Mapping[str, Any], prefix: str) -> Any:
@@ -330,15 +334,11 @@ def _positive(key: str, value: float, *, zero_ok: bool = False) -> None:
 
 
 def validate(cfg: Config) -> Config:
-    d, t, h, r = cfg.daemon, cfg.training, cfg.training.hyper, cfg.reload
+    d, t, r = cfg.daemon, cfg.training, cfg.reload  # [training.hyper] was checked as it was read
     if not d.state_dir:
         raise ConfigError("daemon.state_dir", "must not be empty")
     for key, zero_ok in _POSITIVE.items():
         _positive(key, _setting(cfg, key), zero_ok=zero_ok)
-    try:
-        Hyper.from_json(dataclasses.asdict(h))  # the ranges every backend reads them with
-    except ConfigError as e:
-        raise ConfigError(f"training.{e.key}", str(e).removeprefix(f"{e.key}: ")) from None
     if d.max_draft_bytes >= d.max_message_bytes:
         raise ConfigError("daemon.max_draft_bytes", "must be smaller than daemon.max_message_bytes")
     if d.log_format not in ("auto", "json", "text"):
@@ -400,14 +400,8 @@ def validate(cfg: Config) -> Config:
         t.prompt_template.format(bad="", good="", voice="")
     except (KeyError, IndexError, ValueError) as e:
         raise ConfigError("training.prompt_template", f"may use only {{bad}} and {{voice}}: {e}") from e
-    if not 0 <= h.dropout < 1:
-        raise ConfigError("training.hyper.dropout", f"must be in [0, 1), got {h.dropout}")
     if cfg.voices.keep_versions > 64:
         raise ConfigError("voices.keep_versions", "at most 64 (finished jobs kept in memory per voice)")
-    if not h.target_modules:
-        raise ConfigError("training.hyper.target_modules", "name at least one module")
-    if h.num_layers == 0 or h.num_layers < -1:
-        raise ConfigError("training.hyper.num_layers", "must be -1 (all) or a positive count")
     if t.base_model:
         hfcache.resolve(t.base_model)  # a directory, or a repo id in the local Hugging Face cache
     if r.method not in ("none", "vllm", "ssh", "command"):
@@ -471,14 +465,19 @@ def to_toml(cfg: Config) -> str:
             return "true" if v else "false"
         if isinstance(v, str):
             return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-        if isinstance(v, list):
+        if isinstance(v, list | tuple):
             return "[" + ", ".join(value(x) for x in v) + "]"
         if isinstance(v, dict):
             return "{" + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + "}"
         return repr(v)
 
     def section(obj: Any, name: str) -> None:
-        scalars = [(f.name, secrets.mask(f.name, getattr(obj, f.name))) for f in dataclasses.fields(obj)]
+        items = (
+            obj.to_json().items()  # its TOML keys (no ``extra``: the config refuses unknown keys)
+            if isinstance(obj, Hyper)
+            else ((f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj))
+        )
+        scalars = [(k, secrets.mask(k, v)) for k, v in items]
         lines.append(f"[{name}]")
         for k, v in scalars:
             if not dataclasses.is_dataclass(v):

@@ -13,6 +13,7 @@ import pytest
 
 from beagled import config
 from beagled.errors import ConfigError
+from beagled.training_spec import Hyper
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -20,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 def keys_of(obj: Any, prefix: str = "") -> set[str]:
     out = set()
     for f in dataclasses.fields(obj):
-        if f.name == "source":
+        if f.name == "source" or (isinstance(obj, Hyper) and f.name == "extra"):  # not a TOML key
             continue
         v = getattr(obj, f.name)
         name = f"{prefix}{f.name}"

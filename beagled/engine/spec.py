@@ -3,7 +3,6 @@ model, the adapter to start from, the hyper-parameters)."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from beagled import events as ev
 from beagled import hfcache, jobs
 from beagled.engine.context import Context
 from beagled.errors import TrainingError
-from beagled.training_spec import Example, Hyper, TrainingSpec
+from beagled.training_spec import Example, TrainingSpec
 
 
 def training_example(p: ev.PairSubmitted, prompt_template: str) -> Example:
@@ -68,5 +67,5 @@ async def build_spec(
         # unless the voice had no set yet); the siblings travel apart, for reports only
         heldout=examples(job.eval_ids),
         siblings=examples(job.sibling_ids),
-        hyper=Hyper.from_json(dataclasses.asdict(t.hyper)),  # [training.hyper], checked again
+        hyper=t.hyper,  # [training.hyper], checked when the config was read
     )
