@@ -83,56 +83,57 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         ProcessCollector(registry=r)  # the standard process_* metrics (CPU, RSS, fds, start time)
-        self.training_duration = Histogram(
+
+        def histogram(name: str, doc: str, labels: list[str], buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, doc, labels, buckets=buckets, registry=r)
+
+        def counter(name: str, doc: str, labels: list[str]) -> Counter:
+            return Counter(name, doc, labels, registry=r)
+
+        def gauge(name: str, doc: str, labels: list[str]) -> Gauge:
+            return Gauge(name, doc, labels, registry=r)
+
+        self.training_duration = histogram(
             "beagled_training_duration_seconds",
             "Wall time of one backend's training try.",
             ["backend", "outcome", "executor"],
-            buckets=TRAIN_BUCKETS,
-            registry=r,
+            TRAIN_BUCKETS,
         )
-        self.reload_duration = Histogram(
+        self.reload_duration = histogram(
             "beagled_reload_duration_seconds",
             "Wall time of making the server serve an adapter.",
             ["method", "outcome"],
-            buckets=RELOAD_BUCKETS,
-            registry=r,
+            RELOAD_BUCKETS,
         )
-        self.submit_ack = Histogram(
+        self.submit_ack = histogram(
             "beagled_submit_ack_seconds",
             "From a submit's arrival to its durable acknowledgement.",
-            buckets=ACK_BUCKETS,
-            registry=r,
+            [],
+            ACK_BUCKETS,
         )
-        self.submissions = Counter(
-            "beagled_submissions", "Submitted pairs by outcome.", ["outcome"], registry=r
-        )
-        self.events = Counter("beagled_events", "Events appended to the log, by type.", ["type"], registry=r)
-        self.fallbacks = Counter(
+        self.submissions = counter("beagled_submissions", "Submitted pairs by outcome.", ["outcome"])
+        self.events = counter("beagled_events", "Events appended to the log, by type.", ["type"])
+        self.fallbacks = counter(
             "beagled_backend_fallbacks",
             "Moves to the next backend after one failed.",
             ["from_backend", "to_backend"],
-            registry=r,
         )
-        self.executor_faults = Counter(
+        self.executor_faults = counter(
             "beagled_executor_faults",
             "Faults of the training executor (Ray unreachable, actor lost, local fallback), by kind.",
             ["executor", "kind"],
-            registry=r,
         )
-        self.backend_available = Gauge(
+        self.backend_available = gauge(
             "beagled_backend_available",
             "1 if the training backend's last probe found it usable, else 0.",
             ["backend"],
-            registry=r,
         )
         Info("beagled_build", "beagled build.", registry=r).info({"version": __version__})
-        self.leader = Gauge(
-            "beagled_leader", "1 on the node that runs effects (the leader), else 0.", registry=r
-        )
-        self.replication_lag = Gauge(
+        self.leader = gauge("beagled_leader", "1 on the node that runs effects (the leader), else 0.", [])
+        self.replication_lag = gauge(
             "beagled_replication_lag_seconds",
             "Age of the oldest event the last catch-up of the shared log folded in (0: caught up).",
-            registry=r,
+            [],
         )
         for outcome in ("accepted", "duplicate", "rejected"):
             self.submissions.labels(outcome)

@@ -208,10 +208,22 @@ def running(model: Path, log_dir: Path, **options: Any) -> Iterator[RealVllm]:
         server.stop()
 
 
-@pytest.fixture(scope="session")
-def vllm_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealVllm]:
-    with running(tiny_model, tmp_path_factory.mktemp("vllm-logs")) as server:
-        yield server
+def _session_server(name: str, doc: str) -> Any:
+    """A session fixture ``name``: a real server of its own (logs in ``<name>-logs``), started when a
+    test first asks for it and stopped at the end of the run."""
+
+    def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealVllm]:
+        with running(tiny_model, tmp_path_factory.mktemp(f"{name}-logs")) as started:
+            yield started
+
+    server.__doc__ = doc
+    return pytest.fixture(scope="session", name=name)(server)
+
+
+vllm_server = _session_server("vllm_server", "The real server most tests share (see ``vllm``).")
+vllm_replica = _session_server(
+    "vllm_replica", "A second real server (replicas, a real restart); started only by tests that ask for it."
+)
 
 
 @pytest.fixture
@@ -227,13 +239,6 @@ def vllm(vllm_server: RealVllm) -> Iterator[RealVllm]:
         http("POST", vllm_server.url + "/wake_up")  # leave the shared server usable, and fail the test
         pytest.fail("the test left the shared vLLM server asleep")
     vllm_server.unload_all()
-
-
-@pytest.fixture(scope="session")
-def vllm_replica(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealVllm]:
-    """A second real server (replicas, a real restart); started only by tests that ask for it."""
-    with running(tiny_model, tmp_path_factory.mktemp("vllm-replica-logs")) as server:
-        yield server
 
 
 @pytest.fixture
