@@ -317,37 +317,40 @@ def test_a_failed_rollback_swap_answers_conflict_and_the_serve_loop_retries(tmp_
     _rollback_refused(tmp_path)
 
 
-async def overtaken_rollback(rig: Rig, other_writer: Callable[[str], ev.Payload]) -> str:
+async def overtaken_rollback(
+    rig: Rig, other_writer: Callable[[str, str], ev.Payload]
+) -> str | dict[str, Any]:
     """Ask for a rollback of ``v`` while the serve loop is busy with another voice; before the loop
-    gets to it, another writer on the log records ``other_writer(target job)`` (the pure core refuses
-    such a change here). The rollback's answer: a ``Conflict``'s message, not a wait forever."""
-    first, _ = await two_versions(rig)
+    gets to it, another writer on the log records ``other_writer(target job, served job)`` (the pure
+    core refuses such a change here). The rollback's answer (a ``Conflict``'s message or the result),
+    not a wait forever."""
+    first, second = await two_versions(rig)
     watch = rig.watch()
     rig.reloader.hold = trio.Event()  # the serve loop is busy reloading another voice's job
     await rig.submit(2, voice="w")
     await until(watch, lambda e: e["type"] == "ReloadStarted" and e["data"]["voice"] == "w")
-    answers: list[Conflict] = []
+    answers: list[str | dict[str, Any]] = []
 
     async def ask() -> None:
         try:
-            await rig.engine.rollback("v", None)
+            answers.append(await rig.engine.rollback("v", None))
         except Conflict as e:
-            answers.append(e)
+            answers.append(str(e))
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(ask)
         await until(watch, lambda e: e["type"] == "RollbackStarted")
         ctx = rig.engine.ctx
         async with ctx.lock:
-            ctx.apply(rig.store.append([other_writer(first)], ctx.now()))
+            ctx.apply(rig.store.append([other_writer(first, second)], ctx.now()))
         rig.reloader.hold.set()
     (answer,) = answers
-    return str(answer)
+    return answer
 
 
 @run_engine
 async def _rollback_of_a_deleted_voice(rig: Rig) -> None:
-    answer = await overtaken_rollback(rig, lambda _: ev.VoiceDeleted(voice="v"))
+    answer = await overtaken_rollback(rig, lambda _first, _second: ev.VoiceDeleted(voice="v"))
     assert answer == "voice 'v' was deleted: no rollback to finish"
     assert "v" not in rig.engine.state.voices
 
@@ -359,14 +362,29 @@ def test_a_rollback_whose_voice_went_before_it_ran_answers_conflict(tmp_path: Pa
 @run_engine
 async def _rollback_finished_elsewhere(rig: Rig) -> None:
     answer = await overtaken_rollback(
-        rig, lambda first: ev.RolledBack(voice="v", job_id=first, version=1, adapter_path="elsewhere")
+        rig, lambda first, _: ev.RolledBack(voice="v", job_id=first, version=1, adapter_path="elsewhere")
+    )
+    v = rig.engine.state.voices["v"]
+    assert isinstance(answer, dict) and answer == {"job_id": v.current_job, "version": 1}
+    assert v.rollback_to is None
+
+
+def test_a_rollback_another_writer_finished_first_answers_its_result(tmp_path: Path) -> None:
+    """What was asked happened: a ``Conflict`` would invite a retry that rolls back one version more."""
+    _rollback_finished_elsewhere(tmp_path)
+
+
+@run_engine
+async def _rollback_settled_elsewhere(rig: Rig) -> None:
+    answer = await overtaken_rollback(
+        rig, lambda _, second: ev.RolledBack(voice="v", job_id=second, version=2, adapter_path="elsewhere")
     )
     assert answer == "voice 'v' has no rollback in progress any more"
     assert rig.engine.state.voices["v"].rollback_to is None
 
 
-def test_a_rollback_finished_by_another_writer_first_answers_conflict(tmp_path: Path) -> None:
-    _rollback_finished_elsewhere(tmp_path)
+def test_a_rollback_another_writer_settled_elsewhere_answers_conflict(tmp_path: Path) -> None:
+    _rollback_settled_elsewhere(tmp_path)
 
 
 @run_engine

@@ -42,9 +42,9 @@ class Commands:
     async def rollback(self, voice: str, to: str | None) -> dict[str, Any]:
         """Record the rollback, then answer with the serve loop's outcome (it runs the swap)."""
         events = await self._record(jobs.Rollback(voice, to))
-        outcome = self.serving.expect_rollback(voice)  # no checkpoint since RollbackStarted was applied
         p = events[0].payload
         assert isinstance(p, ev.RollbackStarted)
+        outcome = self.serving.expect_rollback(voice, p.job_id)  # no checkpoint since it was applied
         await outcome.done.wait()
         if outcome.error is not None:
             raise outcome.error

@@ -25,7 +25,8 @@ log = logging.getLogger("beagled.engine")
 class _Outcome:
     """What a request handler waits on: the serve loop's run of the effect it recorded."""
 
-    def __init__(self) -> None:
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id  # the job the rollback makes ``current`` again
         self.done = trio.Event()
         self.error: BaseException | None = None
 
@@ -39,10 +40,10 @@ class Serving:
         self._rollbacks: dict[str, list[_Outcome]] = {}  # voice -> handlers waiting for its rollback
         self._reconcile: set[str] = set()  # job ids reconcile found no longer served
 
-    def expect_rollback(self, voice: str) -> _Outcome:
-        """Register for the outcome of the voice's rollback (call with no checkpoint between the
-        recording of ``RollbackStarted`` and this: the serve loop cannot have run it yet)."""
-        outcome = _Outcome()
+    def expect_rollback(self, voice: str, job_id: str) -> _Outcome:
+        """Register for the outcome of the voice's rollback to ``job_id`` (call with no checkpoint
+        between the recording of ``RollbackStarted`` and this: the serve loop cannot have run it yet)."""
+        outcome = _Outcome(job_id)
         self._rollbacks.setdefault(voice, []).append(outcome)
         return outcome
 
@@ -58,13 +59,18 @@ class Serving:
 
     def _settle_orphans(self) -> None:
         """Answer the handlers that wait on a rollback nothing will run any more: their voice went, or
-        its rollback is no longer pending (the log changed before the serve loop got to it)."""
+        its rollback is no longer pending (the log changed before the serve loop got to it). A rollback
+        another writer finished to the same job succeeded: a ``Conflict`` would invite a retry that rolls
+        back one version more."""
         for voice in list(self._rollbacks):
             v = self.ctx.state.voices.get(voice)
             if v is None:
                 self._settle(voice, Conflict(f"voice {voice!r} was deleted: no rollback to finish"))
             elif v.rollback_to is None:
-                self._settle(voice, Conflict(f"voice {voice!r} has no rollback in progress any more"))
+                for outcome in self._rollbacks.pop(voice):
+                    if outcome.job_id != v.current_job:
+                        outcome.error = Conflict(f"voice {voice!r} has no rollback in progress any more")
+                    outcome.done.set()
 
     async def run(self) -> None:
         ctx = self.ctx
