@@ -9,10 +9,8 @@ values are in the environment as ``BEAGLED_ADAPTER_DIR``, ``BEAGLED_VOICE``, ``B
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 
@@ -21,12 +19,12 @@ import trio
 from beagled.errors import ConfigError, ReloadError
 from beagled.reload import Reloader, ServeTarget
 from beagled.reload.naming import check_template, render_template
+from beagled.training.procs import kill_group
 
 log = logging.getLogger(__name__)
 
 PLACEHOLDERS = ("adapter_dir", "voice", "version", "job_id")
 TAIL_BYTES = 2000
-KILL_GRACE_S = 2.0
 
 
 def _values(target: ServeTarget) -> dict[str, str]:
@@ -53,18 +51,6 @@ def tail(data: bytes | None, limit: int = TAIL_BYTES) -> str:
         return ""
     text = data[-limit:].decode("utf-8", "replace").strip()
     return ("…" + text) if len(data) > limit else text
-
-
-async def kill_group(proc: trio.Process, grace_s: float = KILL_GRACE_S) -> None:
-    """``deliver_cancel`` for ``trio.run_process``: TERM the process group, KILL it after ``grace_s``."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    with trio.move_on_after(grace_s):
-        await proc.wait()
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 async def run_in_group(

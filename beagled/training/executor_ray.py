@@ -37,7 +37,7 @@ import trio
 
 from beagled.config import Config, RayConfig
 from beagled.errors import TrainingError
-from beagled.training.procs import parse_line
+from beagled.training.procs import kill_group, parse_line
 from beagled.training.runner import (
     BackendStatus,
     Progress,
@@ -153,7 +153,13 @@ class RayTrainer:
         try:
             with trio.fail_after(self.probe_timeout_s):
                 done = await trio.run_process(
-                    argv, capture_stdout=True, capture_stderr=True, check=False, env=worker_env(self.env)
+                    argv,
+                    capture_stdout=True,
+                    capture_stderr=True,
+                    check=False,
+                    env=worker_env(self.env),
+                    start_new_session=True,  # a probe that times out goes with all it started
+                    deliver_cancel=kill_group,
                 )
             stderr = done.stderr.decode(errors="replace")[-300:]
             lines = [parse_line(ln) for ln in done.stdout.splitlines()]

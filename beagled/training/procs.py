@@ -8,8 +8,10 @@ anything else kept as stray output), and ``job_lines`` yields the jobs a warm wo
 
 And the one way a process group is ended: ``signal_group`` (a group that is gone, or not ours, is no
 error) and ``kill_group`` (SIGTERM, a grace, SIGKILL, and SIGKILL again for children of the group that
-outlive their leader). ``trio.run_process(deliver_cancel=...)`` does not fit these: a group is killed
-after a normal exit too (its leader's children may live on), and a warm worker outlives any one call.
+outlive their leader). A process run to its end (a probe, a reload command) is run by
+``trio.run_process(start_new_session=True, deliver_cancel=kill_group)``; a training try or a warm worker
+does not fit ``run_process``: its group is killed after a normal exit too (its leader's children may
+live on), and a warm worker outlives any one call.
 
 Stdlib only at import time: the worker subprocess (``worker.py``, ``ray_driver.py``) imports this module
 too, possibly in a Python environment without trio; ``kill_group`` imports trio when it runs.

@@ -384,6 +384,8 @@ class SubprocessTrainer:
                     check=False,
                     env=worker_env(self.env, self.spec_dir.parent),
                     cwd=bounds.worker_cwd(self.spec_dir.parent),
+                    start_new_session=True,  # a probe that times out goes with all it started
+                    deliver_cancel=kill_group,
                 )
             lines = [ln for ln in done.stdout.decode(errors="replace").splitlines() if ln.startswith("{")]
             answer = json.loads(lines[-1]) if lines else {}
