@@ -11,6 +11,7 @@ retry before its time), never as exact gaps between two calls.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -359,32 +360,27 @@ def test_a_rollback_whose_voice_went_before_it_ran_answers_conflict(tmp_path: Pa
     _rollback_of_a_deleted_voice(tmp_path)
 
 
-@run_engine
-async def _rollback_finished_elsewhere(rig: Rig) -> None:
-    answer = await overtaken_rollback(
-        rig, lambda first, _: ev.RolledBack(voice="v", job_id=first, version=1, adapter_path="elsewhere")
-    )
+async def _rollback_another_writer_finished(rig: Rig, to_the_job_asked: bool) -> None:
+    def other_writer(first: str, second: str) -> ev.Payload:
+        job, version = (first, 1) if to_the_job_asked else (second, 2)
+        return ev.RolledBack(voice="v", job_id=job, version=version, adapter_path="elsewhere")
+
+    answer = await overtaken_rollback(rig, other_writer)
     v = rig.engine.state.voices["v"]
-    assert isinstance(answer, dict) and answer == {"job_id": v.current_job, "version": 1}
+    if to_the_job_asked:  # what was asked happened: a Conflict would invite a retry one version further
+        assert answer == {"job_id": v.current_job, "version": 1}
+    else:
+        assert answer == "voice 'v' has no rollback in progress any more"
     assert v.rollback_to is None
 
 
-def test_a_rollback_another_writer_finished_first_answers_its_result(tmp_path: Path) -> None:
-    """What was asked happened: a ``Conflict`` would invite a retry that rolls back one version more."""
-    _rollback_finished_elsewhere(tmp_path)
-
-
-@run_engine
-async def _rollback_settled_elsewhere(rig: Rig) -> None:
-    answer = await overtaken_rollback(
-        rig, lambda _, second: ev.RolledBack(voice="v", job_id=second, version=2, adapter_path="elsewhere")
+@pytest.mark.parametrize("to_the_job_asked", [True, False])
+def test_a_rollback_another_writer_finished_first_answers_what_happened(
+    tmp_path: Path, to_the_job_asked: bool
+) -> None:
+    run_engine(functools.partial(_rollback_another_writer_finished, to_the_job_asked=to_the_job_asked))(
+        tmp_path
     )
-    assert answer == "voice 'v' has no rollback in progress any more"
-    assert rig.engine.state.voices["v"].rollback_to is None
-
-
-def test_a_rollback_another_writer_settled_elsewhere_answers_conflict(tmp_path: Path) -> None:
-    _rollback_settled_elsewhere(tmp_path)
 
 
 @run_engine
