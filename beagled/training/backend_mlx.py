@@ -1,8 +1,9 @@
 """The MLX training backend: LoRA SFT with mlx-lm's LoRA layers and an own small training loop.
 
 Runs only inside a worker subprocess (``beagled.training.worker``). ``train`` follows the worker protocol
-of docs/internals.md: it loads the base model, measures the held-out completion NLL of the base and of
-the served adapter, applies fresh LoRA layers (or the ``init_adapter`` read back from PEFT), trains
+of docs/internals.md: it reads the spec (``read_spec``: ``beagled.training_spec.TrainingSpec``), loads
+the base model, measures the held-out completion NLL of the base and of the served adapter, applies
+fresh LoRA layers (or the ``init_adapter`` read back from PEFT), trains
 ``steps`` Adam steps (bias-corrected, gradient norm clipped to 1, as transformers' Trainer) on the
 completion tokens only, measures again, writes the adapter in PEFT format
 (``convert.mlx_to_peft``) and finally the manifest.

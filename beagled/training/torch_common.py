@@ -4,6 +4,9 @@ A backend only says how to load the base model and how to put LoRA on it (``Torc
 worker passes a ``Session`` that keeps the base model loaded between jobs;
 ``run_training`` does the rest of the worker protocol (docs/internals.md):
 
+- **spec**: ``Spec.parse`` reads the wire spec through ``beagled.training_spec.TrainingSpec.from_json``
+  (the pairs' shapes and the hyper-parameters are checked there, ``ConfigError``) and adds what only a
+  torch worker checks (``SpecError``): the paths, the objective, ``num_layers`` against the model.
 - **data**: every pair is encoded once by ``encode_example``, which is ``beagled.training.render``
   (shared with the mlx backend): the conversation (system, messages, prompt) and the draft as the
   assistant turn, by the tokenizer's chat template when it has one, else the plain rendering; labels are
@@ -63,11 +66,12 @@ OUT_DIR_LEFTOVERS = (*PEFT_FILES, "README.md", MANIFEST + ".tmp")
 
 
 class SpecError(ValueError):
-    """The spec asks for something impossible (bad hyper-parameter, missing data): the job's fault."""
+    """The spec asks for something this worker cannot do (no model there, an unknown objective, more
+    layers than the model has): the job's fault."""
 
 
 # --------------------------------------------------------------------------------------------------
-# Hyper-parameters (``beagled.training_spec.Hyper``: the one set of defaults and ranges)
+# The spec (``beagled.training_spec``: one reader, one set of defaults and ranges) and the worker's checks
 
 
 def lora_kwargs(hyper: Hyper, n_model_layers: int) -> dict[str, Any]:
