@@ -128,7 +128,7 @@ class Encoder:
 
     def encode_example(self, example: Example, side: str) -> tuple[list[int], int]:
         """A spec example's ``side`` (``chosen``/``rejected``) after its conversation."""
-        draft: str = getattr(example, side)
+        draft = example.chosen if side == "chosen" else example.rejected
         return self.encode_turns(render.example_turns(example), draft)
 
 
@@ -386,7 +386,7 @@ def _train(raw: dict[str, Any], emit: Emit, session: Session) -> dict[str, Any]:
     spec = read_spec(raw)
     hyper = spec.hyper
     base = Path(spec.base_model)
-    out_dir = Path(str(spec.out_dir))
+    out_dir = Path(str(spec.out_dir))  # read_spec refuses a spec without one
 
     seed = hyper.seed
     random.seed(seed)
