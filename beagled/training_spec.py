@@ -14,6 +14,9 @@ Every worker reads the hyper-parameters back through ``Hyper.from_json``: one se
 A bad value raises ``ConfigError`` naming its key (``hyper.rank: must be an integer >= 1, got 0``).
 ``complete=True`` (the mlx backend) asks for every key; keys this module does not know are kept in
 ``Hyper.extra`` for a backend that honours them (``beta`` for DPO in the torch backends) or refuses them.
+Every worker reads the whole spec through ``TrainingSpec.from_json`` too: a pair of the wrong shape
+raises ``ConfigError`` naming its place (``train[3]: needs string prompt, chosen and rejected``); what
+only a worker can check (its paths, the objectives it trains, the model's layers) stays in the worker.
 
 Pure core: the standard library and ``beagled.errors`` only.
 """
@@ -125,6 +128,19 @@ class Hyper:
         return list(range(n_model_layers - self.num_layers, n_model_layers))
 
 
+ROLES = ("system", "user", "assistant")
+TURN_SHAPE = "{'role': system|user|assistant, 'content': str}"
+
+
+def is_turn(message: Any) -> bool:
+    """A chat turn as a pair's ``messages`` hold it (``TURN_SHAPE``)."""
+    return (
+        isinstance(message, Mapping)
+        and message.get("role") in ROLES
+        and isinstance(message.get("content"), str)
+    )
+
+
 @dataclass(frozen=True)
 class Example:
     """A pair as a spec row: the better draft (``chosen``), the worse (``rejected``) and what came before
@@ -151,19 +167,45 @@ class Example:
         return out
 
     @classmethod
-    def from_json(cls, raw: Mapping[str, Any]) -> Example:
+    def from_json(cls, raw: Any, where: str = "example", *, default_id: str = "") -> Example:
+        """A spec row, its types checked; a bad one raises ``ConfigError`` keyed by ``where``
+        (``train[3]``). A row without ``pair_id`` takes ``default_id`` (its index in the spec)."""
+        if not isinstance(raw, Mapping):
+            raise ConfigError(where, "must be an object")
+        prompt = raw.get("prompt") or ""
+        chosen, rejected = raw.get("chosen"), raw.get("rejected")
+        if not isinstance(prompt, str) or not isinstance(chosen, str) or not isinstance(rejected, str):
+            raise ConfigError(where, "needs string prompt, chosen and rejected")
+        system, messages = raw.get("system"), raw.get("messages") or []
+        if system is not None and not isinstance(system, str):
+            raise ConfigError(f"{where}.system", "must be a string")
+        if not isinstance(messages, list | tuple):
+            raise ConfigError(f"{where}.messages", "must be a list of turns")
+        for i, m in enumerate(messages):
+            if not is_turn(m):
+                raise ConfigError(where, f"messages[{i}] must be {TURN_SHAPE}")
         return cls(
-            pair_id=str(raw["pair_id"]),
-            chosen=raw["chosen"],
-            rejected=raw["rejected"],
-            prompt=raw.get("prompt") or "",
-            system=raw.get("system"),
-            messages=tuple(dict(m) for m in raw.get("messages") or ()),
+            pair_id=str(raw.get("pair_id", default_id)),
+            chosen=chosen,
+            rejected=rejected,
+            prompt=prompt,
+            system=system,
+            messages=tuple({"role": m["role"], "content": m["content"]} for m in messages),
         )
 
 
-def _examples(rows: Any) -> tuple[Example, ...]:
-    return tuple(Example.from_json(r) for r in rows or ())
+def _required(raw: Mapping[str, Any], key: str) -> Any:
+    if key not in raw:
+        raise ConfigError(key, "is required")
+    return raw[key]
+
+
+def _examples(rows: Any, what: str) -> tuple[Example, ...]:
+    if rows is None:
+        return ()
+    if not isinstance(rows, list | tuple):
+        raise ConfigError(what, "must be a list of pairs")
+    return tuple(Example.from_json(r, f"{what}[{i}]", default_id=str(i)) for i, r in enumerate(rows))
 
 
 @dataclass(frozen=True)
@@ -206,21 +248,23 @@ class TrainingSpec:
         return {**self.to_json(), "backend": backend}
 
     @classmethod
-    def from_json(cls, raw: Mapping[str, Any]) -> TrainingSpec:
-        """The engine's part of a wire spec (``backend``, ``executor`` are left out)."""
+    def from_json(cls, raw: Mapping[str, Any], *, complete: bool = False) -> TrainingSpec:
+        """The engine's part of a wire spec (``backend``, ``executor`` are left out), every pair's types
+        and the hyper-parameters checked (``ConfigError`` naming the place); ``complete``: every
+        hyper-parameter is required (``Hyper.from_json``)."""
         return cls(
-            job_id=raw["job_id"],
-            voice=raw["voice"],
-            attempt=raw["attempt"],
-            base_model=raw["base_model"],
+            job_id=_required(raw, "job_id"),
+            voice=_required(raw, "voice"),
+            attempt=_required(raw, "attempt"),
+            base_model=_required(raw, "base_model"),
             served_base=raw.get("served_base"),
             init_adapter=raw.get("init_adapter"),
             served_adapter=raw.get("served_adapter"),
             objective=raw.get("objective", "sft"),
             dpo_weight=raw.get("dpo_weight", 1.0),
-            train=_examples(raw.get("train")),
-            heldout=_examples(raw.get("heldout")),
-            siblings=_examples(raw.get("siblings")),
-            hyper=Hyper.from_json(raw.get("hyper", {})),
+            train=_examples(raw.get("train"), "train"),
+            heldout=_examples(raw.get("heldout"), "heldout"),
+            siblings=_examples(raw.get("siblings"), "siblings"),
+            hyper=Hyper.from_json(raw.get("hyper", {}), complete=complete),
             out_dir=raw.get("out_dir"),
         )

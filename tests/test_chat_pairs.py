@@ -20,6 +20,7 @@ import pytest
 
 from beagled.training import render
 from beagled.training.corpus import chat_pairs, voice_pairs
+from beagled.training_spec import Example
 
 transformers = pytest.importorskip("transformers")
 backend_mlx = pytest.importorskip("beagled.training.backend_mlx")
@@ -72,14 +73,14 @@ def test_the_conversation_carries_no_loss_on_torch_and_on_mlx(tok: Any, mlx_tok:
     assert sft_row(ids, labels)["completion_mask"] == [0] * n + [1] * (len(ids) - n)
 
     # mlx: the same tokens, and the loss mask is zero over every prediction of a conversation token
-    mlx_ids, mlx_n = backend_mlx.Encoder(mlx_tok, MAX_LEN).encode_example(ex, "chosen")
+    mlx_ids, mlx_n = backend_mlx.Encoder(mlx_tok, MAX_LEN).encode_example(Example.from_json(ex), "chosen")
     assert (mlx_ids, mlx_n) == (ids, n)
     mask = mlx_mask(mlx_ids, mlx_n)
     assert mask[: n - 1].sum() == 0  # positions 0..n-2 predict conversation tokens 1..n-1
     assert (mask[n - 1 :] == 1.0).all() and mask.sum() == len(ids) - n  # every draft token, nothing else
 
     # the rejected draft after the same conversation: the same prefix, its own completion
-    bad_ids, bad_n = backend_mlx.Encoder(mlx_tok, MAX_LEN).encode_example(ex, "rejected")
+    bad_ids, bad_n = backend_mlx.Encoder(mlx_tok, MAX_LEN).encode_example(Example.from_json(ex), "rejected")
     assert bad_n == n and bad_ids[:n] == ids[:n] and tok.decode(bad_ids[n:]).startswith(ex["rejected"])
 
 
@@ -91,8 +92,8 @@ def test_a_long_conversation_keeps_its_end_and_the_drafts_start(tok: Any, mlx_to
     ids, labels = encode_example(tok, "", "more " * 100, 64, system="Be brief.", messages=msgs)
     assert len(ids) == 64 and labels.count(IGNORE) == 32
     assert tok.decode(ids[:32]).endswith("Now the note.<|end|>\n<|assistant|>\n")
-    ex = {"prompt": "", "system": "Be brief.", "messages": msgs, "chosen": "more " * 100}
-    assert backend_mlx.Encoder(mlx_tok, 64).encode_example(ex, "chosen") == (ids, 32)
+    ex = {"prompt": "", "system": "Be brief.", "messages": msgs, "chosen": "more " * 100, "rejected": ""}
+    assert backend_mlx.Encoder(mlx_tok, 64).encode_example(Example.from_json(ex), "chosen") == (ids, 32)
 
 
 def test_without_a_chat_template_the_plain_rendering_is_used(tok: Any, mlx_tok: Any) -> None:
@@ -113,7 +114,7 @@ def test_without_a_chat_template_the_plain_rendering_is_used(tok: Any, mlx_tok: 
         f"user: {m[2]['content']}\n\nassistant: "
     )
     assert ids[n:] == [*plain.encode(ex["chosen"], add_special_tokens=False), plain.eos_token_id]
-    assert backend_mlx.Encoder(plain_mlx, MAX_LEN).encode_example(ex, "chosen") == (ids, n)
+    assert backend_mlx.Encoder(plain_mlx, MAX_LEN).encode_example(Example.from_json(ex), "chosen") == (ids, n)
     mask = mlx_mask(ids, n)
     assert mask[: n - 1].sum() == 0 and mask.sum() == len(ids) - n
 

@@ -135,3 +135,37 @@ def test_config_refuses_what_a_backend_would() -> None:
     with pytest.raises(ConfigError, match=wanted):
         from_mapping({"training": {"hyper": {"learning_rate": 1.5}}})
     assert from_mapping({}).training.hyper == HyperConfig()
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ("p1", "train: must be a list of pairs"),
+        (["p1"], "train[0]: must be an object"),
+        (
+            [{"pair_id": "p", "chosen": 1, "rejected": "b"}],
+            "train[0]: needs string prompt, chosen and rejected",
+        ),
+        ([{"chosen": "g", "rejected": "b", "system": 3}], "train[0].system: must be a string"),
+        ([{"chosen": "g", "rejected": "b", "messages": "hi"}], "train[0].messages: must be a list of turns"),
+        (
+            [{"chosen": "g", "rejected": "b", "messages": [{"role": "tool", "content": "x"}]}],
+            "train[0]: messages[0] must be {'role': system|user|assistant, 'content': str}",
+        ),
+    ],
+)
+def test_a_bad_pair_is_named_by_its_place(rows: Any, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        TrainingSpec.from_json({**WIRE, "train": rows})
+    assert str(caught.value) == message
+
+
+def test_a_pair_without_an_id_takes_its_index() -> None:
+    spec = TrainingSpec.from_json({**WIRE, "heldout": [{"chosen": "g", "rejected": "b", "prompt": None}]})
+    assert spec.heldout == (Example("0", "g", "b", ""),)
+    with pytest.raises(ConfigError, match="job_id: is required"):
+        TrainingSpec.from_json({k: v for k, v in WIRE.items() if k != "job_id"})
+    with pytest.raises(ConfigError, match=r"hyper\.seed: is required"):
+        TrainingSpec.from_json(
+            {**WIRE, "hyper": {k: v for k, v in WIRE_HYPER.items() if k != "seed"}}, complete=True
+        )

@@ -1,8 +1,9 @@
 """The MLX training backend: LoRA SFT with mlx-lm's LoRA layers and an own small training loop.
 
 Runs only inside a worker subprocess (``beagled.training.worker``). ``train`` follows the worker protocol
-of docs/internals.md: it loads the base model, measures the held-out completion NLL of the base and of
-the served adapter, applies fresh LoRA layers (or the ``init_adapter`` read back from PEFT), trains
+of docs/internals.md: it reads the spec (``read_spec``: ``beagled.training_spec.TrainingSpec``), loads
+the base model, measures the held-out completion NLL of the base and of the served adapter, applies
+fresh LoRA layers (or the ``init_adapter`` read back from PEFT), trains
 ``steps`` Adam steps (bias-corrected, gradient norm clipped to 1, as transformers' Trainer) on the
 completion tokens only, measures again, writes the adapter in PEFT format
 (``convert.mlx_to_peft``) and finally the manifest.
@@ -16,6 +17,7 @@ trains the same adapter on a warm session as in a cold process.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import importlib.metadata
 import math
@@ -41,7 +43,7 @@ from beagled.manifest import model_files_key, sha256_file, write_manifest
 from beagled.training import render
 from beagled.training.convert import PeftAdapter, mlx_to_peft, peft_to_mlx
 from beagled.training.preference import preference_accuracy
-from beagled.training_spec import HYPER_KEYS, Hyper
+from beagled.training_spec import Example, TrainingSpec
 
 nn: Any = _nn  # mlx's stubs do not export everything mlx.nn holds
 clip_grad_norm: Callable[..., tuple[Any, Any]] = optim.clip_grad_norm  # untyped in mlx
@@ -70,14 +72,29 @@ def probe() -> tuple[bool, str]:
 # --- spec validation --------------------------------------------------------------------------------
 
 
-def check_hyper(hyper: dict[str, Any]) -> dict[str, Any]:
-    """The hyper-parameters this backend honours, validated by ``beagled.training_spec.Hyper`` (every
-    one required here); any other key is an error naming it."""
-    unknown = sorted(set(hyper) - set(HYPER_KEYS))
+def read_spec(raw: dict[str, Any]) -> TrainingSpec:
+    """The wire spec through ``TrainingSpec.from_json`` (every hyper-parameter required here), refused
+    unless this backend can train it: SFT only, no hyper-parameter it does not honour, a pair to train;
+    ``target_modules`` sorted, without repeats."""
+    spec = TrainingSpec.from_json(raw, complete=True)
+    if spec.objective != "sft":
+        raise TrainingError(
+            f"objective {spec.objective!r} is not supported by the mlx backend (sft only): the next "
+            "backend in training.backends takes the job",
+            backend=BACKEND,
+        )
+    unknown = sorted(spec.hyper.extra)
     if unknown:
         raise ConfigError(f"hyper.{unknown[0]}", "is not supported by the mlx backend")
-    checked = Hyper.from_json(hyper, complete=True).to_json()
-    return {**checked, "target_modules": sorted(set(checked["target_modules"]))}
+    if spec.out_dir is None:
+        raise TrainingError("the spec has no out_dir", backend=BACKEND)
+    out_dir = Path(spec.out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise TrainingError(f"out_dir {out_dir} exists and is not empty", backend=BACKEND)
+    if not spec.train:
+        raise TrainingError("the spec holds no training pairs", backend=BACKEND)
+    targets = tuple(sorted(set(spec.hyper.target_modules)))
+    return dataclasses.replace(spec, hyper=dataclasses.replace(spec.hyper, target_modules=targets))
 
 
 PAIR_SIDES = ("chosen", "rejected")
@@ -109,9 +126,10 @@ class Encoder:
         except TrainingError as e:
             raise TrainingError(str(e), backend=BACKEND) from e
 
-    def encode_example(self, example: dict[str, Any], side: str) -> tuple[list[int], int]:
+    def encode_example(self, example: Example, side: str) -> tuple[list[int], int]:
         """A spec example's ``side`` (``chosen``/``rejected``) after its conversation."""
-        return self.encode_turns(render.example_turns(example), example[side])
+        draft = example.chosen if side == "chosen" else example.rejected
+        return self.encode_turns(render.example_turns(example), draft)
 
 
 def _batch(examples: list[tuple[list[int], int]], pad_id: int) -> tuple[Any, Any, Any]:
@@ -355,7 +373,7 @@ def train(spec: dict[str, Any], emit: Emit, session: Session | None = None) -> d
         session.reset()
 
 
-def _train(spec: dict[str, Any], emit: Emit, session: Session) -> dict[str, Any]:
+def _train(raw: dict[str, Any], emit: Emit, session: Session) -> dict[str, Any]:
     started = time.monotonic()
     timings: dict[str, float] = {}
     mark = [started]
@@ -365,22 +383,12 @@ def _train(spec: dict[str, Any], emit: Emit, session: Session) -> dict[str, Any]
         timings[name] = round(now - mark[0], 4)
         mark[0] = now
 
-    objective = spec.get("objective", "sft")
-    if objective != "sft":
-        raise TrainingError(
-            f"objective {objective!r} is not supported by the mlx backend (sft only): the next backend "
-            "in training.backends takes the job",
-            backend=BACKEND,
-        )
-    hyper = check_hyper(dict(spec.get("hyper") or {}))
-    base = Path(spec["base_model"])
-    out_dir = Path(spec["out_dir"])
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise TrainingError(f"out_dir {out_dir} exists and is not empty", backend=BACKEND)
-    if not spec.get("train"):
-        raise TrainingError("the spec holds no training pairs", backend=BACKEND)
+    spec = read_spec(raw)
+    hyper = spec.hyper
+    base = Path(spec.base_model)
+    out_dir = Path(str(spec.out_dir))  # read_spec refuses a spec without one
 
-    seed = hyper["seed"]
+    seed = hyper.seed
     random.seed(seed)
     np.random.seed(seed)
     mx.random.seed(seed)
@@ -388,15 +396,15 @@ def _train(spec: dict[str, Any], emit: Emit, session: Session) -> dict[str, Any]
     model, tokenizer = session.load(base, emit)
     session.reset(release=False)  # bare and frozen, whoever used it before
     phase("load_s")
-    encoder = Encoder(tokenizer, hyper["max_seq_len"])
-    train_set = [encoder.encode_example(p, "chosen") for p in spec["train"]]
+    encoder = Encoder(tokenizer, hyper.max_seq_len)
+    train_set = [encoder.encode_example(p, "chosen") for p in spec.train]
     # [better drafts, worse drafts] of the held-out pairs that judge the job, and of its own siblings
     judged, siblings = (
-        [[encoder.encode_example(p, k) for p in spec.get(key) or []] for k in PAIR_SIDES]
-        for key in ("heldout", "siblings")
+        [[encoder.encode_example(p, k) for p in examples] for k in PAIR_SIDES]
+        for examples in (spec.heldout, spec.siblings)
     )  # fmt: skip
     heldout = judged[0]
-    bs, pad = hyper["batch_size"], encoder.pad_id
+    bs, pad = hyper.batch_size, encoder.pad_id
 
     phase("encode_s")
 
@@ -405,7 +413,7 @@ def _train(spec: dict[str, Any], emit: Emit, session: Session) -> dict[str, Any]
         nll_sums(model, x, pad, bs, cache=cache, cache_key=("base", session.key)) for x in judged + siblings
     ]
     served_sums = base_sums[:2]
-    served = spec.get("served_adapter")
+    served = spec.served_adapter
     if served and heldout:
         served_id = ("adapter", sha256_file(Path(served) / "adapter_model.safetensors"))
         served_sums = _adapter_sums(
@@ -416,23 +424,19 @@ def _train(spec: dict[str, Any], emit: Emit, session: Session) -> dict[str, Any]
     phase("eval_before_s")
 
     n_layers = len(model.layers)
-    if hyper["num_layers"] != -1 and hyper["num_layers"] > n_layers:
-        raise ConfigError("hyper.num_layers", f"is {hyper['num_layers']} but the model has {n_layers} layers")
-    layers = (
-        list(range(n_layers))
-        if hyper["num_layers"] == -1
-        else list(range(n_layers - hyper["num_layers"], n_layers))
-    )
-    paths = module_paths(model, hyper["target_modules"])
-    scale = hyper["alpha"] / hyper["rank"]
+    if hyper.num_layers > n_layers:
+        raise ConfigError("hyper.num_layers", f"is {hyper.num_layers} but the model has {n_layers} layers")
+    layers = hyper.layers_to_transform(n_layers) or list(range(n_layers))
+    paths = module_paths(model, hyper.target_modules)
+    scale = hyper.alpha / hyper.rank
     mx.random.seed(seed)
-    apply_lora(model, paths, layers, rank=hyper["rank"], scale=scale, dropout=hyper["dropout"])
+    apply_lora(model, paths, layers, rank=hyper.rank, scale=scale, dropout=hyper.dropout)
 
-    init = spec.get("init_adapter")
+    init = spec.init_adapter
     if init:
         adapter = peft_to_mlx(Path(init))
         for what, have, want in (
-            ("rank", adapter.rank, hyper["rank"]),
+            ("rank", adapter.rank, hyper.rank),
             ("target modules", list(adapter.modules), paths),
             ("layers", list(adapter.layer_indices), layers),
         ):
@@ -455,7 +459,7 @@ def _train(spec: dict[str, Any], emit: Emit, session: Session) -> dict[str, Any]
     # the torch backends' optimiser exactly: Adam *with* bias correction (mlx's default has none, which
     # multiplies early steps by (1 - b1^t) / sqrt(1 - b2^t): x3.2 at step 1, x5.0 at step 40) and the
     # gradient clipped to norm 1 (transformers' Trainer default, max_grad_norm)
-    optimizer = optim.Adam(learning_rate=hyper["learning_rate"], bias_correction=True)
+    optimizer = optim.Adam(learning_rate=hyper.learning_rate, bias_correction=True)
     phase("setup_s")
 
     def loss_fn(m: Any, inputs: Any, targets: Any, mask: Any) -> Any:
@@ -464,7 +468,7 @@ def _train(spec: dict[str, Any], emit: Emit, session: Session) -> dict[str, Any]
     loss_and_grad = nn.value_and_grad(model, loss_fn)
     rng = np.random.default_rng(seed)
     order: list[int] = []
-    steps = hyper["steps"]
+    steps = hyper.steps
     # train_loss: token-weighted mean loss of the last epoch's steps (every pair seen once), read off
     # the steps themselves rather than from one more forward pass over the whole training set
     epoch_steps = math.ceil(len(train_set) / min(bs, len(train_set)))
@@ -504,13 +508,13 @@ def _train(spec: dict[str, Any], emit: Emit, session: Session) -> dict[str, Any]
     weights = {k: np.array(v, dtype=np.float32) for k, v in _flat(model.trainable_parameters())}
     mlx_to_peft(
         weights,
-        rank=hyper["rank"],
+        rank=hyper.rank,
         scale=scale,
-        target_modules=hyper["target_modules"],
+        target_modules=list(hyper.target_modules),
         layer_indices=layers,
         base_model_path=base,
         out_dir=out_dir,
-        dropout=hyper["dropout"],
+        dropout=hyper.dropout,
         num_hidden_layers=n_layers,
     )
     written = ("adapter", sha256_file(out_dir / "adapter_model.safetensors"))
@@ -518,7 +522,7 @@ def _train(spec: dict[str, Any], emit: Emit, session: Session) -> dict[str, Any]
         session.nll_cache[(written, ids, n)] = nll
     phase("convert_s")
     duration = time.monotonic() - started
-    result = {
+    result: dict[str, Any] = {
         "train_loss": train_loss,
         "eval_loss": eval_loss,
         "baseline_eval_loss": baseline_eval,
@@ -534,21 +538,21 @@ def _train(spec: dict[str, Any], emit: Emit, session: Session) -> dict[str, Any]
     write_manifest(
         out_dir,
         {
-            "job_id": spec.get("job_id"),
-            "voice": spec.get("voice"),
-            "attempt": spec.get("attempt"),
+            "job_id": spec.job_id,
+            "voice": spec.voice,
+            "attempt": spec.attempt,
             "backend": BACKEND,
-            "executor": spec.get("executor", "local"),
-            "objective": objective,
+            "executor": raw.get("executor", "local"),  # the worker's own key (Ray's driver writes it)
+            "objective": spec.objective,
             "base_model": str(base),
             "base_model_sha256": session.sha256(),
-            "served_base": spec.get("served_base") or None,  # written into adapter_config.json
-            "pair_ids": [p.get("pair_id") for p in spec["train"]],
-            "heldout_pair_ids": [p.get("pair_id") for p in spec.get("heldout") or []],
-            "sibling_pair_ids": [p.get("pair_id") for p in spec.get("siblings") or []],
+            "served_base": spec.served_base or None,  # written into adapter_config.json
+            "pair_ids": [p.pair_id for p in spec.train],
+            "heldout_pair_ids": [p.pair_id for p in spec.heldout],
+            "sibling_pair_ids": [p.pair_id for p in spec.siblings],
             "init_adapter": init,
             "served_adapter": served,
-            "hyper": hyper,
+            "hyper": hyper.to_json(),
             "timings": dict(timings),  # seconds per phase, up to the conversion
             **{k: v for k, v in result.items() if k != "backend"},
         },

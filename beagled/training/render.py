@@ -22,12 +22,12 @@ imports torch or mlx.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from beagled.errors import TrainingError
+from beagled.training_spec import TURN_SHAPE, Example, is_turn
 
-ROLES = ("system", "user", "assistant")
 Turn = dict[str, str]
 
 
@@ -37,8 +37,8 @@ def conversation(prompt: str | None, system: str | None = None, messages: Sequen
     if system:
         turns.append({"role": "system", "content": system})
     for i, m in enumerate(messages):
-        if not isinstance(m, Mapping) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise TrainingError(f"messages[{i}] must be {{'role': system|user|assistant, 'content': str}}")
+        if not is_turn(m):
+            raise TrainingError(f"messages[{i}] must be {TURN_SHAPE}")
         turns.append({"role": str(m["role"]), "content": str(m["content"])})
     if prompt or not turns:  # a pair with nothing before its draft: one (empty) user turn, as always
         turns.append({"role": "user", "content": prompt or ""})
@@ -96,6 +96,6 @@ def encode(tokenizer: Any, turns: Sequence[Turn], draft: str, max_len: int) -> t
     return prompt_ids + completion_ids, len(prompt_ids)
 
 
-def example_turns(example: Mapping[str, Any]) -> list[Turn]:
-    """The turns of a spec example (``prompt``, optional ``system`` and ``messages``)."""
-    return conversation(example.get("prompt") or "", example.get("system"), example.get("messages") or ())
+def example_turns(example: Example) -> list[Turn]:
+    """The turns a spec example's drafts answer (its ``prompt``, ``system`` and ``messages``)."""
+    return conversation(example.prompt, example.system, example.messages)

@@ -4,6 +4,9 @@ A backend only says how to load the base model and how to put LoRA on it (``Torc
 worker passes a ``Session`` that keeps the base model loaded between jobs;
 ``run_training`` does the rest of the worker protocol (docs/internals.md):
 
+- **spec**: ``Spec.parse`` reads the wire spec through ``beagled.training_spec.TrainingSpec.from_json``
+  (the pairs' shapes and the hyper-parameters are checked there, ``ConfigError``) and adds what only a
+  torch worker checks (``SpecError``): the paths, the objective, ``num_layers`` against the model.
 - **data**: every pair is encoded once by ``encode_example``, which is ``beagled.training.render``
   (shared with the mlx backend): the conversation (system, messages, prompt) and the draft as the
   assistant turn, by the tokenizer's chat template when it has one, else the plain rendering; labels are
@@ -43,20 +46,19 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from beagled.errors import TrainingError
 from beagled.manifest import MANIFEST, PEFT_FILES, base_model_sha256, model_files_key, write_manifest
 from beagled.training import render
 from beagled.training.preference import preference_accuracy
-from beagled.training_spec import Hyper
+from beagled.training_spec import Example, Hyper, TrainingSpec
 
 # them, and Unsloth must be imported before any of them)
 
 Emit = Callable[[dict[str, Any]], None]
-Example = tuple[list[int], list[int]]  # input_ids, labels (-100 where no loss)
+Encoded = tuple[list[int], list[int]]  # input_ids, labels (-100 where no loss)
 
 IGNORE = -100
 OBJECTIVES = ("sft", "dpo", "sft+dpo")
@@ -64,11 +66,12 @@ OUT_DIR_LEFTOVERS = (*PEFT_FILES, "README.md", MANIFEST + ".tmp")
 
 
 class SpecError(ValueError):
-    """The spec asks for something impossible (bad hyper-parameter, missing data): the job's fault."""
+    """The spec asks for something this worker cannot do (no model there, an unknown objective, more
+    layers than the model has): the job's fault."""
 
 
 # --------------------------------------------------------------------------------------------------
-# Hyper-parameters (``beagled.training_spec.Hyper``: the one set of defaults and ranges)
+# The spec (``beagled.training_spec``: one reader, one set of defaults and ranges) and the worker's checks
 
 
 def lora_kwargs(hyper: Hyper, n_model_layers: int) -> dict[str, Any]:
@@ -87,52 +90,6 @@ def lora_kwargs(hyper: Hyper, n_model_layers: int) -> dict[str, Any]:
     }
 
 
-@dataclass(frozen=True)
-class Pair:
-    pair_id: str
-    prompt: str
-    chosen: str
-    rejected: str
-    system: str | None = None
-    messages: tuple[dict[str, str], ...] = ()  # the conversation before the draft (render.conversation)
-
-    def turns(self) -> list[render.Turn]:
-        return render.conversation(self.prompt, self.system, self.messages)
-
-
-def parse_pairs(raw: Any, what: str) -> list[Pair]:
-    if raw is None:
-        return []
-    if not isinstance(raw, list):
-        raise SpecError(f"{what} must be a list of pairs")
-    out = []
-    for i, item in enumerate(raw):
-        if not isinstance(item, dict):
-            raise SpecError(f"{what}[{i}] must be an object")
-        prompt = item.get("prompt") or ""
-        chosen, rejected = item.get("chosen"), item.get("rejected")
-        if not isinstance(prompt, str) or not isinstance(chosen, str) or not isinstance(rejected, str):
-            raise SpecError(f"{what}[{i}] needs string prompt, chosen and rejected")
-        system, messages = item.get("system"), item.get("messages") or []
-        if system is not None and not isinstance(system, str):
-            raise SpecError(f"{what}[{i}].system must be a string")
-        try:
-            render.conversation(prompt, system, messages)
-        except TrainingError as e:
-            raise SpecError(f"{what}[{i}]: {e}") from None
-        out.append(
-            Pair(
-                str(item.get("pair_id", i)),
-                prompt,
-                chosen,
-                rejected,
-                system,
-                tuple({"role": m["role"], "content": m["content"]} for m in messages),
-            )
-        )
-    return out
-
-
 def config_layers(base: Path) -> int | None:
     """``num_hidden_layers`` from the model's config.json (its text config for multimodal ones)."""
     try:
@@ -146,70 +103,77 @@ def config_layers(base: Path) -> int | None:
     return None
 
 
+def _path(key: str, value: str | None, *, required: bool) -> Path | None:
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value:
+        raise SpecError(f"{key} must be a path")
+    return Path(value)
+
+
 @dataclass(frozen=True)
 class Spec:
+    """A ``TrainingSpec`` as a torch worker runs it: its paths checked (a local model directory, PEFT
+    adapters), its objective one this worker trains, ``num_layers`` within the model, a pair to train."""
+
     job_id: str
     voice: str
+    attempt: int
     backend: str
+    executor: str  # the worker's own key: Ray's driver writes it, "local" otherwise
     base_model: Path
+    served_base: str | None
     out_dir: Path
     init_adapter: Path | None
     served_adapter: Path | None
     objective: str
-    train: list[Pair]
-    heldout: list[Pair]
+    train: tuple[Example, ...]
+    heldout: tuple[Example, ...]
     hyper: Hyper
-    raw: dict[str, Any]
-    siblings: list[Pair] = field(default_factory=list)
+    siblings: tuple[Example, ...] = ()
     dpo_weight: float = 1.0
 
     @classmethod
     def parse(cls, raw: dict[str, Any], backend: str) -> Spec:
-        def path(key: str, *, required: bool) -> Path | None:
-            value = raw.get(key)
-            if value is None and not required:
-                return None
-            if not isinstance(value, str) or not value:
-                raise SpecError(f"{key} must be a path")
-            return Path(value)
-
-        base = path("base_model", required=True)
-        out_dir = path("out_dir", required=True)
+        job = TrainingSpec.from_json(raw)
+        base = _path("base_model", job.base_model, required=True)
+        out_dir = _path("out_dir", job.out_dir, required=True)
         assert base is not None
         assert out_dir is not None
         if not (base / "config.json").is_file():
             raise SpecError(f"base_model {base} is not a local model directory (no config.json)")
-        init, served = path("init_adapter", required=False), path("served_adapter", required=False)
+        init = _path("init_adapter", job.init_adapter, required=False)
+        served = _path("served_adapter", job.served_adapter, required=False)
         for key, adapter in (("init_adapter", init), ("served_adapter", served)):
             if adapter is not None and not (adapter / "adapter_config.json").is_file():
                 raise SpecError(f"{key} {adapter} is not a PEFT adapter (no adapter_config.json)")
-        hyper = Hyper.from_json(raw.get("hyper", {}))
+        hyper = job.hyper
         layers = config_layers(base)
         if layers is not None and hyper.num_layers > layers:
             raise SpecError(f"hyper.num_layers is {hyper.num_layers} but the base model has {layers} layers")
-        objective = raw.get("objective", "sft")
-        if objective not in OBJECTIVES:
-            raise SpecError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
-        dpo_weight = raw.get("dpo_weight", 1.0)
+        if job.objective not in OBJECTIVES:
+            raise SpecError(f"objective must be one of {', '.join(OBJECTIVES)}, got {job.objective!r}")
+        dpo_weight: Any = job.dpo_weight
         if isinstance(dpo_weight, bool) or not isinstance(dpo_weight, int | float) or dpo_weight < 0:
             raise SpecError(f"dpo_weight must be a number >= 0, got {dpo_weight!r}")
-        train = parse_pairs(raw.get("train"), "train")
-        if not train:
+        if not job.train:
             raise SpecError("train has no pairs")
         return cls(
-            job_id=str(raw.get("job_id", "")),
-            voice=str(raw.get("voice", "default")),
+            job_id=str(job.job_id),
+            voice=str(job.voice),
+            attempt=job.attempt,
             backend=backend,
+            executor=raw.get("executor", "local"),
             base_model=base,
+            served_base=job.served_base or None,
             out_dir=out_dir,
             init_adapter=init,
             served_adapter=served,
-            objective=objective,
-            train=train,
-            heldout=parse_pairs(raw.get("heldout"), "heldout"),
+            objective=job.objective,
+            train=job.train,
+            heldout=job.heldout,
             hyper=hyper,
-            raw=raw,
-            siblings=parse_pairs(raw.get("siblings"), "siblings"),
+            siblings=job.siblings,
             dpo_weight=float(dpo_weight),
         )
 
@@ -316,42 +280,45 @@ def encode_example(
     *,
     system: str | None = None,
     messages: Sequence[dict[str, str]] = (),
-) -> Example:
+) -> Encoded:
     """``(input_ids, labels)`` with labels ``-100`` on the conversation, at most ``max_len`` tokens, as
     ``beagled.training.render.encode`` renders it (the same tokens as the mlx backend)."""
-    ids, n_prompt = render.encode(
-        tokenizer, render.conversation(prompt, system, messages), completion, max_len
+    return _labelled(
+        render.encode(tokenizer, render.conversation(prompt, system, messages), completion, max_len)
     )
+
+
+def _labelled(encoded: tuple[list[int], int]) -> Encoded:
+    ids, n_prompt = encoded
     return ids, [IGNORE] * n_prompt + ids[n_prompt:]
 
 
-def encode_pair(tokenizer: Any, pair: Pair, completion: str, max_len: int) -> Example:
+def encode_pair(tokenizer: Any, pair: Example, completion: str, max_len: int) -> Encoded:
     """``encode_example`` of one of ``pair``'s drafts after its conversation."""
-    return encode_example(
-        tokenizer, pair.prompt, completion, max_len, system=pair.system, messages=pair.messages
-    )
+    return _labelled(render.encode(tokenizer, render.example_turns(pair), completion, max_len))
 
 
-def n_loss_tokens(example: Example) -> int:
+def n_loss_tokens(example: Encoded) -> int:
     return sum(1 for t in example[1][1:] if t != IGNORE)  # the first token is never predicted
 
 
-def conversational(tokenizer: Any, pair: Pair) -> dict[str, Any]:
+def conversational(tokenizer: Any, pair: Example) -> dict[str, Any]:
     """A DPO row in TRL's format: conversational with a chat template, else plain strings."""
+    turns = render.example_turns(pair)
     if has_chat_template(tokenizer):
         return {
-            "prompt": pair.turns(),
+            "prompt": turns,
             "chosen": [{"role": "assistant", "content": pair.chosen}],
             "rejected": [{"role": "assistant", "content": pair.rejected}],
         }
-    return {"prompt": render.plain_prompt(pair.turns()), "chosen": pair.chosen, "rejected": pair.rejected}
+    return {"prompt": render.plain_prompt(turns), "chosen": pair.chosen, "rejected": pair.rejected}
 
 
 # --------------------------------------------------------------------------------------------------
 # Evaluation
 
 
-def completion_logprobs(model: Any, examples: Sequence[Example], pad_id: int, batch_size: int) -> list[float]:
+def completion_logprobs(model: Any, examples: Sequence[Encoded], pad_id: int, batch_size: int) -> list[float]:
     """Sum of ``log p`` over the completion tokens of each example (0.0 for one with none)."""
     import torch
     import torch.nn.functional as F
@@ -388,7 +355,7 @@ def completion_logprobs(model: Any, examples: Sequence[Example], pad_id: int, ba
     return out
 
 
-def mean_nll(model: Any, examples: Sequence[Example], pad_id: int, batch_size: int) -> float | None:
+def mean_nll(model: Any, examples: Sequence[Encoded], pad_id: int, batch_size: int) -> float | None:
     n = sum(n_loss_tokens(e) for e in examples)
     if n == 0:
         return None
@@ -796,13 +763,13 @@ def run_training(
     info = {
         "job_id": spec.job_id,
         "voice": spec.voice,
-        "attempt": spec.raw.get("attempt"),
+        "attempt": spec.attempt,
         "backend": loader.name,
-        "executor": spec.raw.get("executor", "local"),
+        "executor": spec.executor,
         "objective": spec.objective,
         "base_model": str(spec.base_model),
         "base_model_sha256": base_model_sha256(spec.base_model),
-        "served_base": spec.raw.get("served_base") or None,  # written into adapter_config.json
+        "served_base": spec.served_base,  # written into adapter_config.json
         "init_adapter": str(spec.init_adapter) if spec.init_adapter else None,
         "served_adapter": str(spec.served_adapter) if spec.served_adapter else None,
         "pair_ids": [p.pair_id for p in spec.train],
