@@ -76,9 +76,6 @@ class SchedulerConfig:
     max_pairs_per_job: int = 1000  # the rest stay pending for the next job
 
 
-HyperConfig = Hyper  # ``[training.hyper]`` is the training spec's own type: its defaults and ranges
-
-
 @dataclass(frozen=True)
 class RayConfig:
     """``[training.ray]``: where and how jobs run when ``training.executor = "ray"``."""
@@ -117,7 +114,7 @@ class TrainingConfig:
     warm: bool = True  # keep a worker per backend with the base model loaded between jobs
     warm_max_jobs: int = 20  # a warm worker is replaced after this many jobs (memory hygiene)
     custom_backends: dict[str, list[str]] = field(default_factory=dict)
-    hyper: Hyper = field(default_factory=Hyper)
+    hyper: Hyper = field(default_factory=Hyper)  # [training.hyper]: the training spec's own type and ranges
     executor: str = "local"  # local (a subprocess on this host) | ray (an actor on a Ray cluster)
     ray: RayConfig = field(default_factory=RayConfig)
 

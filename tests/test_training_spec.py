@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from beagled import events as ev
-from beagled.config import HyperConfig, from_mapping
+from beagled.config import from_mapping
 from beagled.engine.spec import training_example
 from beagled.errors import ConfigError
 from beagled.training_spec import HYPER_KEYS, Example, Hyper, TrainingSpec
@@ -63,7 +63,7 @@ def test_runner_keys_are_not_the_engines() -> None:
 
 
 def test_one_set_of_defaults() -> None:
-    config = HyperConfig()
+    config = from_mapping({}).training.hyper  # [training.hyper] as an empty config.toml gives it
     for key in HYPER_KEYS:
         want = getattr(Hyper(), key)
         got = getattr(config, key)
@@ -134,7 +134,7 @@ def test_config_refuses_what_a_backend_would() -> None:
     wanted = r"training\.hyper\.learning_rate: must be a number in \(0\.0, 1\.0\)"
     with pytest.raises(ConfigError, match=wanted):
         from_mapping({"training": {"hyper": {"learning_rate": 1.5}}})
-    assert from_mapping({}).training.hyper == HyperConfig()
+    assert from_mapping({}).training.hyper == Hyper()
 
 
 @pytest.mark.parametrize(
