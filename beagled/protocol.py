@@ -25,6 +25,7 @@ from beagled.errors import (
     UnsupportedVersion,
 )
 from beagled.jobs import JobState
+from beagled.training_spec import ROLES  # the turns a chat-shaped pair may hold
 
 VERSION = 1
 JOB_STATES = tuple(s.value for s in JobState)  # what ``jobs --state`` accepts: the pure core's states
@@ -33,7 +34,6 @@ SETTLED_STATES = frozenset(JOB_STATES) - {JobState.QUEUED.value, JobState.TRAINI
 MAX_KEY_CHARS = 200
 MAX_ID_CHARS = 200
 MAX_MESSAGES = 64  # turns of a chat-shaped pair's conversation (submit's messages)
-ROLES = ("system", "user", "assistant")
 
 
 class LineBuffer:

@@ -128,7 +128,7 @@ class Hyper:
         return list(range(n_model_layers - self.num_layers, n_model_layers))
 
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant")  # a chat turn's roles (submit's ``messages`` are checked with them)
 TURN_SHAPE = "{'role': system|user|assistant, 'content': str}"
 
 
