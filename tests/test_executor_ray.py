@@ -144,7 +144,10 @@ def test_ray_down_waits_with_backoff_or_falls_back_to_local(tmp_path: Path) -> N
         assert [m.get("outage") for m in seen] == ["started", None, None], "one start, not one per retry"
         assert seen[0]["retry_at"] > time.time() - 60
         local = SubprocessTrainer(["fake"], custom={"fake": fake_backend("ok")}, spec_dir=tmp_path / "l")
-        fb = ray_trainer(dead, tmp_path, backends=["fake"], fallback=local, on_fault=faults.append)
+        remote = RayConfig(address=dead, num_cpus=1, backoff_s=0.05, base_model="/only/on/the/ray/workers")
+        fb = ray_trainer(
+            dead, tmp_path, backends=["fake"], cfg=remote, fallback=local, on_fault=faults.append
+        )
         await fb.probe_all()
         out = tmp_path / "fb" / "adapter"
         spec = training_spec(tmp_path, out, "j")  # the fake trainer reads no model
@@ -157,6 +160,9 @@ def test_ray_down_waits_with_backoff_or_falls_back_to_local(tmp_path: Path) -> N
     marks = [(m.get("outage"), m.get("fallback")) for m in fallen if "outage" in m]
     assert marks == [("started", None), ("ended", "local")], fallen
     assert {"unreachable", "fallback_local"} <= set(faults)
+    # the local try read the daemon host's base model, not the path the Ray workers have it at
+    written = json.loads((tmp_path / "fb" / "adapter" / "adapter_config.json").read_text())
+    assert written["base_model_name_or_path"] == str(tmp_path)
 
 
 def _daemon_tables(tiny_model: Path, address: str, **training: Any) -> dict[str, dict[str, Any]]:
